@@ -1,0 +1,176 @@
+"""The one place that chooses NumPy or CuPy.
+
+Every compute module asks this module for its array module instead of importing
+numpy or cupy itself::
+
+    from npyrnn import backend
+    xp = backend.xp                      # the active array module
+    xp = backend.get_array_module(a)     # the module that owns array ``a``
+
+The backend is chosen at import from the environment variable
+``NPYRNN_BACKEND`` (``numpy``, the default, or ``cupy``) and can be switched at
+run time with :func:`set_backend`. Arrays made before a switch stay where they
+are; move them with :func:`asarray` (to the active backend) or :func:`to_numpy`
+(to the host).
+
+Attributes
+----------
+name : str
+    ``'numpy'`` or ``'cupy'``.
+xp : module
+    ``numpy`` or ``cupy``.
+"""
+
+import os
+
+import numpy
+
+from npyrnn.errors import BackendError
+
+__all__ = [
+    "BackendError",
+    "name",
+    "xp",
+    "set_backend",
+    "get_array_module",
+    "to_numpy",
+    "asarray",
+    "index_add",
+    "is_cupy_available",
+    "default_rng",
+]
+
+BACKENDS = ("numpy", "cupy")
+
+
+name = "numpy"
+xp = numpy
+
+
+def _import_cupy():
+    """Import cupy and make sure it sees a CUDA device; raise BackendError otherwise."""
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a broken CUDA install raising anything
+        raise BackendError(
+            f"backend 'cupy' was requested but cupy cannot be imported ({exc.__class__.__name__}: {exc}); "
+            "install it with `pip install npyrnn[gpu]` (or the cupy wheel for your CUDA version), "
+            "or use NPYRNN_BACKEND=numpy"
+        ) from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        raise BackendError(
+            f"backend 'cupy' was requested but CUDA reports no usable device ({exc.__class__.__name__}: {exc}); "
+            "run on a machine with an NVIDIA GPU and driver, or use NPYRNN_BACKEND=numpy"
+        ) from None
+    if count < 1:
+        raise BackendError(
+            "backend 'cupy' was requested but CUDA sees 0 devices; "
+            "run on a machine with an NVIDIA GPU, or use NPYRNN_BACKEND=numpy"
+        )
+    return cupy
+
+
+def is_cupy_available():
+    """True when cupy imports and sees at least one CUDA device."""
+    try:
+        _import_cupy()
+    except BackendError:
+        return False
+    return True
+
+
+def set_backend(new_name):
+    """Switch the active backend.
+
+    Parameters
+    ----------
+    new_name : {'numpy', 'cupy'}
+
+    Raises
+    ------
+    BackendError
+        For an unknown name, or for 'cupy' where cupy cannot import or sees no device.
+    """
+    global name, xp
+    key = str(new_name).strip().lower()
+    if key not in BACKENDS:
+        raise BackendError(
+            f"unknown backend {new_name!r}; choose one of {', '.join(BACKENDS)} "
+            "(set NPYRNN_BACKEND=numpy or NPYRNN_BACKEND=cupy)"
+        )
+    module = numpy if key == "numpy" else _import_cupy()
+    name, xp = key, module
+    return module
+
+
+def get_array_module(*arrays):
+    """Return numpy or cupy, whichever owns the given arrays (chainer's idiom).
+
+    Falls back to numpy when cupy is not installed or no argument is a cupy array.
+    """
+    for a in arrays:
+        module = type(a).__module__
+        if module.startswith("cupy"):
+            import cupy
+
+            return cupy
+    return numpy
+
+
+def to_numpy(a):
+    """Host (NumPy) copy of an array from either backend; numpy arrays pass through."""
+    if type(a).__module__.startswith("cupy"):
+        return a.get()
+    return numpy.asarray(a)
+
+
+def asarray(a, dtype=None):
+    """The array ``a`` on the active backend (copied to the device for cupy)."""
+    return xp.asarray(a, dtype=dtype)
+
+
+def index_add(out, idx, src):
+    """``out[idx[n]] += src[n]`` for every row n, summing repeated indices.
+
+    This is the scatter that the gradient of a row gather needs (the gradient of
+    one-hot input). ``np.add.at`` is slow, so on NumPy the rows are sorted by
+    index and summed per segment with ``np.add.reduceat``; on CuPy
+    ``cupyx.scatter_add`` does the same with atomics.
+
+    Parameters
+    ----------
+    out : array, shape (V, H)
+        Accumulated in place.
+    idx : integer array, shape (N,)
+        Row of ``out`` for each row of ``src``; values in [0, V).
+    src : array, shape (N, H)
+    """
+    module = get_array_module(out)
+    if module is not numpy:
+        import cupyx
+
+        cupyx.scatter_add(out, idx, src)
+        return out
+    if idx.size == 0:
+        return out
+    order = numpy.argsort(idx, kind="stable")
+    sorted_idx = idx[order]
+    starts = numpy.flatnonzero(numpy.r_[True, sorted_idx[1:] != sorted_idx[:-1]])
+    out[sorted_idx[starts]] += numpy.add.reduceat(src[order], starts, axis=0)
+    return out
+
+
+def default_rng(seed=None):
+    """A host ``numpy.random.Generator``.
+
+    Parameters are drawn on the host and then copied to the backend, so that the
+    same seed gives the same weights on NumPy and on CuPy.
+    """
+    return numpy.random.default_rng(seed)
+
+
+_requested = os.environ.get("NPYRNN_BACKEND", "").strip()
+if _requested:
+    set_backend(_requested)

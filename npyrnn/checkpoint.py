@@ -1,0 +1,113 @@
+"""Save and load language models without pickle (safetensors).
+
+A checkpoint is one ``.safetensors`` file: the parameters under their state-dict
+names (``rnn.weight_ih_l0``, ..., ``linear.bias``) as host arrays, and in the
+header's string metadata the model config, the vocabulary and the training
+settings as JSON. Nothing in it can execute code when loaded.
+
+Writing is atomic: the bytes go to a temporary file in the same directory,
+are flushed to disk, and then renamed over the target, so a crash never leaves
+a half-written checkpoint. Loading checks the format, the config, the tensor
+names and shapes, and says exactly what is wrong with a bad file.
+"""
+
+import json
+from pathlib import Path
+
+import numpy
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save
+
+from npyrnn import backend
+from npyrnn.data import Vocab
+from npyrnn.files import atomic_write_bytes
+from npyrnn.models import RNNLM
+
+FORMAT = "npyrnn.rnnlm"
+FORMAT_VERSION = "1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, or does not match what it claims to hold."""
+
+
+def save_checkpoint(path, model, vocab, extra=None):
+    """Write ``model``'s weights, config and ``vocab`` to a safetensors file, atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        Target file, conventionally ``model.safetensors``; its directory must exist.
+    model : RNNLM
+    vocab : Vocab
+    extra : dict, optional
+        JSON-serialisable information (training settings, token kind) kept in the metadata.
+    """
+    tensors = {k: numpy.ascontiguousarray(backend.to_numpy(v)) for k, v in model.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(model.config),
+        "vocab": json.dumps(vocab.to_dict()),
+        "extra": json.dumps(extra or {}),
+    }
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def _fail(path, what):
+    raise CheckpointError(f"checkpoint {str(path)!r}: {what}")
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by :func:`save_checkpoint` onto the active backend.
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    model : RNNLM
+        Built from the stored config on the active backend (a file written on
+        CuPy loads on NumPy and vice versa).
+    vocab : Vocab
+    extra : dict
+
+    Raises
+    ------
+    CheckpointError
+        One line naming the file and what is wrong: missing, not a safetensors
+        file, not an npyrnn checkpoint, a bad config, or tensors whose names or
+        shapes do not match that config.
+    """
+    path = Path(path)
+    if not path.is_file():
+        _fail(path, "no such file; pass the model.safetensors written by `npyrnn train --out DIR`")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        _fail(path, f"not a readable safetensors file ({reason}); was it truncated or overwritten?")
+    if metadata.get("format") != FORMAT:
+        _fail(path, f"not an npyrnn language-model checkpoint (format {metadata.get('format')!r}, expected {FORMAT!r})")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        _fail(path, f"format version {metadata.get('format_version')!r} is not supported (this npyrnn reads {FORMAT_VERSION!r})")
+    try:
+        config = json.loads(metadata["config"])
+        vocab = Vocab.from_dict(json.loads(metadata["vocab"]))
+        extra = json.loads(metadata.get("extra", "{}"))
+    except (KeyError, ValueError, TypeError) as exc:
+        _fail(path, f"damaged metadata ({exc.__class__.__name__}: {exc})")
+    try:
+        model = RNNLM(**config)
+    except (TypeError, ValueError) as exc:
+        _fail(path, f"bad model config {config!r} ({exc})")
+    if len(vocab) != model.vocab_size:
+        _fail(path, f"vocabulary has {len(vocab)} tokens but the model expects vocab_size={model.vocab_size}")
+    try:
+        model.load_state_dict(tensors)
+    except ValueError as exc:
+        _fail(path, f"tensors do not match the stored config: {exc}")
+    return model, vocab, extra

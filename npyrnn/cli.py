@@ -1,0 +1,296 @@
+"""``npyrnn train | generate | gradcheck`` (also ``python -m npyrnn``).
+
+Bad input (a missing or non-UTF-8 corpus, one too short for the batch shape,
+bad flag values, an unreadable or mismatched checkpoint, an unusable backend)
+ends with one line on stderr, exit code 2, and nothing written. The run's
+files are written only after training has finished, each one atomically.
+"""
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from npyrnn.errors import BackendError
+
+OUTPUT_FILES = ("model.safetensors", "metrics.csv", "perplexity.png", "summary.json")
+
+
+class UsageError(ValueError):
+    """A flag combination that argparse cannot check on its own."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def _typed(kind, check, what):
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    convert.__name__ = what
+    return convert
+
+
+positive_int = _typed(int, lambda v: v >= 1, "a positive integer")
+nonnegative_int = _typed(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = _typed(float, lambda v: v > 0 and v != float("inf"), "a positive number")
+nonnegative_float = _typed(float, lambda v: v >= 0 and v != float("inf"), "a non-negative number")
+
+
+def _add_model_flags(p, hidden=512):
+    g = p.add_argument_group("model")
+    g.add_argument("--hidden", type=positive_int, default=hidden, help="hidden units per layer (default %(default)s)")
+    g.add_argument("--layers", type=positive_int, default=1, help="stacked RNN layers (default 1)")
+    g.add_argument("--bidirectional", action="store_true", help="read each window in both directions")
+    g.add_argument("--nonlinearity", choices=("tanh", "relu"), default="tanh")
+    g.add_argument("--init", choices=("normal", "uniform"), default="normal",
+                   help="normal: N(0, 0.01^2) weights, zero biases (the seed); uniform: torch's default")
+    g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of weights and minibatch order")
+    g.add_argument("--backend", choices=("numpy", "cupy"), default=None,
+                   help="array backend (default: $NPYRNN_BACKEND, else numpy)")
+
+
+def _add_data_flags(p):
+    g = p.add_argument_group("data")
+    g.add_argument("--corpus", default="timemachine",
+                   help="'timemachine' (downloaded and cached, or found in $NPYRNN_DATA_DIR) or a UTF-8 text file")
+    g.add_argument("--max-tokens", type=nonnegative_int, default=10000,
+                   help="use the first N tokens of the corpus; 0 for all (default %(default)s)")
+    g.add_argument("--token", choices=("char", "word"), default="char")
+    g.add_argument("--raw", action="store_true",
+                   help="keep every character (default: letters only, lower case, as the seed)")
+    g.add_argument("--batch-size", type=positive_int, default=32)
+    g.add_argument("--num-steps", type=positive_int, default=35, help="BPTT window T (default %(default)s)")
+    g.add_argument("--random-iter", action="store_true", help="random minibatches (state reset each one)")
+
+
+def build_parser():
+    parser = _Parser(prog="npyrnn", description="Recurrent language models with hand-derived BPTT on NumPy or CuPy.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a character-level RNN language model",
+                       description="Train an RNN language model and write model.safetensors, metrics.csv, "
+                                   "perplexity.png and summary.json into --out.")
+    _add_data_flags(t)
+    _add_model_flags(t)
+    g = t.add_argument_group("training")
+    g.add_argument("--epochs", type=positive_int, default=500)
+    g.add_argument("--lr", type=positive_float, default=1.0, help="SGD learning rate (default %(default)s)")
+    g.add_argument("--clip", type=positive_float, default=1.0, help="global gradient-norm threshold (default 1)")
+    g.add_argument("--out", type=Path, default=None, help="output directory (default runs/CORPUS-hHIDDEN-ITER)")
+    g.add_argument("--prefix", default="time traveller", help="prefix of the sample generations")
+    g.add_argument("--sample-every", type=nonnegative_int, default=10, help="epochs between samples (0: none)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar and no samples; only the last line")
+    t.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="generate text from a checkpoint")
+    gen.add_argument("--checkpoint", type=Path, required=True, help="model.safetensors written by `npyrnn train`")
+    gen.add_argument("--prefix", default="time traveller", help="text that warms the state up (not empty)")
+    gen.add_argument("--length", type=nonnegative_int, default=50, help="tokens to generate (default 50)")
+    gen.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0: greedy (default); >0: sampling")
+    gen.add_argument("--top-k", type=positive_int, default=None, help="sample among the K most likely tokens")
+    gen.add_argument("--seed", type=nonnegative_int, default=None, help="seed of the sampling")
+    gen.add_argument("--backend", choices=("numpy", "cupy"), default=None)
+    gen.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("gradcheck", help="check the hand gradient against finite differences",
+                       description="Build the configured model in float64, take one minibatch of the corpus and "
+                                   "compare every parameter's hand gradient with central differences along "
+                                   "random directions. Prints the largest relative error; exit 1 above --tol.")
+    _add_data_flags(c)
+    _add_model_flags(c, hidden=512)
+    c.add_argument("--directions", type=positive_int, default=2, help="random directions per parameter")
+    c.add_argument("--tol", type=positive_float, default=1e-6, help="largest acceptable relative error")
+    c.set_defaults(func=cmd_gradcheck, init="uniform")
+    return parser
+
+
+def _use_backend(args):
+    from npyrnn import backend
+
+    if args.backend:
+        backend.set_backend(args.backend)
+    return backend
+
+
+def _load_data(args):
+    from npyrnn.data import SeqDataLoader, load_corpus
+
+    max_tokens = args.max_tokens or None
+    corpus, vocab = load_corpus(args.corpus, token=args.token, max_tokens=max_tokens, raw=args.raw)
+    rng = __import__("numpy").random.default_rng(args.seed)
+    loader = SeqDataLoader(corpus, args.batch_size, args.num_steps, use_random_iter=args.random_iter, rng=rng)
+    return corpus, vocab, loader
+
+
+def _default_out(args):
+    name = Path(args.corpus).stem if args.corpus != "timemachine" else "timemachine"
+    return Path("runs") / f"{name}-h{args.hidden}-{'random' if args.random_iter else 'sequential'}"
+
+
+def _check_out(out):
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file; give a directory (it is created if missing)")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--out {str(out)!r}: {str(parent)!r} is not writable; choose another directory")
+
+
+def _plot(history, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot([r["epoch"] for r in history], [r["perplexity"] for r in history])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def cmd_train(args):
+    backend = _use_backend(args)
+    from npyrnn.checkpoint import save_checkpoint
+    from npyrnn.files import atomic_write_bytes, atomic_write_text
+    from npyrnn.models import RNNLM
+    from npyrnn.train import predict, train
+
+    out = args.out or _default_out(args)
+    _check_out(out)
+    corpus, vocab, loader = _load_data(args)
+    model = RNNLM(len(vocab), args.hidden, num_layers=args.layers, bidirectional=args.bidirectional,
+                  nonlinearity=args.nonlinearity, dtype=args.dtype, init=args.init, seed=args.seed)
+    progress = False if args.quiet else None
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unknown character in --prefix is reported once, below
+        history = train(model, loader, vocab, args.lr, args.epochs, clip=args.clip,
+                        use_random_iter=args.random_iter, progress=progress,
+                        sample_every=0 if args.quiet else args.sample_every, prefix=args.prefix, token=args.token)
+    seconds = time.perf_counter() - start
+    last = history[-1]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = {p: predict(p, 50, model, vocab, token=args.token) for p in (args.prefix, "traveller")}
+    settings = {
+        "corpus": args.corpus, "token": args.token, "raw": args.raw, "max_tokens": args.max_tokens,
+        "num_tokens": int(len(corpus)), "vocab_size": len(vocab), "hidden": args.hidden, "layers": args.layers,
+        "bidirectional": args.bidirectional, "nonlinearity": args.nonlinearity, "init": args.init,
+        "dtype": args.dtype, "epochs": args.epochs, "lr": args.lr, "clip": args.clip,
+        "batch_size": args.batch_size, "num_steps": args.num_steps, "random_iter": args.random_iter,
+        "seed": args.seed,
+    }
+    summary = {
+        "perplexity": last["perplexity"], "tokens_per_s": last["tokens_per_s"], "epochs": args.epochs,
+        "seconds": seconds, "backend": backend.name, **settings, "samples": samples,
+    }
+    metrics = io.StringIO()
+    writer = csv.DictWriter(metrics, fieldnames=["epoch", "perplexity", "tokens_per_s"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    title = f"{args.corpus}: RNN h={args.hidden}, {'random' if args.random_iter else 'sequential'}"
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / "model.safetensors", model, vocab, extra=settings)
+    atomic_write_text(out / "metrics.csv", metrics.getvalue())
+    atomic_write_bytes(out / "perplexity.png", _plot(history, title))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+    for w in caught:
+        print(f"npyrnn: warning: {w.message}", file=sys.stderr)
+    if not args.quiet:
+        for text in samples.values():
+            print(text)
+        print(f"wrote {', '.join(OUTPUT_FILES)} to {out}")
+    print(f"perplexity {last['perplexity']:.1f}, {last['tokens_per_s']:.1f} tokens/s on {backend.name}")
+    return 0
+
+
+def cmd_generate(args):
+    _use_backend(args)
+    from npyrnn.checkpoint import load_checkpoint
+    from npyrnn.train import predict
+
+    model, vocab, extra = load_checkpoint(args.checkpoint)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text = predict(args.prefix, args.length, model, vocab, temperature=args.temperature, top_k=args.top_k,
+                       seed=args.seed, token=extra.get("token", "char"))
+    for w in caught:
+        print(f"npyrnn: warning: {w.message}", file=sys.stderr)
+    print(text)
+    return 0
+
+
+def cmd_gradcheck(args):
+    backend = _use_backend(args)
+    from npyrnn.gradcheck import directional_check
+    from npyrnn.losses import softmax_cross_entropy
+    from npyrnn.models import RNNLM
+
+    _, vocab, loader = _load_data(args)
+    X, Y = next(iter(loader))
+    model = RNNLM(len(vocab), args.hidden, num_layers=args.layers, bidirectional=args.bidirectional,
+                  nonlinearity=args.nonlinearity, dtype="float64", init=args.init, seed=args.seed)
+    state = model.begin_state(X.shape[0])
+    state += 0.1 * backend.asarray(backend.default_rng(args.seed).standard_normal(state.shape))
+    y = Y.T.reshape(-1)
+
+    def loss():
+        return float(softmax_cross_entropy(model.forward(X, state)[0], y)[0])
+
+    logits, _ = model.forward(X, state)
+    model.backward(softmax_cross_entropy(logits, y)[1])
+    errors = directional_check(loss, model.params, model.grads, num_directions=args.directions)
+    width = max(map(len, errors))
+    for name, err in errors.items():
+        print(f"{name:<{width}}  {err:.3e}")
+    worst = max(errors, key=errors.get)
+    ok = errors[worst] <= args.tol
+    print(f"largest relative error {errors[worst]:.3e} ({worst}) on {backend.name}: "
+          f"{'ok' if ok else 'FAILED'} (tolerance {args.tol:g})")
+    return 0 if ok else 1
+
+
+def main(argv=None):
+    """Entry point of the ``npyrnn`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (BackendError, ValueError, OSError) as exc:
+        if os.environ.get("NPYRNN_DEBUG"):
+            raise
+        message = " ".join(str(exc).split()) or exc.__class__.__name__
+        if isinstance(exc, OSError) and exc.filename:
+            message = f"{exc.strerror or exc.__class__.__name__}: {exc.filename}"
+        print(f"npyrnn: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("npyrnn: interrupted; no output was written", file=sys.stderr)
+        return 130

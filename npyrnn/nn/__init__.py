@@ -1,0 +1,7 @@
+"""Layers with a forward pass and a hand-written backward pass."""
+
+from npyrnn.nn.linear import Linear
+from npyrnn.nn.module import Module
+from npyrnn.nn.rnn import RNN
+
+__all__ = ["RNN", "Linear", "Module"]

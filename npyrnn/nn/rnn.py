@@ -1,0 +1,334 @@
+"""Elman RNN (tanh or relu), stacked and bidirectional, with hand-written BPTT.
+
+The surface is ``torch.nn.RNN``'s: the same arguments, parameter names and
+layouts, ``out`` and ``h_n`` shapes. Equation numbers (2.x), (4.x) and (5.x)
+refer to ``docs/derivations/bptt.md``, ``docs/derivations/stacked-bidirectional.md``
+and ``docs/derivations/one-hot.md``.
+
+Forward, one layer, one direction (time-major, row vectors)::
+
+    a_t = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh        (2.1)
+    h_t = f(a_t),  f = tanh or relu                        (2.2)
+
+Storage. Each direction keeps one buffer ``Hs`` of shape (T+1, B, H) holding
+the initial state and every output, so the time loop writes into preallocated
+memory and backward finds h_t and h_{t-1} without copies:
+
+* forward direction: ``Hs[0] = h0``, ``Hs[t+1] = h_t``  (outputs at offset o=1, previous states at p=0)
+* reverse direction: ``Hs[T] = h0``, ``Hs[t] = h_t``    (outputs at offset o=0, previous states at p=1)
+
+so in both cases step t reads ``Hs[p + t]`` and writes ``Hs[o + t]``.
+"""
+
+from npyrnn import backend
+from npyrnn.nn.init import init_bias, init_weight
+from npyrnn.nn.module import (
+    INITS,
+    Module,
+    check_choice,
+    check_dtype,
+    check_positive_int,
+    shape_str,
+)
+
+NONLINEARITIES = ("tanh", "relu")
+
+
+class RNN(Module):
+    """Multi-layer Elman RNN with tanh or relu, like ``torch.nn.RNN``.
+
+    Parameters
+    ----------
+    input_size : int
+        Features per step I (for token-id input: the vocabulary size).
+    hidden_size : int
+        Hidden units H.
+    num_layers : int, default 1
+    nonlinearity : {'tanh', 'relu'}, default 'tanh'
+    bias : bool, default True
+        Whether the layers have ``bias_ih`` and ``bias_hh``.
+    bidirectional : bool, default False
+        D = 2 directions when True, else 1.
+    batch_first : bool, default False
+        Input and output are (B, T, ...) instead of (T, B, ...). ``h0`` and
+        ``h_n`` are always (num_layers*D, B, H), as in torch.
+    dtype : {'float32', 'float64'}, default 'float32'
+    init : {'normal', 'uniform'}, default 'normal'
+        'normal': weights N(0, 0.01^2), biases 0 (the seed's scratch RNN);
+        'uniform': every parameter U(-1/sqrt(H), 1/sqrt(H)) (torch's default).
+    seed : int or None
+        Seed of the host generator that draws the parameters.
+
+    Attributes
+    ----------
+    params : dict
+        ``weight_ih_l{k}`` (H, I_k), ``weight_hh_l{k}`` (H, H), ``bias_ih_l{k}``,
+        ``bias_hh_l{k}`` (H,), suffix ``_reverse`` for the backward direction;
+        I_0 = input_size, I_k = D*H for k > 0.
+    grads : dict
+        Same keys and shapes as ``params``.
+    """
+
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        num_layers=1,
+        nonlinearity="tanh",
+        bias=True,
+        bidirectional=False,
+        batch_first=False,
+        dtype="float32",
+        init="normal",
+        seed=None,
+    ):
+        super().__init__()
+        self.input_size = check_positive_int("input_size", input_size)
+        self.hidden_size = check_positive_int("hidden_size", hidden_size)
+        self.num_layers = check_positive_int("num_layers", num_layers)
+        self.nonlinearity = check_choice("nonlinearity", nonlinearity, NONLINEARITIES)
+        self.bias = bool(bias)
+        self.bidirectional = bool(bidirectional)
+        self.batch_first = bool(batch_first)
+        self.dtype = check_dtype(dtype)
+        self.init = check_choice("init", init, INITS)
+        self.num_directions = 2 if self.bidirectional else 1
+
+        rng = backend.default_rng(seed)
+        H = self.hidden_size
+        for k in range(self.num_layers):
+            in_k = self.input_size if k == 0 else self.num_directions * H
+            for suffix in self._suffixes():
+                self._add_param(f"weight_ih_l{k}{suffix}", init_weight(rng, (H, in_k), init, H))
+                self._add_param(f"weight_hh_l{k}{suffix}", init_weight(rng, (H, H), init, H))
+                if self.bias:
+                    self._add_param(f"bias_ih_l{k}{suffix}", init_bias(rng, (H,), init, H))
+                    self._add_param(f"bias_hh_l{k}{suffix}", init_bias(rng, (H,), init, H))
+        self._cache = None
+
+    def _suffixes(self):
+        return ("", "_reverse")[: self.num_directions]
+
+    def __repr__(self):
+        return (
+            f"RNN({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+            f"nonlinearity={self.nonlinearity!r}, bias={self.bias}, bidirectional={self.bidirectional}, "
+            f"batch_first={self.batch_first}, dtype={self.dtype!r})"
+        )
+
+    # ------------------------------------------------------------------ checks
+    def _check_input(self, x, xp):
+        """Return (x time-major, is_ids); raise ValueError on a wrong shape, size or dtype."""
+        layout = "(B, T" if self.batch_first else "(T, B"
+        if not hasattr(x, "ndim") or backend.get_array_module(x) is not xp:
+            raise ValueError(
+                f"RNN.forward: x must be a {xp.__name__} array (the backend of the parameters), "
+                f"got {type(x).__name__}; convert it with npyrnn.backend.asarray"
+            )
+        is_ids = xp.issubdtype(x.dtype, xp.integer)
+        if is_ids:
+            if x.ndim != 2:
+                raise ValueError(
+                    f"RNN.forward: token ids must have shape {layout}), got {shape_str(x.shape)}"
+                )
+        elif x.ndim != 3 or x.shape[2] != self.input_size:
+            raise ValueError(
+                f"RNN.forward: expected x of shape {layout}, {self.input_size}) "
+                f"or integer token ids {layout}), got {shape_str(x.shape)}"
+            )
+        elif x.dtype != self.dtype:
+            raise ValueError(
+                f"RNN.forward: expected x of dtype {self.dtype}, got {x.dtype}; "
+                f"cast with x.astype('{self.dtype}') or build the RNN with dtype='{x.dtype}'"
+            )
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"RNN.forward: x must have at least one step and one sequence, got {shape_str(x.shape)}")
+        if is_ids:
+            lo, hi = int(x.min()), int(x.max())
+            if lo < 0 or hi >= self.input_size:
+                raise ValueError(
+                    f"RNN.forward: token ids must lie in [0, {self.input_size}) (input_size), "
+                    f"got values in [{lo}, {hi}]"
+                )
+        if self.batch_first:
+            x = x.swapaxes(0, 1)
+        return x, is_ids
+
+    def _check_state(self, name, h, B, xp):
+        expected = (self.num_layers * self.num_directions, B, self.hidden_size)
+        if not hasattr(h, "shape") or backend.get_array_module(h) is not xp:
+            raise ValueError(f"RNN: {name} must be a {xp.__name__} array of shape {shape_str(expected)}")
+        if tuple(h.shape) != expected:
+            raise ValueError(
+                f"RNN: expected {name} of shape {shape_str(expected)} "
+                f"(num_layers*num_directions, batch, hidden), got {shape_str(h.shape)}"
+            )
+        if h.dtype != self.dtype:
+            raise ValueError(f"RNN: expected {name} of dtype {self.dtype}, got {h.dtype}")
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x, h0=None):
+        """Run the RNN over a whole sequence and cache what backward needs.
+
+        Parameters
+        ----------
+        x : array, shape (T, B, I) float, or (T, B) integer token ids
+            (B, T, ...) when ``batch_first``. Token ids stand for one-hot
+            vectors of size I = input_size; they are gathered as rows of
+            ``weight_ih_l0``, never expanded to a dense one-hot array (5.1).
+        h0 : array, shape (num_layers*D, B, H), optional
+            Initial states; zeros when omitted.
+
+        Returns
+        -------
+        out : array, shape (T, B, D*H)  ((B, T, D*H) when ``batch_first``)
+            Last layer's hidden states; directions concatenated (4.3). May be a
+            view of the cache that backward reads: copy it before writing to it.
+        h_n : array, shape (num_layers*D, B, H)
+            Final state of every layer and direction (4.5).
+        """
+        xp = backend.get_array_module(self.params["weight_hh_l0"])
+        x, is_ids = self._check_input(x, xp)
+        T, B = x.shape[0], x.shape[1]
+        H, D = self.hidden_size, self.num_directions
+        if h0 is not None:
+            self._check_state("h0", h0, B, xp)
+        act = xp.tanh if self.nonlinearity == "tanh" else _relu(xp)
+
+        layers = []  # per layer: (input, [Hs per direction])
+        h_n = xp.empty((self.num_layers * D, B, H), dtype=self.dtype)
+        inp = x
+        for k in range(self.num_layers):
+            states = []
+            for d, suffix in enumerate(self._suffixes()):
+                W_ih = self.params[f"weight_ih_l{k}{suffix}"]  # (H, I_k)
+                W_hh = self.params[f"weight_hh_l{k}{suffix}"]  # (H, H)
+                # input projection for all T*B rows at once: x_t W_ih^T (+ biases)   (2.1)
+                if k == 0 and is_ids:
+                    xw = xp.take(W_ih.T, inp, axis=0)  # (T, B, H): row gather     (5.1)
+                else:
+                    xw = xp.matmul(inp.reshape(T * B, -1), W_ih.T).reshape(T, B, H)
+                if self.bias:
+                    xw += self.params[f"bias_ih_l{k}{suffix}"]
+                    xw += self.params[f"bias_hh_l{k}{suffix}"]
+                Hs = xp.empty((T + 1, B, H), dtype=self.dtype)
+                reverse = d == 1
+                o, p = (0, 1) if reverse else (1, 0)
+                start = T if reverse else 0
+                if h0 is None:
+                    Hs[start] = 0
+                else:
+                    Hs[start] = h0[k * D + d]
+                W_hhT = W_hh.T
+                for t in range(T - 1, -1, -1) if reverse else range(T):
+                    h = Hs[o + t]
+                    xp.matmul(Hs[p + t], W_hhT, out=h)  # h_{t-1} W_hh^T               (2.1)
+                    h += xw[t]  #                       + x_t W_ih^T + b_ih + b_hh   (2.1)
+                    act(h, out=h)  # h_t = f(a_t)                                    (2.2)
+                h_n[k * D + d] = Hs[0] if reverse else Hs[T]  # (4.5)
+                states.append(Hs)
+            layers.append((inp, states))
+            if D == 1:
+                inp = states[0][1:]  # (T, B, H), a view
+            else:  # [forward h_t ; reverse h_t]                                       (4.3)
+                inp = xp.concatenate((states[0][1:], states[1][:T]), axis=2)  # (T, B, 2H)
+        self._cache = (layers, is_ids, T, B)
+        out = inp.swapaxes(0, 1) if self.batch_first else inp
+        return out, h_n
+
+    __call__ = forward
+
+    # ---------------------------------------------------------------- backward
+    def backward(self, dout, dh_n=None):
+        """Backpropagate through time; accumulate every parameter's gradient.
+
+        Parameters
+        ----------
+        dout : array, shape (T, B, D*H) ((B, T, D*H) when ``batch_first``), or None
+            Gradient of the loss w.r.t. ``out``; None means zeros.
+        dh_n : array, shape (num_layers*D, B, H), optional
+            Gradient w.r.t. ``h_n``; zeros when omitted.
+
+        Returns
+        -------
+        dx : array, shape of x, or None
+            Gradient w.r.t. dense input; None for token-id input.
+        dh0 : array, shape (num_layers*D, B, H)
+            Gradient w.r.t. the initial states (4.6).
+        """
+        if self._cache is None:
+            raise RuntimeError("RNN.backward called before forward; call forward first")
+        layers, is_ids, T, B = self._cache
+        xp = backend.get_array_module(self.params["weight_hh_l0"])
+        H, D = self.hidden_size, self.num_directions
+        expected = (B, T, D * H) if self.batch_first else (T, B, D * H)
+        if dout is None:
+            dout = xp.zeros(expected, dtype=self.dtype)
+        elif not hasattr(dout, "shape") or tuple(dout.shape) != expected:
+            raise ValueError(
+                f"RNN.backward: expected dout of shape {shape_str(expected)} (the shape of out), "
+                f"got {shape_str(getattr(dout, 'shape', ()))}"
+            )
+        elif dout.dtype != self.dtype:
+            raise ValueError(f"RNN.backward: expected dout of dtype {self.dtype}, got {dout.dtype}")
+        if dh_n is not None:
+            self._check_state("dh_n", dh_n, B, xp)
+        dY = dout.swapaxes(0, 1) if self.batch_first else dout  # (T, B, D*H)
+        relu = self.nonlinearity == "relu"
+
+        dh0 = xp.empty((self.num_layers * D, B, H), dtype=self.dtype)
+        dh = xp.empty((B, H), dtype=self.dtype)  # dL/dh_t, reused every step
+        mask = xp.empty((B, H), dtype=bool) if relu else None
+        for k in range(self.num_layers - 1, -1, -1):
+            inp, states = layers[k]
+            needs_dx = not (k == 0 and is_ids)
+            dX = None
+            for d, suffix in enumerate(self._suffixes()):
+                W_ih = self.params[f"weight_ih_l{k}{suffix}"]
+                W_hh = self.params[f"weight_hh_l{k}{suffix}"]
+                Hs = states[d]
+                reverse = d == 1
+                o, p = (0, 1) if reverse else (1, 0)
+                dY_d = dY[:, :, d * H : (d + 1) * H]  # (T, B, H), this direction's share (4.4)
+                dA = xp.empty((T, B, H), dtype=self.dtype)  # dL/da_t for every t
+                carry = xp.zeros((B, H), dtype=self.dtype) if dh_n is None else dh_n[k * D + d].copy()
+                for t in range(T) if reverse else range(T - 1, -1, -1):
+                    h = Hs[o + t]
+                    da = dA[t]
+                    xp.add(dY_d[t], carry, out=dh)  # dL/dh_t = dout_t + from step t+1   (2.3)
+                    if relu:
+                        xp.greater(h, 0, out=mask)  # relu'(a_t) = 1[h_t > 0]           (2.5b)
+                        xp.multiply(dh, mask, out=da)  # dL/da_t = dL/dh_t * f'(a_t)    (2.4)
+                    else:
+                        xp.multiply(h, h, out=da)
+                        xp.subtract(1, da, out=da)  # tanh'(a_t) = 1 - h_t^2            (2.5a)
+                        da *= dh  # dL/da_t = dL/dh_t * f'(a_t)                         (2.4)
+                    xp.matmul(da, W_hh, out=carry)  # dL/dh_{t-1} from a_t = da_t W_hh (2.6)
+                dh0[k * D + d] = carry  # (4.6)
+                dA2 = dA.reshape(T * B, H)
+                prev = Hs[p : p + T].reshape(T * B, H)  # h_{t-1} for every t, in time order
+                g = self.grads
+                g[f"weight_hh_l{k}{suffix}"] += dA2.T @ prev  # sum_t da_t^T h_{t-1}     (2.7)
+                if k == 0 and is_ids:  # sum_t da_t^T x_t as a scatter into columns   (5.2)
+                    dW_ihT = xp.zeros((self.input_size, H), dtype=self.dtype)
+                    backend.index_add(dW_ihT, inp.reshape(-1), dA2)
+                    g[f"weight_ih_l{k}{suffix}"] += dW_ihT.T
+                else:
+                    g[f"weight_ih_l{k}{suffix}"] += dA2.T @ inp.reshape(T * B, -1)  # (2.8)
+                if self.bias:
+                    db = dA2.sum(axis=0)  # sum over t and b                            (2.9)
+                    g[f"bias_ih_l{k}{suffix}"] += db
+                    g[f"bias_hh_l{k}{suffix}"] += db
+                if needs_dx:  # dL/dx_t = da_t W_ih, summed over directions         (2.10, 4.4)
+                    dx_d = (dA2 @ W_ih).reshape(T, B, -1)
+                    dX = dx_d if dX is None else dX + dx_d
+            dY = dX
+        dx = None if is_ids else (dY.swapaxes(0, 1) if self.batch_first else dY)
+        return dx, dh0
+
+
+def _relu(xp):
+    def relu(a, out):
+        return xp.maximum(a, 0, out=out)
+
+    return relu

@@ -1,0 +1,62 @@
+"""Shared fixtures: the backend switch (numpy always, cupy where it runs) and torch twins."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from npyrnn import backend
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Tests find the corpus through NPYRNN_DATA_DIR and never download; default to ../shared/data.
+if "NPYRNN_DATA_DIR" not in os.environ and (SHARED_DATA / "timemachine.txt").exists():
+    os.environ["NPYRNN_DATA_DIR"] = str(SHARED_DATA)
+
+CUPY_OK = backend.is_cupy_available()
+BACKENDS = [
+    "numpy",
+    pytest.param("cupy", marks=pytest.mark.skipif(not CUPY_OK, reason="cupy cannot import or sees no CUDA device")),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def xp(request):
+    """Run the test body on each backend; restore the previous backend afterwards."""
+    previous = backend.name
+    module = backend.set_backend(request.param)
+    yield module
+    backend.set_backend(previous)
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    previous = backend.name
+    yield
+    if backend.name != previous:
+        backend.set_backend(previous)
+
+
+def rel_err(a, b):
+    """Norm-wise relative error ||a - b|| / max(||a||, ||b||); 0 when both are zero."""
+    a = np.asarray(backend.to_numpy(a), dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, f"shape {a.shape} != {b.shape}"
+    denom = max(np.linalg.norm(a), np.linalg.norm(b))
+    return 0.0 if denom == 0 else float(np.linalg.norm(a - b) / denom)
+
+
+# Every test that measures a relative error records it here; the session prints the largest.
+MEASURED = {}
+
+
+def record(kind, value):
+    MEASURED[kind] = max(MEASURED.get(kind, 0.0), value)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MEASURED:
+        terminalreporter.write_sep("-", "largest relative errors measured")
+        for kind, value in sorted(MEASURED.items()):
+            terminalreporter.write_line(f"{kind}: {value:.3e}")

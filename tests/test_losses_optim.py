@@ -1,0 +1,128 @@
+"""Cross-entropy, global-norm clipping, SGD and Linear against torch."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import record, rel_err
+from npyrnn import backend
+from npyrnn.losses import perplexity, softmax_cross_entropy
+from npyrnn.nn import Linear
+from npyrnn.optim import SGD, clip_grad_norm
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e4])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_softmax_cross_entropy_matches_torch(scale, dtype, xp):
+    rng = np.random.default_rng(0)
+    N, V = 37, 28
+    logits = (rng.standard_normal((N, V)) * scale).astype(dtype)
+    targets = rng.integers(0, V, size=N)
+    loss, dlogits = softmax_cross_entropy(xp.asarray(logits), xp.asarray(targets))
+    zt = torch.from_numpy(logits).requires_grad_(True)
+    lt = torch.nn.functional.cross_entropy(zt, torch.from_numpy(targets))
+    lt.backward()
+    assert np.isfinite(float(loss)) and dlogits.dtype == dtype
+    tol = 1e-12 if dtype == "float64" else 2e-6
+    assert abs(float(loss) - lt.item()) <= tol * max(1.0, abs(lt.item())), "loss"
+    err = rel_err(dlogits, zt.grad.numpy())
+    if dtype == "float64":
+        record("softmax cross-entropy gradient vs autograd (float64)", err)
+    assert err <= (1e-12 if dtype == "float64" else 1e-6), "dlogits"
+
+
+def test_cross_entropy_extreme_logits_are_exact():
+    logits = np.array([[1e4, -1e4, 0.0], [-1e4, -1e4, 1e4]])
+    loss, d = softmax_cross_entropy(logits, np.array([0, 1]))
+    # row 0 is certain and right (-log 1 = 0), row 1 is certain and wrong (-log e^-2e4 = 2e4)
+    assert float(loss) == pytest.approx(1e4, rel=1e-15)
+    np.testing.assert_allclose(d, [[0, 0, 0], [0, -0.5, 0.5]], atol=1e-300)
+
+
+def test_perplexity():
+    assert perplexity(0.0) == 1.0
+    assert perplexity(np.log(28.0)) == pytest.approx(28.0)
+
+
+def test_cross_entropy_bad_input():
+    with pytest.raises(ValueError, match=r"expected float logits of shape \(N, V\), got \(3,\)"):
+        softmax_cross_entropy(np.zeros(3), np.zeros(3, int))
+    with pytest.raises(ValueError, match=r"expected integer targets of shape \(4,\).*got \(3,\)"):
+        softmax_cross_entropy(np.zeros((4, 2)), np.zeros(3, int))
+    with pytest.raises(ValueError, match=r"expected integer targets.*float64"):
+        softmax_cross_entropy(np.zeros((4, 2)), np.zeros(4))
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 0.01, 1e6])
+def test_clip_grad_norm_matches_torch(max_norm, xp):
+    rng = np.random.default_rng(1)
+    shapes = [(4, 3), (3,), (5, 5, 2)]
+    host = [rng.standard_normal(s) for s in shapes]
+    grads = {f"g{i}": xp.asarray(g) for i, g in enumerate(host)}
+    ts = [torch.zeros(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    for t, g in zip(ts, host):
+        t.grad = torch.from_numpy(g.copy())
+    expected_norm = torch.nn.utils.clip_grad_norm_(ts, max_norm)
+    norm = clip_grad_norm(grads, max_norm)
+    assert float(norm) == pytest.approx(expected_norm.item(), rel=1e-14)
+    for i, t in enumerate(ts):
+        err = rel_err(grads[f"g{i}"], t.grad.numpy())
+        record("clip_grad_norm vs torch (float64)", err)
+        assert err <= 1e-14
+    total = np.sqrt(sum((backend.to_numpy(g) ** 2).sum() for g in grads.values()))
+    assert total <= max_norm * (1 + 1e-12)
+
+
+def test_clip_grad_norm_keeps_direction_and_is_safe_at_zero():
+    g = [np.array([3.0, 4.0])]
+    assert float(clip_grad_norm(g, 1.0)) == 5.0
+    np.testing.assert_allclose(g[0], [0.6, 0.8], rtol=1e-6)
+    zeros = [np.zeros(3), np.zeros((2, 2))]
+    assert float(clip_grad_norm(zeros, 1.0)) == 0.0
+    assert all(not z.any() and np.isfinite(z).all() for z in zeros)
+    with pytest.raises(ValueError, match="max_norm must be positive, got 0.0"):
+        clip_grad_norm(g, 0)
+    with pytest.raises(ValueError, match="total gradient norm is inf"):
+        clip_grad_norm([np.array([np.inf])], 1.0, error_if_nonfinite=True)
+
+
+def test_sgd_step_matches_torch(xp):
+    rng = np.random.default_rng(2)
+    w, g = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+    params = {"w": xp.asarray(w.copy())}
+    same = params["w"]
+    SGD(params, lr=0.5).step({"w": xp.asarray(g)})
+    assert params["w"] is same, "SGD must update in place"
+    t = torch.from_numpy(w.copy()).requires_grad_(True)
+    t.grad = torch.from_numpy(g.copy())
+    torch.optim.SGD([t], lr=0.5).step()
+    np.testing.assert_allclose(backend.to_numpy(params["w"]), t.detach().numpy(), rtol=1e-15)
+    with pytest.raises(ValueError, match="exactly the keys of params"):
+        SGD(params, 1.0).step({"v": xp.asarray(g)})
+    with pytest.raises(ValueError, match="lr must be positive"):
+        SGD(params, -1)
+
+
+def test_linear_matches_torch(xp):
+    rng = np.random.default_rng(3)
+    lin = Linear(6, 4, dtype="float64", init="uniform", seed=0)
+    x, dy = rng.standard_normal((5, 6)), rng.standard_normal((5, 4))
+    y = lin.forward(xp.asarray(x))
+    dx = lin.backward(xp.asarray(dy))
+    net = torch.nn.Linear(6, 4, dtype=torch.float64)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(torch.from_numpy(backend.to_numpy(lin.params[n])))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = net(xt)
+    (yt * torch.from_numpy(dy)).sum().backward()
+    assert rel_err(y, yt.detach().numpy()) <= 1e-14
+    assert rel_err(dx, xt.grad.numpy()) <= 1e-14
+    for n, p in net.named_parameters():
+        err = rel_err(lin.grads[n], p.grad.numpy())
+        record("Linear gradients vs autograd (float64)", err)
+        assert err <= 1e-10, n
+    with pytest.raises(ValueError, match=r"expected x of shape \(N, 6\), got \(5, 7\)"):
+        lin.forward(xp.asarray(np.zeros((5, 7))))
+    with pytest.raises(ValueError, match=r"expected dy of shape \(5, 4\), got \(5, 3\)"):
+        lin.backward(xp.asarray(np.zeros((5, 3))))
