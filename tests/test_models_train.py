@@ -1,0 +1,224 @@
+"""RNNLM against d2l's torch RNNModel, and training parity with a torch autograd loop."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from conftest import record, rel_err
+from npyrnn import backend
+from npyrnn.data import SeqDataLoader, load_corpus
+from npyrnn.models import RNNLM
+from npyrnn.optim import SGD
+from npyrnn.train import predict, train, train_epoch
+
+
+class RNNModel(nn.Module):
+    """d2l chapter 8's concise RNN model, verbatim in substance."""
+
+    def __init__(self, rnn_layer, vocab_size):
+        super().__init__()
+        self.rnn = rnn_layer
+        self.vocab_size = vocab_size
+        self.num_hiddens = self.rnn.hidden_size
+        self.num_directions = 2 if self.rnn.bidirectional else 1
+        self.linear = nn.Linear(self.num_hiddens * self.num_directions, self.vocab_size)
+
+    def forward(self, inputs, state):
+        X = F.one_hot(inputs.T.long(), self.vocab_size).to(self.linear.weight.dtype)
+        Y, state = self.rnn(X, state)
+        output = self.linear(Y.reshape((-1, Y.shape[-1])))
+        return output, state
+
+
+def torch_twin(model):
+    """d2l's RNNModel holding ``model``'s weights, loaded through its state dict (the keys must agree)."""
+    dtype = getattr(torch, model.dtype)
+    layer = nn.RNN(model.vocab_size, model.num_hiddens, num_layers=model.rnn.num_layers,
+                   nonlinearity=model.rnn.nonlinearity, bidirectional=model.rnn.bidirectional, dtype=dtype)
+    net = RNNModel(layer, model.vocab_size).to(dtype)
+    state = {k: torch.from_numpy(backend.to_numpy(v).copy()) for k, v in model.state_dict().items()}
+    net.load_state_dict(state, strict=True)
+    return net
+
+
+@pytest.fixture(scope="module")
+def timemachine():
+    return load_corpus("timemachine")
+
+
+CONFIGS = [
+    dict(num_layers=1, bidirectional=False, nonlinearity="tanh"),
+    dict(num_layers=2, bidirectional=False, nonlinearity="relu"),
+    dict(num_layers=2, bidirectional=True, nonlinearity="tanh"),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"L{c['num_layers']}-{'bi' if c['bidirectional'] else 'uni'}-{c['nonlinearity']}")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_logits_equal_d2l_rnn_model(cfg, dtype, timemachine, xp):
+    corpus, vocab = timemachine
+    model = RNNLM(len(vocab), 24, dtype=dtype, init="uniform", seed=0, **cfg)
+    X = corpus[:60].reshape(4, 15)
+    state = np.random.default_rng(0).standard_normal(model.begin_state(4).shape).astype(dtype)
+    logits, new_state = model.forward(xp.asarray(X), xp.asarray(state))
+    assert logits.shape == (15 * 4, len(vocab))
+    with torch.no_grad():
+        ref, ref_state = torch_twin(model)(torch.from_numpy(X), torch.from_numpy(state))
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(backend.to_numpy(logits), ref.numpy(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(backend.to_numpy(new_state), ref_state.numpy(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"L{c['num_layers']}-{'bi' if c['bidirectional'] else 'uni'}-{c['nonlinearity']}")
+def test_rnnlm_gradients_match_autograd(cfg, timemachine, xp):
+    corpus, vocab = timemachine
+    model = RNNLM(len(vocab), 16, dtype="float64", init="uniform", seed=1, **cfg)
+    X, Y = corpus[100:148].reshape(4, 12), corpus[101:149].reshape(4, 12)
+    rng = np.random.default_rng(1)
+    state = rng.standard_normal(model.begin_state(4).shape)
+    dstate = rng.standard_normal(state.shape)
+    logits, new_state = model.forward(xp.asarray(X), xp.asarray(state))
+    dlogits = rng.standard_normal(logits.shape)
+    dstate0 = model.backward(xp.asarray(dlogits), xp.asarray(dstate))
+
+    net = torch_twin(model)
+    st = torch.from_numpy(state).requires_grad_(True)
+    out, new_st = net(torch.from_numpy(X), st)
+    ((out * torch.from_numpy(dlogits)).sum() + (new_st * torch.from_numpy(dstate)).sum()).backward()
+    for name, p in net.named_parameters():
+        err = rel_err(model.grads[name], p.grad.numpy())
+        record("RNNLM gradients vs autograd (float64)", err)
+        assert err <= 1e-10, name
+    assert rel_err(dstate0, st.grad.numpy()) <= 1e-10
+    assert set(model.grads) == set(dict(net.named_parameters()))
+    assert Y.shape == X.shape
+
+
+def torch_train(net, batches, lr, clip, use_random_iter):
+    """The seed's train_epoch_ch8 with torch.optim.SGD and clip_grad_norm_; per-step losses."""
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    state, losses = None, []
+    for X, Y in batches:
+        if state is None or use_random_iter:
+            state = torch.zeros(net.rnn.num_layers * net.num_directions, X.shape[0], net.num_hiddens,
+                                dtype=net.linear.weight.dtype)
+        else:
+            state = state.detach()
+        y = torch.from_numpy(Y.T.reshape(-1))
+        y_hat, state = net(torch.from_numpy(X), state)
+        loss = F.cross_entropy(y_hat, y)
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), clip)
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("use_random_iter", [False, True], ids=["sequential", "random"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"L{c['num_layers']}-{'bi' if c['bidirectional'] else 'uni'}-{c['nonlinearity']}")
+def test_training_parity_with_torch(cfg, use_random_iter, timemachine, xp):
+    """Same weights and batches: equal losses step after step for 60 steps, float64, clipping active."""
+    corpus, vocab = timemachine
+    loader = SeqDataLoader(corpus[:5000], 8, 10, use_random_iter=use_random_iter, rng=np.random.default_rng(3))
+    batches = [(backend.to_numpy(X), backend.to_numpy(Y)) for X, Y in loader][:60]
+    assert len(batches) == 60
+    model = RNNLM(len(vocab), 32, dtype="float64", init="uniform", seed=2, **cfg)
+    net = torch_twin(model)
+    ref = torch_train(net, batches, lr=1.0, clip=1.0, use_random_iter=use_random_iter)
+
+    ours = []
+    dev_batches = [(xp.asarray(X), xp.asarray(Y)) for X, Y in batches]
+    train_epoch(model, dev_batches, SGD(model.params, 1.0), clip=1.0, use_random_iter=use_random_iter,
+                on_step=ours.append)
+    ours, ref = np.array(ours), np.array(ref)
+    assert ref[-10:].mean() < ref[:10].mean() - 0.2, "the reference did not learn; the test would be weak"
+    err = float(np.max(np.abs(ours - ref) / np.abs(ref)))
+    record("training losses vs torch loop, 60 steps (float64)", err)
+    assert err <= 1e-10, f"largest relative loss difference {err:.2e}"
+    for name, p in net.named_parameters():
+        assert rel_err(model.params[name], p.detach().numpy()) <= 1e-9, name
+
+
+def test_state_carry_matters_for_sequential(timemachine):
+    """Carrying the state differs from resetting it: the parity above is not vacuous."""
+    corpus, vocab = timemachine
+    loader = SeqDataLoader(corpus[:3000], 8, 10, rng=np.random.default_rng(0))
+    batches = list(loader)[:15]
+    losses = {}
+    for reset in (False, True):
+        model = RNNLM(len(vocab), 32, dtype="float64", init="uniform", seed=2)
+        steps = []
+        train_epoch(model, batches, SGD(model.params, 1.0), use_random_iter=reset, on_step=steps.append)
+        losses[reset] = steps
+    assert losses[False][0] == losses[True][0]
+    assert abs(losses[False][-1] - losses[True][-1]) > 1e-6
+
+
+def test_predict_matches_d2l_greedy(timemachine):
+    corpus, vocab = timemachine
+    model = RNNLM(len(vocab), 32, dtype="float64", init="uniform", seed=4)
+    loader = SeqDataLoader(corpus[:3000], 8, 10, rng=np.random.default_rng(0))
+    train(model, loader, vocab, lr=1.0, num_epochs=2, progress=False)
+    net = torch_twin(model)
+    # d2l's predict_ch8
+    prefix, num_preds = "time traveller ", 30
+    state = torch.zeros(1, 1, 32, dtype=torch.float64)
+    outputs = [vocab[prefix[0]]]
+    with torch.no_grad():
+        for y in prefix[1:]:
+            _, state = net(torch.tensor([[outputs[-1]]]), state)
+            outputs.append(vocab[y])
+        for _ in range(num_preds):
+            y, state = net(torch.tensor([[outputs[-1]]]), state)
+            outputs.append(int(y.argmax(dim=1).reshape(1)))
+    expected = "".join(vocab.idx_to_token[i] for i in outputs)
+    assert predict(prefix, num_preds, model, vocab) == expected
+
+
+def test_predict_sampling_and_errors(timemachine):
+    _, vocab = timemachine
+    model = RNNLM(len(vocab), 16, init="uniform", seed=0)
+    a = predict("time", 40, model, vocab, temperature=1.0, seed=7)
+    b = predict("time", 40, model, vocab, temperature=1.0, seed=7)
+    c = predict("time", 40, model, vocab, temperature=1.0, seed=8)
+    assert a == b and a != c and len(a.replace('<unk>', '?')) == 44 and a.startswith("time")
+    top1 = predict("time", 20, model, vocab, temperature=5.0, top_k=1, seed=1)
+    assert top1 == predict("time", 20, model, vocab), "top_k=1 sampling must equal greedy"
+    with pytest.raises(ValueError, match="prefix is empty"):
+        predict("", 10, model, vocab)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        predict("a", 10, model, vocab, temperature=-1)
+    with pytest.raises(ValueError, match="top_k must be a positive integer"):
+        predict("a", 10, model, vocab, temperature=1, top_k=0)
+    with pytest.warns(UserWarning, match="map to <unk>: 'T', '!'"):
+        out = predict("Time!", 5, model, vocab)
+    assert out.startswith("Time!") and len(out.replace('<unk>', '?')) == 10
+
+
+def test_rnnlm_bad_input():
+    model = RNNLM(28, 8)
+    with pytest.raises(ValueError, match=r"expected integer token ids X of shape \(B, T\), got \(2, 3, 4\)"):
+        model.forward(np.zeros((2, 3, 4), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"got \(2, 3\) float32"):
+        model.forward(np.zeros((2, 3), dtype=np.float32))
+    with pytest.raises(RuntimeError, match="before forward"):
+        RNNLM(28, 8).backward(np.zeros((6, 28), np.float32))
+
+
+def test_rnnlm_init_matches_the_seed_scratch_model():
+    model = RNNLM(28, 512, seed=0)
+    for name in ("rnn.weight_ih_l0", "rnn.weight_hh_l0", "linear.weight"):
+        w = model.params[name]
+        assert abs(float(w.std()) - 0.01) < 5e-4, name
+    for name in ("rnn.bias_ih_l0", "rnn.bias_hh_l0", "linear.bias"):
+        assert not model.params[name].any(), name
+    assert list(model.params) == [
+        "rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0", "rnn.bias_hh_l0", "linear.weight", "linear.bias",
+    ]
+    other = RNNLM(28, 512, seed=0)
+    assert all(np.array_equal(model.params[k], other.params[k]) for k in model.params)
+    # the RNN and the output layer draw from independent streams
+    assert not np.allclose(model.params["rnn.weight_ih_l0"][:28, :28], model.params["linear.weight"][:28, :28])
