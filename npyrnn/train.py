@@ -217,7 +217,7 @@ def predict(prefix, num_preds, model, vocab, temperature=0.0, top_k=None, seed=N
     tokens = list(prefix) if token == "char" else prefix.split()
     if not tokens:
         raise ValueError("predict: the prefix has no words; give at least one word")
-    unknown = sorted({t for t in tokens if t not in vocab.token_to_idx})
+    unknown = list(dict.fromkeys(t for t in tokens if t not in vocab.token_to_idx))  # in order of appearance
     if unknown:
         warnings.warn(
             f"prefix tokens not in the vocabulary map to <unk>: {', '.join(map(repr, unknown))}",
