@@ -284,3 +284,26 @@ def test_bad_constructor_arguments(kwargs, match):
     args = {"input_size": I, "hidden_size": H, **kwargs}
     with pytest.raises(ValueError, match=match):
         RNN(**args)
+
+
+@pytest.mark.parametrize("vocab", [5, 300], ids=["one-hot-product", "sorted-scatter"])
+def test_both_scatter_paths_match_autograd(vocab, xp):
+    """Token ids take a one-hot product for small vocabularies and a sorted scatter for large ones."""
+    from npyrnn.nn import rnn as rnn_module
+
+    assert (vocab <= rnn_module.ONE_HOT_MAX) == (vocab == 5)
+    rng = np.random.default_rng(4)
+    T, B = 6, 5
+    rnn = RNN(vocab, H, dtype="float64", init="uniform", seed=2)
+    ids = rng.integers(0, min(vocab, 40), size=(T, B))  # repeated ids: the scatter must sum them
+    dout = rng.standard_normal((T, B, H))
+    out, _ = rnn.forward(xp.asarray(ids))
+    rnn.backward(xp.asarray(dout))
+    net = torch.nn.RNN(vocab, H, dtype=torch.float64)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(torch.from_numpy(backend.to_numpy(rnn.params[n])))
+    out_t, _ = net(torch.nn.functional.one_hot(torch.from_numpy(ids), vocab).double())
+    (out_t * torch.from_numpy(dout)).sum().backward()
+    for n, p in net.named_parameters():
+        assert rel_err(rnn.grads[n], p.grad.numpy()) <= 1e-10, n

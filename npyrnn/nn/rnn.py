@@ -105,9 +105,36 @@ class RNN(Module):
                     self._add_param(f"bias_ih_l{k}{suffix}", init_bias(rng, (H,), init, H))
                     self._add_param(f"bias_hh_l{k}{suffix}", init_bias(rng, (H,), init, H))
         self._cache = None
+        self._buffers = {}
 
     def _suffixes(self):
         return ("", "_reverse")[: self.num_directions]
+
+    def _scratch(self, name, shape, xp):
+        """A work buffer that never leaves backward, reused across calls of the same shape.
+
+        Fresh multi-megabyte arrays cost page faults on every minibatch; these
+        two (f'(a) and dL/da for all steps) are rewritten before each use.
+        """
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape or backend.get_array_module(buf) is not xp:
+            buf = self._buffers[name] = xp.empty(shape, dtype=self.dtype)
+        return buf
+
+    def _bias_sum(self, k, suffix):
+        """b_ih + b_hh of layer k: they always appear together in a_t (2.1)."""
+        return self.params[f"bias_ih_l{k}{suffix}"] + self.params[f"bias_hh_l{k}{suffix}"]
+
+    def _input_table(self, k, suffix, xp):
+        """(I, H) table whose row v is onehot(v) W_ih^T + b_ih + b_hh (5.1).
+
+        Gathering its rows gives the whole input part of a_t for token ids in
+        one indexing operation.
+        """
+        table = xp.ascontiguousarray(self.params[f"weight_ih_l{k}{suffix}"].T)
+        if self.bias:
+            table += self._bias_sum(k, suffix)
+        return table
 
     def __repr__(self):
         return (
@@ -203,27 +230,24 @@ class RNN(Module):
             for d, suffix in enumerate(self._suffixes()):
                 W_ih = self.params[f"weight_ih_l{k}{suffix}"]  # (H, I_k)
                 W_hh = self.params[f"weight_hh_l{k}{suffix}"]  # (H, H)
-                # input projection for all T*B rows at once: x_t W_ih^T (+ biases)   (2.1)
-                if k == 0 and is_ids:
-                    xw = xp.take(W_ih.T, inp, axis=0)  # (T, B, H): row gather     (5.1)
-                else:
-                    xw = xp.matmul(inp.reshape(T * B, -1), W_ih.T).reshape(T, B, H)
-                if self.bias:
-                    xw += self.params[f"bias_ih_l{k}{suffix}"]
-                    xw += self.params[f"bias_hh_l{k}{suffix}"]
-                Hs = xp.empty((T + 1, B, H), dtype=self.dtype)
                 reverse = d == 1
                 o, p = (0, 1) if reverse else (1, 0)
-                start = T if reverse else 0
-                if h0 is None:
-                    Hs[start] = 0
+                Hs = xp.empty((T + 1, B, H), dtype=self.dtype)
+                A = Hs[o : o + T]  # (T, B, H): receives a_t, then h_t in place
+                # the input part of a_t for all T*B rows at once, written where h_t will go   (2.1)
+                if k == 0 and is_ids:  # one-hot rows: a gather from a (V, H) table   (5.1)
+                    xp.take(self._input_table(k, suffix, xp), inp, axis=0, out=A)
                 else:
-                    Hs[start] = h0[k * D + d]
+                    xp.matmul(inp.reshape(T * B, -1), W_ih.T, out=A.reshape(T * B, H))
+                    if self.bias:
+                        A += self._bias_sum(k, suffix)
+                Hs[p * T] = 0 if h0 is None else h0[k * D + d]  # h_0 sits at index 0 or T
                 W_hhT = W_hh.T
+                tmp = xp.empty((B, H), dtype=self.dtype)
                 for t in range(T - 1, -1, -1) if reverse else range(T):
-                    h = Hs[o + t]
-                    xp.matmul(Hs[p + t], W_hhT, out=h)  # h_{t-1} W_hh^T               (2.1)
-                    h += xw[t]  #                       + x_t W_ih^T + b_ih + b_hh   (2.1)
+                    h = Hs[o + t]  # holds x_t W_ih^T + b_ih + b_hh
+                    xp.matmul(Hs[p + t], W_hhT, out=tmp)  # h_{t-1} W_hh^T            (2.1)
+                    h += tmp  # a_t                                                  (2.1)
                     act(h, out=h)  # h_t = f(a_t)                                    (2.2)
                 h_n[k * D + d] = Hs[0] if reverse else Hs[T]  # (4.5)
                 states.append(Hs)
@@ -277,8 +301,6 @@ class RNN(Module):
         relu = self.nonlinearity == "relu"
 
         dh0 = xp.empty((self.num_layers * D, B, H), dtype=self.dtype)
-        dh = xp.empty((B, H), dtype=self.dtype)  # dL/dh_t, reused every step
-        mask = xp.empty((B, H), dtype=bool) if relu else None
         for k in range(self.num_layers - 1, -1, -1):
             inp, states = layers[k]
             needs_dx = not (k == 0 and is_ids)
@@ -289,30 +311,33 @@ class RNN(Module):
                 Hs = states[d]
                 reverse = d == 1
                 o, p = (0, 1) if reverse else (1, 0)
-                dY_d = dY[:, :, d * H : (d + 1) * H]  # (T, B, H), this direction's share (4.4)
-                dA = xp.empty((T, B, H), dtype=self.dtype)  # dL/da_t for every t
-                carry = xp.zeros((B, H), dtype=self.dtype) if dh_n is None else dh_n[k * D + d].copy()
+                Y = Hs[o : o + T]  # h_t for every t, (T, B, H)
+                # f'(a_t) for every t at once, from the cached outputs
+                fprime = self._scratch("fprime", (T, B, H), xp)
+                if relu:
+                    xp.greater(Y, 0, out=fprime)  # relu'(a_t) = 1[h_t > 0]            (2.5b)
+                else:
+                    xp.multiply(Y, Y, out=fprime)
+                    xp.subtract(1, fprime, out=fprime)  # tanh'(a_t) = 1 - h_t^2          (2.5a)
+                # dA starts as this direction's share of dout and becomes dL/da_t   (4.4)
+                dA = self._scratch("dA", (T, B, H), xp)
+                dA[...] = dY[:, :, d * H : (d + 1) * H]
+                carry = None if dh_n is None else dh_n[k * D + d]  # dL/dh_T from outside
+                step_carry = xp.empty((B, H), dtype=self.dtype)
                 for t in range(T) if reverse else range(T - 1, -1, -1):
-                    h = Hs[o + t]
                     da = dA[t]
-                    xp.add(dY_d[t], carry, out=dh)  # dL/dh_t = dout_t + from step t+1   (2.3)
-                    if relu:
-                        xp.greater(h, 0, out=mask)  # relu'(a_t) = 1[h_t > 0]           (2.5b)
-                        xp.multiply(dh, mask, out=da)  # dL/da_t = dL/dh_t * f'(a_t)    (2.4)
-                    else:
-                        xp.multiply(h, h, out=da)
-                        xp.subtract(1, da, out=da)  # tanh'(a_t) = 1 - h_t^2            (2.5a)
-                        da *= dh  # dL/da_t = dL/dh_t * f'(a_t)                         (2.4)
-                    xp.matmul(da, W_hh, out=carry)  # dL/dh_{t-1} from a_t = da_t W_hh (2.6)
+                    if carry is not None:
+                        da += carry  # dL/dh_t = dout_t + (from step t+1)              (2.3)
+                    da *= fprime[t]  # dL/da_t = dL/dh_t * f'(a_t)                   (2.4)
+                    xp.matmul(da, W_hh, out=step_carry)  # dL/dh_{t-1} via a_t       (2.6)
+                    carry = step_carry
                 dh0[k * D + d] = carry  # (4.6)
                 dA2 = dA.reshape(T * B, H)
                 prev = Hs[p : p + T].reshape(T * B, H)  # h_{t-1} for every t, in time order
                 g = self.grads
                 g[f"weight_hh_l{k}{suffix}"] += dA2.T @ prev  # sum_t da_t^T h_{t-1}     (2.7)
-                if k == 0 and is_ids:  # sum_t da_t^T x_t as a scatter into columns   (5.2)
-                    dW_ihT = xp.zeros((self.input_size, H), dtype=self.dtype)
-                    backend.index_add(dW_ihT, inp.reshape(-1), dA2)
-                    g[f"weight_ih_l{k}{suffix}"] += dW_ihT.T
+                if k == 0 and is_ids:  # sum_t da_t^T onehot(x_t): a scatter into columns (5.2)
+                    g[f"weight_ih_l{k}{suffix}"] += _scatter_columns(inp.reshape(-1), dA2, self.input_size, xp)
                 else:
                     g[f"weight_ih_l{k}{suffix}"] += dA2.T @ inp.reshape(T * B, -1)  # (2.8)
                 if self.bias:
@@ -325,6 +350,24 @@ class RNN(Module):
             dY = dX
         dx = None if is_ids else (dY.swapaxes(0, 1) if self.batch_first else dY)
         return dx, dh0
+
+
+ONE_HOT_MAX = 128  # up to this vocabulary size the one-hot product beats the sorted scatter
+
+
+def _scatter_columns(ids, dA2, num_columns, xp):
+    """sum_n dA2[n]^T onehot(ids[n]): the (H, V) gradient of a row gather (5.2).
+
+    For a small vocabulary one product with a (T*B, V) one-hot matrix, built
+    here once for all T*B rows, is fastest (2*T*B*V*H flops in BLAS); for a
+    large one the rows are summed per token with ``backend.index_add``.
+    """
+    if num_columns <= ONE_HOT_MAX:
+        onehot = (ids[:, None] == xp.arange(num_columns)).astype(dA2.dtype)  # (T*B, V)
+        return dA2.T @ onehot  # (H, V)
+    dW_T = xp.zeros((num_columns, dA2.shape[1]), dtype=dA2.dtype)
+    backend.index_add(dW_T, ids, dA2)
+    return dW_T.T
 
 
 def _relu(xp):
