@@ -128,6 +128,30 @@ class RNNLM(Module):
 
     __call__ = forward
 
+    def stepper(self, state):
+        """A function that feeds one token per sequence and returns the next logits (generation).
+
+        Parameters
+        ----------
+        state : array, shape (num_layers, B, H)
+            Updated in place by every call. Unidirectional models only.
+
+        Returns
+        -------
+        step : callable
+            ``step(ids) -> logits`` with ids of shape (B,) and logits (B, V).
+            Uses the weights as they are now.
+        """
+        rnn_step = self.rnn.stepper(state)
+        W_T, b = self.params["linear.weight"].T, self.params["linear.bias"]
+
+        def step(ids):
+            logits = rnn_step(ids) @ W_T  # (B, V)                              (2.12)
+            logits += b
+            return logits
+
+        return step
+
     def backward(self, dlogits, dstate=None):
         """Backpropagate ``dlogits`` through the output layer and the RNN; grads accumulate.
 

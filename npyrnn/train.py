@@ -156,15 +156,12 @@ def train(
 
 
 def _choose(logits_row, temperature, top_k, rng):
-    """Next token id from one row of logits, shape (V,).
+    """Next token id drawn from one row of logits, shape (V,).
 
-    Greedy (argmax) when ``temperature`` is 0; otherwise a draw from
-    ``softmax(logits / temperature)`` restricted to the ``top_k`` largest logits.
+    A draw from ``softmax(logits / temperature)`` restricted to the ``top_k`` largest logits.
     The probabilities are computed on the backend and drawn from on the host
     generator ``rng``, so NumPy and CuPy generate the same text from one seed.
     """
-    if not temperature:
-        return int(logits_row.argmax())
     xp = backend.get_array_module(logits_row)
     z = logits_row.astype("float64") / temperature
     if top_k is not None and top_k < z.size:
@@ -227,12 +224,25 @@ def predict(prefix, num_preds, model, vocab, temperature=0.0, top_k=None, seed=N
     rng = backend.default_rng(seed)
     ids = vocab[tokens]
     state = model.begin_state(1)
-    if len(ids) > 1:  # warm-up over the prefix
+    if len(ids) > 1:  # warm-up: one forward pass over all but the last prefix token
         _, state = model.forward(xp.asarray([ids[:-1]]), state)
-    last, generated = ids[-1], []
-    for _ in range(num_preds):
-        logits, state = model.forward(xp.asarray([[last]]), state)
-        last = _choose(logits[0], temperature, top_k, rng)
-        generated.append(vocab.idx_to_token[last])
+    out = xp.empty(num_preds + 1, dtype="int64")  # generated ids stay on the device
+    out[0] = ids[-1]
+    if model.rnn.bidirectional:  # no step-by-step form: rerun forward on one token
+
+        def step(token):
+            nonlocal state
+            logits, state = model.forward(token[None, :], state)
+            return logits
+
+    else:
+        step = model.stepper(state)
+    for i in range(num_preds):
+        logits = step(out[i : i + 1])  # (1, V)
+        if temperature:
+            out[i + 1] = _choose(logits[0], temperature, top_k, rng)
+        else:
+            out[i + 1] = logits[0].argmax()  # greedy, without a host sync on CuPy
+    generated = vocab.to_tokens(backend.to_numpy(out[1:]))
     sep = "" if token == "char" else " "
     return prefix + (sep if generated and sep else "") + sep.join(generated)

@@ -307,3 +307,26 @@ def test_both_scatter_paths_match_autograd(vocab, xp):
     (out_t * torch.from_numpy(dout)).sum().backward()
     for n, p in net.named_parameters():
         assert rel_err(rnn.grads[n], p.grad.numpy()) <= 1e-10, n
+
+
+@pytest.mark.parametrize("L,nl,ids,bias", [(1, "tanh", True, True), (3, "relu", True, False), (2, "tanh", False, True)])
+def test_stepper_equals_forward(L, nl, ids, bias, xp):
+    rng = np.random.default_rng(6)
+    T, B = 7, 3
+    rnn = RNN(I, H, num_layers=L, nonlinearity=nl, bias=bias, dtype="float64", init="uniform", seed=8)
+    x = make_input(rng, ids, T, B, False, "float64")
+    h0 = rng.standard_normal((L, B, H))
+    out, h_n = rnn.forward(xp.asarray(x), xp.asarray(h0))
+    h = xp.asarray(h0.copy())
+    step = rnn.stepper(h)
+    for t in range(T):
+        top = step(xp.asarray(x[t]))
+        np.testing.assert_allclose(backend.to_numpy(top), backend.to_numpy(out[t]), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(backend.to_numpy(h), backend.to_numpy(h_n), rtol=1e-12, atol=1e-13)
+
+
+def test_stepper_rejects_bidirectional_and_bad_state():
+    with pytest.raises(ValueError, match="bidirectional RNN cannot run one step at a time"):
+        RNN(I, H, bidirectional=True).stepper(np.zeros((2, 1, H), "float32"))
+    with pytest.raises(ValueError, match=r"expected h of shape \(2, 1, 6\)"):
+        RNN(I, H, num_layers=2).stepper(np.zeros((1, 1, H), "float32"))

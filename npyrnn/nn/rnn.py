@@ -262,6 +262,54 @@ class RNN(Module):
 
     __call__ = forward
 
+    def stepper(self, h):
+        """A function that advances the RNN by one time step, for generation.
+
+        Inference only: nothing is cached for backward, nothing is allocated
+        per step but the gathered input row, and nothing is checked, so a
+        character costs a handful of array calls. Forward direction only.
+
+        Parameters
+        ----------
+        h : array, shape (num_layers, B, H)
+            The state; updated in place by every call.
+
+        Returns
+        -------
+        step : callable
+            ``step(x_t) -> h_t`` with ``x_t`` token ids of shape (B,) (or dense
+            input of shape (B, I)); returns the top layer's new state (B, H), a
+            view of ``h``. It uses the weights as they are now: make a new one
+            after the weights change.
+        """
+        if self.bidirectional:
+            raise ValueError("RNN.stepper: a bidirectional RNN cannot run one step at a time; use forward")
+        xp = backend.get_array_module(self.params["weight_hh_l0"])
+        self._check_state("h", h, getattr(h, "shape", (0, 0))[1] if getattr(h, "ndim", 0) == 3 else -1, xp)
+        act = xp.tanh if self.nonlinearity == "tanh" else _relu(xp)
+        L, B, H = self.num_layers, h.shape[1], self.hidden_size
+        table = self._input_table(0, "", xp)  # (I, H) rows: onehot(v) W_ih^T + b   (5.1)
+        W_ihT = [self.params[f"weight_ih_l{k}"].T for k in range(L)]
+        W_hhT = [self.params[f"weight_hh_l{k}"].T for k in range(L)]
+        bias = [self._bias_sum(k, "") if self.bias else None for k in range(L)]
+        xw = xp.empty((B, H), dtype=self.dtype)
+        tmp = xp.empty((B, H), dtype=self.dtype)
+
+        def step(x_t):
+            for k in range(L):
+                if k == 0 and xp.issubdtype(x_t.dtype, xp.integer):
+                    xp.take(table, x_t, axis=0, out=xw)  # x_t W_ih^T + b_ih + b_hh     (5.1)
+                else:
+                    xp.matmul(x_t if k == 0 else h[k - 1], W_ihT[k], out=xw)  # (2.1)
+                    if bias[k] is not None:
+                        xp.add(xw, bias[k], out=xw)
+                xp.matmul(h[k], W_hhT[k], out=tmp)  # h_{t-1} W_hh^T                  (2.1)
+                xp.add(xw, tmp, out=xw)  # a_t                                        (2.1)
+                act(xw, out=h[k])  # h_t = f(a_t)                                     (2.2)
+            return h[L - 1]
+
+        return step
+
     # ---------------------------------------------------------------- backward
     def backward(self, dout, dh_n=None):
         """Backpropagate through time; accumulate every parameter's gradient.
