@@ -31,6 +31,19 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, or does not match what it claims to hold."""
 
 
+def checkpoint_bytes(model, vocab, extra=None):
+    """The bytes of a checkpoint of ``model`` and ``vocab`` (what :func:`save_checkpoint` writes)."""
+    tensors = {k: numpy.ascontiguousarray(backend.to_numpy(v)) for k, v in model.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(model.config),
+        "vocab": json.dumps(vocab.to_dict()),
+        "extra": json.dumps(extra or {}),
+    }
+    return save(tensors, metadata=metadata)
+
+
 def save_checkpoint(path, model, vocab, extra=None):
     """Write ``model``'s weights, config and ``vocab`` to a safetensors file, atomically.
 
@@ -43,15 +56,7 @@ def save_checkpoint(path, model, vocab, extra=None):
     extra : dict, optional
         JSON-serialisable information (training settings, token kind) kept in the metadata.
     """
-    tensors = {k: numpy.ascontiguousarray(backend.to_numpy(v)) for k, v in model.state_dict().items()}
-    metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "config": json.dumps(model.config),
-        "vocab": json.dumps(vocab.to_dict()),
-        "extra": json.dumps(extra or {}),
-    }
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    atomic_write_bytes(path, checkpoint_bytes(model, vocab, extra))
 
 
 def _fail(path, what):
@@ -81,6 +86,8 @@ def load_checkpoint(path):
         shapes do not match that config.
     """
     path = Path(path)
+    if path.is_dir():
+        _fail(path, "is a directory; pass the model.safetensors file inside it")
     if not path.is_file():
         _fail(path, "no such file; pass the model.safetensors written by `npyrnn train --out DIR`")
     try:
@@ -100,6 +107,9 @@ def load_checkpoint(path):
         extra = json.loads(metadata.get("extra", "{}"))
     except (KeyError, ValueError, TypeError) as exc:
         _fail(path, f"damaged metadata ({exc.__class__.__name__}: {exc})")
+    for key, value in (("config", config), ("extra", extra)):
+        if not isinstance(value, dict):
+            _fail(path, f"damaged metadata ({key!r} is a JSON {type(value).__name__}, expected an object)")
     try:
         model = RNNLM(**config)
     except (TypeError, ValueError) as exc:

@@ -52,15 +52,17 @@ positive_float = _typed(float, lambda v: v > 0 and v != float("inf"), "a positiv
 nonnegative_float = _typed(float, lambda v: v >= 0 and v != float("inf"), "a non-negative number")
 
 
-def _add_model_flags(p, hidden=512):
+def _add_model_flags(p, hidden=512, gradcheck=False):
     g = p.add_argument_group("model")
     g.add_argument("--hidden", type=positive_int, default=hidden, help="hidden units per layer (default %(default)s)")
     g.add_argument("--layers", type=positive_int, default=1, help="stacked RNN layers (default 1)")
     g.add_argument("--bidirectional", action="store_true", help="read each window in both directions")
     g.add_argument("--nonlinearity", choices=("tanh", "relu"), default="tanh")
-    g.add_argument("--init", choices=("normal", "uniform"), default="normal",
-                   help="normal: N(0, 0.01^2) weights, zero biases (the seed); uniform: torch's default")
-    g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    g.add_argument("--init", choices=("normal", "uniform"), default="uniform" if gradcheck else "normal",
+                   help="normal: N(0, 0.01^2) weights, zero biases (the seed); uniform: torch's default "
+                        "(default %(default)s)")
+    if not gradcheck:  # gradcheck always runs in float64
+        g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of weights and minibatch order")
     g.add_argument("--backend", choices=("numpy", "cupy"), default=None,
                    help="array backend (default: $NPYRNN_BACKEND, else numpy)")
@@ -114,10 +116,10 @@ def build_parser():
                                    "compare every parameter's hand gradient with central differences along "
                                    "random directions. Prints the largest relative error; exit 1 above --tol.")
     _add_data_flags(c)
-    _add_model_flags(c, hidden=512)
+    _add_model_flags(c, hidden=512, gradcheck=True)
     c.add_argument("--directions", type=positive_int, default=2, help="random directions per parameter")
     c.add_argument("--tol", type=positive_float, default=1e-6, help="largest acceptable relative error")
-    c.set_defaults(func=cmd_gradcheck, init="uniform")
+    c.set_defaults(func=cmd_gradcheck)
     return parser
 
 
@@ -150,6 +152,8 @@ def _check_out(out):
     parent = out
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {str(out)!r}: {str(parent)!r} is a file, so no directory can be made there")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"--out {str(out)!r}: {str(parent)!r} is not writable; choose another directory")
 
@@ -175,8 +179,8 @@ def _plot(history, title):
 
 def cmd_train(args):
     backend = _use_backend(args)
-    from npyrnn.checkpoint import save_checkpoint
-    from npyrnn.files import atomic_write_bytes, atomic_write_text
+    from npyrnn.checkpoint import checkpoint_bytes
+    from npyrnn.files import atomic_write_bytes
     from npyrnn.models import RNNLM
     from npyrnn.train import predict, train
 
@@ -215,11 +219,16 @@ def cmd_train(args):
     writer.writerows(history)
     title = f"{args.corpus}: RNN h={args.hidden}, {'random' if args.random_iter else 'sequential'}"
 
+    # every file's bytes exist before the first is written: a failure cannot leave half a run
+    files = {
+        "model.safetensors": checkpoint_bytes(model, vocab, extra=settings),
+        "metrics.csv": metrics.getvalue().encode(),
+        "perplexity.png": _plot(history, title),
+        "summary.json": (json.dumps(summary, indent=2) + "\n").encode(),
+    }
     out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / "model.safetensors", model, vocab, extra=settings)
-    atomic_write_text(out / "metrics.csv", metrics.getvalue())
-    atomic_write_bytes(out / "perplexity.png", _plot(history, title))
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data)
 
     for w in caught:
         print(f"npyrnn: warning: {w.message}", file=sys.stderr)
@@ -290,6 +299,12 @@ def main(argv=None):
         if isinstance(exc, OSError) and exc.filename:
             message = f"{exc.strerror or exc.__class__.__name__}: {exc.filename}"
         print(f"npyrnn: error: {message}", file=sys.stderr)
+        return 2
+    except MemoryError as exc:
+        if os.environ.get("NPYRNN_DEBUG"):
+            raise
+        print(f"npyrnn: error: out of memory ({' '.join(str(exc).split()) or 'MemoryError'}); "
+              "use a smaller --hidden, --layers, --batch-size or --num-steps", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("npyrnn: interrupted; no output was written", file=sys.stderr)

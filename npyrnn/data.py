@@ -475,6 +475,7 @@ class Vocab:
 
     @property
     def token_freqs(self):
+        """Every counted token with its count, most frequent first: list of (str, int)."""
         return self._token_freqs
 
     def to_dict(self):

@@ -12,7 +12,7 @@ round-off in the two losses would swamp the difference. The relative error
 
     |num - ana| / max(|num|, |ana|)                                       (7.2)
 
-is around 1e-8 in float64 with eps = 1e-5. See ``docs/derivations/gradcheck.md``.
+is about 1e-10 in float64 with eps = 1e-5 (1e-6 is a generous tolerance). See ``docs/derivations/gradcheck.md``.
 """
 
 from npyrnn import backend

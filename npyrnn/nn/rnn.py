@@ -244,6 +244,7 @@ class RNN(Module):
                 Hs[p * T] = 0 if h0 is None else h0[k * D + d]  # h_0 sits at index 0 or T
                 W_hhT = W_hh.T
                 tmp = xp.empty((B, H), dtype=self.dtype)
+                # the reverse direction runs t = T-1 .. 0 and reads h_{t+1}        (4.2)
                 for t in range(T - 1, -1, -1) if reverse else range(T):
                     h = Hs[o + t]  # holds x_t W_ih^T + b_ih + b_hh
                     xp.matmul(Hs[p + t], W_hhT, out=tmp)  # h_{t-1} W_hh^T            (2.1)
@@ -253,7 +254,7 @@ class RNN(Module):
                 states.append(Hs)
             layers.append((inp, states))
             if D == 1:
-                inp = states[0][1:]  # (T, B, H), a view
+                inp = states[0][1:]  # the next layer's input, (T, B, H), a view       (4.1)
             else:  # [forward h_t ; reverse h_t]                                       (4.3)
                 inp = xp.concatenate((states[0][1:], states[1][:T]), axis=2)  # (T, B, 2H)
         self._cache = (layers, is_ids, T, B)
@@ -266,8 +267,9 @@ class RNN(Module):
         """A function that advances the RNN by one time step, for generation.
 
         Inference only: nothing is cached for backward, nothing is allocated
-        per step but the gathered input row, and nothing is checked, so a
-        character costs a handful of array calls. Forward direction only.
+        per step (the gather and the products write into preallocated
+        buffers), and nothing is checked, so a character costs a handful of
+        array calls. Forward direction only.
 
         Parameters
         ----------

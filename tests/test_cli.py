@@ -1,0 +1,427 @@
+"""The command line: `npyrnn train | generate | gradcheck`, end to end, and every kind of bad input.
+
+Most runs call ``npyrnn.cli.main`` in-process; a few run ``python -m npyrnn`` and the
+``npyrnn`` console script as subprocesses to see the real exit code and stderr.
+"""
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from npyrnn import backend
+from npyrnn.checkpoint import load_checkpoint
+from npyrnn.cli import OUTPUT_FILES, main
+from npyrnn.train import predict
+
+TEXT = "the quick brown fox jumps over the lazy dog\n" * 12  # 528 characters, every letter: vocabulary 28
+SMALL = ["--hidden", "16", "--batch-size", "4", "--num-steps", "8", "--seed", "0"]
+LAST_LINE = re.compile(r"perplexity (\d+\.\d), (\d+\.\d) tokens/s on numpy")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TIMEMACHINE = Path(os.environ.get("NPYRNN_DATA_DIR", "/nonexistent")) / "timemachine.txt"
+needs_timemachine = pytest.mark.skipif(not TIMEMACHINE.is_file(), reason="timemachine.txt is not in NPYRNN_DATA_DIR")
+
+
+def run(argv, capsys):
+    """``npyrnn ARGV`` in-process: (exit code, stdout, stderr)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse: usage errors and --help
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_subprocess(args, cwd, env_changes=None, executable=None):
+    env = dict(os.environ)
+    env.pop("NPYRNN_DEBUG", None)
+    env.pop("NPYRNN_BACKEND", None)
+    if env.get("NPYRNN_DATA_DIR"):  # absolute, as the child runs in another folder
+        env["NPYRNN_DATA_DIR"] = str(Path(env["NPYRNN_DATA_DIR"]).resolve())
+    env.update(env_changes or {})
+    cmd = [executable] if executable else [sys.executable, "-m", "npyrnn"]
+    return subprocess.run(cmd + [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def tree(root):
+    return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One small trained run shared by the generate tests: its checkpoint path."""
+    root = tmp_path_factory.mktemp("trained")
+    corpus = root / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    code = main(["train", "--corpus", str(corpus), *SMALL, "--epochs", "8", "--quiet", "--out", str(root / "run")])
+    assert code == 0
+    return root / "run" / "model.safetensors"
+
+
+# --------------------------------------------------------------------------- train
+
+
+def test_train_writes_the_four_files(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    code, stdout, stderr = run(["train", "--corpus", corpus, *SMALL, "--epochs", "3", "--lr", "0.5", "--out", out],
+                               capsys)
+
+    assert code == 0, stderr
+    assert stderr == ""
+    assert sorted(os.listdir(out)) == sorted(OUTPUT_FILES)  # exactly these: no temporary files left
+    lines = stdout.splitlines()
+    assert f"wrote {', '.join(OUTPUT_FILES)} to {out}" in lines
+    last = LAST_LINE.fullmatch(lines[-1])
+    assert last, lines[-1]
+
+    rows = list(csv.reader((out / "metrics.csv").read_text().splitlines()))
+    assert rows[0] == ["epoch", "perplexity", "tokens_per_s"]
+    assert [int(r[0]) for r in rows[1:]] == [1, 2, 3]
+    assert all(1 < float(r[1]) < 100 and float(r[2]) > 0 for r in rows[1:])
+
+    assert (out / "perplexity.png").read_bytes().startswith(PNG_SIGNATURE)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"perplexity", "tokens_per_s", "epochs", "seconds", "backend"} <= set(summary)
+    assert summary["backend"] == "numpy"
+    assert summary["epochs"] == 3
+    assert summary["seconds"] > 0
+    assert summary["perplexity"] == pytest.approx(float(rows[-1][1]))
+    assert summary["tokens_per_s"] == pytest.approx(float(rows[-1][2]))
+    assert f"{summary['perplexity']:.1f}" == last.group(1)
+    assert f"{summary['tokens_per_s']:.1f}" == last.group(2)
+    settings = {"hidden": 16, "batch_size": 4, "num_steps": 8, "seed": 0, "lr": 0.5, "layers": 1,
+                "nonlinearity": "tanh", "dtype": "float32", "random_iter": False, "corpus": str(corpus),
+                "vocab_size": 28, "num_tokens": len(TEXT) - TEXT.count("\n")}
+    assert {k: summary[k] for k in settings} == settings
+
+    model, vocab, extra = load_checkpoint(out / "model.safetensors")
+    assert model.config["num_hiddens"] == 16 and model.config["vocab_size"] == 28
+    assert extra["lr"] == 0.5 and extra["token"] == "char"
+    assert len(vocab) == 28
+
+
+@needs_timemachine
+def test_train_quiet_prints_only_the_last_line(tmp_path, capsys):
+    out = tmp_path / "tm"
+    code, stdout, stderr = run(["train", "--corpus", "timemachine", "--max-tokens", "2000", "--hidden", "8",
+                                "--epochs", "2", "--batch-size", "4", "--num-steps", "10", "--random-iter",
+                                "--layers", "2", "--dtype", "float64", "--quiet", "--out", out], capsys)
+    assert code == 0, stderr
+    assert stderr == ""
+    assert len(stdout.splitlines()) == 1
+    assert LAST_LINE.fullmatch(stdout.rstrip("\n"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["num_tokens"], summary["random_iter"], summary["layers"], summary["dtype"]) == (
+        2000, True, 2, "float64")
+    assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 2
+    assert load_checkpoint(out / "model.safetensors")[0].dtype == "float64"
+
+
+def test_train_default_out_is_under_runs(tmp_path, corpus, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = run(["train", "--corpus", "corpus.txt", *SMALL, "--epochs", "1", "--quiet"], capsys)
+    assert code == 0, stderr
+    assert sorted(os.listdir(tmp_path / "runs" / "corpus-h16-sequential")) == sorted(OUTPUT_FILES)
+
+
+def test_training_learns_a_repeated_text(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    code, _, stderr = run(["train", "--corpus", corpus, "--hidden", "32", "--batch-size", "4", "--num-steps", "8",
+                           "--epochs", "10", "--quiet", "--out", out], capsys)
+    assert code == 0, stderr
+    ppl = [float(r["perplexity"]) for r in csv.DictReader((out / "metrics.csv").open())]
+    vocab_size = 28
+    assert ppl[0] > vocab_size / 2  # starts near uniform guessing
+    assert ppl[-1] < vocab_size / 8, ppl  # ends far below it: the model has learned the sentence
+    assert ppl[-1] < ppl[0] / 5
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def test_generate_greedy_prints_prefix_and_length_chars_deterministically(trained, capsys):
+    args = ["generate", "--checkpoint", trained, "--prefix", "the lazy", "--length", "20"]
+    code, stdout, stderr = run(args, capsys)
+    assert code == 0, stderr
+    assert stderr == ""
+    assert stdout.endswith("\n") and stdout.count("\n") == 1
+    text = stdout[:-1]
+    assert text.startswith("the lazy")
+    assert len(text) == len("the lazy") + 20
+
+    assert run(args, capsys)[1] == stdout  # greedy: the same every time
+    model, vocab, _ = load_checkpoint(trained)
+    assert text == predict("the lazy", 20, model, vocab)  # and what the Python API gives
+    assert set(text[len("the lazy"):]) <= set(vocab.idx_to_token)
+
+
+def test_generate_sampling_is_reproducible_from_its_seed(trained, capsys):
+    args = ["generate", "--checkpoint", trained, "--prefix", "the", "--length", "40",
+            "--temperature", "1", "--top-k", "3"]
+    code, first, stderr = run([*args, "--seed", "5"], capsys)
+    assert code == 0, stderr
+    assert run([*args, "--seed", "5"], capsys)[1] == first
+    model, vocab, _ = load_checkpoint(trained)
+    assert first[:-1] == predict("the", 40, model, vocab, temperature=1.0, top_k=3, seed=5)
+    assert len(first[:-1]) == 3 + 40
+
+
+def test_generate_length_zero_prints_the_prefix(trained, capsys):
+    assert run(["generate", "--checkpoint", trained, "--prefix", "fox", "--length", "0"], capsys)[:2] == (0, "fox\n")
+
+
+def test_generate_unknown_prefix_characters_warn_once(trained, capsys):
+    code, stdout, stderr = run(["generate", "--checkpoint", trained, "--prefix", "Thé X", "--length", "5"], capsys)
+    assert code == 0
+    assert len(stderr.splitlines()) == 1
+    assert stderr.startswith("npyrnn: warning:")
+    for ch in ("'T'", "'X'", "'é'"):
+        assert ch in stderr
+    assert stdout.startswith("Thé X") and len(stdout[:-1]) == len("Thé X") + 5
+
+
+# --------------------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize(
+    "flags, num_params",
+    [
+        (["--nonlinearity", "tanh"], 6),
+        (["--nonlinearity", "relu"], 6),
+        (["--layers", "2", "--bidirectional"], 4 * 4 + 2),
+        (["--layers", "2", "--bidirectional", "--nonlinearity", "relu"], 4 * 4 + 2),
+    ],
+    ids=["tanh", "relu", "2-layer-bidirectional", "2-layer-bidirectional-relu"],
+)
+def test_gradcheck_is_tight(corpus, capsys, flags, num_params):
+    code, stdout, stderr = run(["gradcheck", "--corpus", corpus, "--hidden", "6", "--batch-size", "2",
+                                "--num-steps", "5", *flags], capsys)
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    assert len(lines) == num_params + 1  # one line per parameter, then the verdict
+    worst = re.fullmatch(r"largest relative error (\S+) \((\S+)\) on numpy: ok \(tolerance 1e-06\)", lines[-1])
+    assert worst, lines[-1]
+    assert float(worst.group(1)) < 1e-6
+    assert all(float(line.split()[1]) <= float(worst.group(1)) for line in lines[:-1])
+
+
+@needs_timemachine
+def test_gradcheck_on_timemachine_fails_above_tol(capsys):
+    base = ["gradcheck", "--corpus", "timemachine", "--max-tokens", "2000", "--hidden", "5", "--batch-size", "2",
+            "--num-steps", "4"]
+    assert run(base, capsys)[0] == 0
+    code, stdout, _ = run([*base, "--tol", "1e-300"], capsys)  # no finite difference is that exact
+    assert code == 1
+    assert "FAILED" in stdout.splitlines()[-1]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "short.txt").write_text("the quick brown fox\n", encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("café au lait, crème brûlée\n".encode("latin-1") * 20)
+    (tmp_path / "good.txt").write_text(TEXT, encoding="utf-8")
+    (tmp_path / "a_file").write_text("not a directory\n")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "garbage.safetensors").write_bytes(bytes(range(256)) * 8)
+    return tmp_path
+
+
+GOOD = ["--corpus", "good.txt", *SMALL, "--epochs", "1", "--out", "out"]
+
+TRAIN_BAD = {
+    "missing-corpus": (["--corpus", "missing.txt"], "not found"),
+    "directory-corpus": (["--corpus", "folder"], "is a directory"),
+    "empty-corpus": (["--corpus", "empty.txt"], "no tokens"),
+    "too-short": (["--corpus", "short.txt"], "needs at least"),
+    "max-tokens-too-short": (["--max-tokens", "20"], "needs at least"),
+    "not-utf8": (["--corpus", "latin1.txt"], "not UTF-8"),
+    "hidden-0": (["--hidden", "0"], "--hidden"),
+    "layers-0": (["--layers", "0"], "--layers"),
+    "epochs-negative": (["--epochs", "-1"], "--epochs"),
+    "lr-0": (["--lr", "0"], "--lr"),
+    "lr-abc": (["--lr", "abc"], "'abc'"),
+    "lr-nan": (["--lr", "nan"], "--lr"),
+    "batch-size-0": (["--batch-size", "0"], "--batch-size"),
+    "num-steps-0": (["--num-steps", "0"], "--num-steps"),
+    "clip-negative": (["--clip", "-1"], "--clip"),
+    "nonlinearity": (["--nonlinearity", "sigmoid"], "sigmoid"),
+    "dtype": (["--dtype", "float16"], "float16"),
+    "unknown-flag": (["--colour", "red"], "--colour"),
+    "out-is-a-file": (["--out", "a_file"], "is a file"),
+    "out-under-a-file": (["--out", "a_file/run"], "is a file"),
+}
+
+
+@pytest.mark.parametrize("change, words", TRAIN_BAD.values(), ids=TRAIN_BAD.keys())
+def test_train_bad_input(bad_files, monkeypatch, capsys, change, words):
+    monkeypatch.chdir(bad_files)
+    before = tree(bad_files)
+    # later flags win in argparse, so GOOD + change is the good command with one thing wrong
+    code, stdout, stderr = run(["train", *GOOD, *change], capsys)
+    assert_clean_failure(code, stdout, stderr, words)
+    assert tree(bad_files) == before  # nothing created: no out/, no runs/, no temporary file
+
+
+GENERATE_BAD = {
+    "temperature-negative": (["--temperature", "-1"], "--temperature"),
+    "top-k-0": (["--top-k", "0"], "--top-k"),
+    "length-negative": (["--length", "-5"], "--length"),
+    "empty-prefix": (["--prefix", ""], "prefix is empty"),
+    "missing-checkpoint": (["--checkpoint", "missing.safetensors"], "no such file"),
+    "directory-checkpoint": (["--checkpoint", "folder"], "directory"),
+    "garbage-checkpoint": (["--checkpoint", "garbage.safetensors"], "not a readable safetensors file"),
+    "truncated-checkpoint": (["--checkpoint", "truncated.safetensors"], "truncated"),
+    "text-as-checkpoint": (["--checkpoint", "good.txt"], "not a readable safetensors file"),
+}
+
+
+@pytest.mark.parametrize("change, words", GENERATE_BAD.values(), ids=GENERATE_BAD.keys())
+def test_generate_bad_input(bad_files, trained, monkeypatch, capsys, change, words):
+    data = trained.read_bytes()
+    (bad_files / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    monkeypatch.chdir(bad_files)
+    before = tree(bad_files)
+    code, stdout, stderr = run(["generate", "--checkpoint", trained, "--length", "5", *change], capsys)
+    assert_clean_failure(code, stdout, stderr, words)
+    assert tree(bad_files) == before
+
+
+def test_missing_subcommand(capsys):
+    assert_clean_failure(*run([], capsys), "command")
+
+
+def test_unknown_subcommand(capsys):
+    assert_clean_failure(*run(["fit"], capsys), "fit")
+
+
+def test_missing_checkpoint_flag(capsys):
+    assert_clean_failure(*run(["generate", "--prefix", "the"], capsys), "--checkpoint")
+
+
+def test_out_of_memory_is_one_line(bad_files, monkeypatch, capsys):
+    import npyrnn.models
+
+    def huge(*args, **kwargs):
+        raise MemoryError("Unable to allocate 7.28 TiB for an array with shape (1000000, 1000000)")
+
+    monkeypatch.setattr(npyrnn.models.RNNLM, "__init__", huge)
+    monkeypatch.chdir(bad_files)
+    before = tree(bad_files)
+    assert_clean_failure(*run(["train", *GOOD], capsys), "out of memory", "--hidden")
+    assert tree(bad_files) == before
+
+
+def assert_clean_failure(code, stdout, stderr, *words):
+    assert code == 2, (code, stderr)
+    assert stdout == ""
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("npyrnn"), lines[0]
+    assert "error" in lines[0]
+    assert "Traceback" not in stderr
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+
+
+# --------------------------------------------------------------------------- real processes
+
+
+def test_python_m_npyrnn_help(tmp_path):
+    result = run_subprocess(["--help"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: npyrnn")
+    for command in ("train", "generate", "gradcheck"):
+        assert command in result.stdout
+    result = run_subprocess(["train", "--help"], tmp_path)
+    assert result.returncode == 0
+    for flag in ("--corpus", "--max-tokens", "--hidden", "--layers", "--bidirectional", "--nonlinearity", "--epochs",
+                 "--lr", "--batch-size", "--num-steps", "--random-iter", "--clip", "--seed", "--dtype", "--out"):
+        assert flag in result.stdout, flag
+
+
+def test_subprocess_bad_input_exit_code_and_stderr(tmp_path, corpus):
+    before = tree(tmp_path)
+    result = run_subprocess(["train", "--corpus", corpus, "--hidden", "0", "--out", "out"], tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("npyrnn train: error: argument --hidden")
+
+    result = run_subprocess(["train", "--corpus", "missing.txt", "--out", "out"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("npyrnn: error: corpus file")
+    assert tree(tmp_path) == before
+
+
+def test_subprocess_train_and_generate(tmp_path, corpus):
+    result = run_subprocess(["train", "--corpus", corpus, *SMALL, "--epochs", "2", "--quiet", "--out", "run"],
+                            tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert LAST_LINE.fullmatch(result.stdout.rstrip("\n"))
+    assert sorted(os.listdir(tmp_path / "run")) == sorted(OUTPUT_FILES)
+    result = run_subprocess(["generate", "--checkpoint", "run/model.safetensors", "--prefix", "the", "--length", "7"],
+                            tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("the") and len(result.stdout) == 3 + 7 + 1
+
+
+def test_bogus_backend_env(tmp_path, corpus):
+    before = tree(tmp_path)
+    result = run_subprocess(["train", "--corpus", corpus, *SMALL, "--epochs", "1", "--out", "out"], tmp_path,
+                            {"NPYRNN_BACKEND": "bogus"})
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("npyrnn: error: unknown backend 'bogus'")
+    assert "NPYRNN_BACKEND=numpy" in result.stderr
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.skipif(backend.is_cupy_available(), reason="cupy runs here")
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_cupy_where_it_cannot_run(tmp_path, corpus, how):
+    before = tree(tmp_path)
+    args = ["train", "--corpus", corpus, *SMALL, "--epochs", "1", "--out", "out"]
+    if how == "flag":
+        result = run_subprocess([*args, "--backend", "cupy"], tmp_path)
+    else:
+        result = run_subprocess(args, tmp_path, {"NPYRNN_BACKEND": "cupy"})
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("npyrnn: error: backend 'cupy' was requested")
+    assert "pip install" in result.stderr and "NPYRNN_BACKEND=numpy" in result.stderr
+    assert tree(tmp_path) == before
+
+
+def test_console_script(tmp_path, trained):
+    script = shutil.which("npyrnn", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("the npyrnn console script is not installed next to this python")
+    result = run_subprocess(["--help"], tmp_path, executable=script)
+    assert result.returncode == 0 and result.stdout.startswith("usage: npyrnn")
+    result = run_subprocess(["generate", "--checkpoint", trained, "--prefix", "the", "--length", "10"], tmp_path,
+                            executable=script)
+    assert result.returncode == 0, result.stderr
+    model, vocab, _ = load_checkpoint(trained)
+    assert result.stdout == predict("the", 10, model, vocab) + "\n"
+    result = run_subprocess(["generate", "--checkpoint", "nope.safetensors"], tmp_path, executable=script)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "no such file" in result.stderr
