@@ -296,16 +296,25 @@ class RNN(Module):
         bias = [self._bias_sum(k, "") if self.bias else None for k in range(L)]
         xw = xp.empty((B, H), dtype=self.dtype)
         tmp = xp.empty((B, H), dtype=self.dtype)
+        if B == 1:  # one sequence: a matrix-vector product (gemv) beats a one-row matrix product
+
+            def recur(k):
+                xp.dot(self.params[f"weight_hh_l{k}"], h[k, 0], out=tmp[0])  # W_hh h_{t-1}  (2.1)
+
+        else:
+
+            def recur(k):
+                xp.matmul(h[k], W_hhT[k], out=tmp)  # h_{t-1} W_hh^T                      (2.1)
 
         def step(x_t):
             for k in range(L):
-                if k == 0 and xp.issubdtype(x_t.dtype, xp.integer):
+                if k == 0 and x_t.dtype.kind in "iu":  # token ids
                     xp.take(table, x_t, axis=0, out=xw)  # x_t W_ih^T + b_ih + b_hh     (5.1)
                 else:
                     xp.matmul(x_t if k == 0 else h[k - 1], W_ihT[k], out=xw)  # (2.1)
                     if bias[k] is not None:
                         xp.add(xw, bias[k], out=xw)
-                xp.matmul(h[k], W_hhT[k], out=tmp)  # h_{t-1} W_hh^T                  (2.1)
+                recur(k)  # h_{t-1} W_hh^T                                            (2.1)
                 xp.add(xw, tmp, out=xw)  # a_t                                        (2.1)
                 act(xw, out=h[k])  # h_t = f(a_t)                                     (2.2)
             return h[L - 1]
