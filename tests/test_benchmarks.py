@@ -1,0 +1,89 @@
+"""Smoke test of benchmarks/bench_train.py: tiny sizes, one pair, the JSON's structure. No timing asserted."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("threadpoolctl")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_train.py"
+
+
+def run_bench(tmp_path, *flags):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONWARNINGS="error::UserWarning")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--json", str(out), *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def assert_summary(s, n):
+    assert set(s) == {"values", "median", "min", "max"}
+    assert len(s["values"]) == n
+    assert s["min"] <= s["median"] <= s["max"]
+    assert all(v > 0 for v in s["values"])
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    return run_bench(tmp_path_factory.mktemp("bench"))
+
+
+def test_meta(quick):
+    results, _ = quick
+    meta = results["meta"]
+    for key in ("date", "numpy", "torch", "cpu_model", "blas", "env", "config", "threads", "seconds"):
+        assert key in meta, key
+    assert meta["threads"] == 1 and meta["config"]["pairs"] == 1
+    assert "OPENBLAS_CORETYPE" in meta["env"] and "OPENBLAS_L2_SIZE" in meta["env"]
+    assert set(meta["sections"]) == {"train", "generate", "memory", "floor"}
+
+
+def test_train_and_generate(quick):
+    results, stdout = quick
+    for kind in ("scratch", "concise"):
+        train = results["train"][kind]
+        assert train["hidden"] == 16
+        for impl in ("npyrnn", "torch"):
+            assert_summary(train["tokens_per_s"][impl], 1)
+            assert len(train["perplexity"][impl]) == 1
+        assert_summary(train["ratio_npyrnn_over_torch"], 1)
+        gen = results["generate"][kind]
+        for impl in ("npyrnn", "torch"):
+            assert_summary(gen["chars_per_s"][impl], 1)
+        assert_summary(gen["ratio_npyrnn_over_torch"], 1)
+        assert isinstance(gen["same_text"], bool)
+    assert "TRAIN tokens/s" in stdout and "GENERATE chars/s" in stdout
+
+
+def test_memory(quick):
+    memory = quick[0]["memory"]
+    for which in ("npyrnn-scratch", "torch-scratch", "npyrnn-concise", "torch-concise"):
+        r = memory[which]
+        assert r["baseline_rss_kb"] > 0 and r["peak_rss_kb"] >= 0
+        assert isinstance(r["increase_kb"], int)
+    assert "method" in memory
+
+
+def test_floor(quick):
+    floor = quick[0]["floor"]
+    assert [p["calls"] for p in floor["products"]] == [5, 1, 1, 5, 1, 1]  # --quick: T = 5
+    assert floor["flops_per_minibatch"] == sum(p["flops"] for p in floor["products"])
+    assert_summary(floor["floor_seconds"], 1)
+    assert_summary(floor["ratio_npyrnn_over_floor"], 1)
+    assert set(floor["npyrnn_phase_seconds"]) == {"zero_grad", "forward", "loss", "backward", "clip", "sgd"}
+
+
+def test_only_one_section(tmp_path):
+    results, stdout = run_bench(tmp_path, "--only", "floor")
+    assert set(results) == {"meta", "floor"}
+    assert "FLOOR" in stdout and "TRAIN" not in stdout
