@@ -114,14 +114,14 @@ class RNNLM(Module):
         state : array, shape (num_layers*D, B, H)
             Final state, to carry into the next minibatch.
         """
-        xp = backend.get_array_module(self.params["linear.weight"])
-        if not hasattr(X, "ndim") or X.ndim != 2 or not xp.issubdtype(X.dtype, xp.integer):
+        if not hasattr(X, "ndim") or X.ndim != 2 or X.dtype.kind not in "iu":
             raise ValueError(
                 f"RNNLM.forward: expected integer token ids X of shape (B, T), "
                 f"got {shape_str(getattr(X, 'shape', ()))} {getattr(X, 'dtype', type(X).__name__)}"
             )
         B, T = X.shape
-        out, state = self.rnn.forward(X.T, state)  # (T, B, D*H): one-hot rows gathered  (5.1)
+        # out lives in the RNN's workspace: the output layer consumes it right away   (5.1)
+        out, state = self.rnn._forward(X.T, state, reuse=True)  # (T, B, D*H)
         logits = self.linear.forward(out.reshape(T * B, -1))  # (T*B, V)               (2.12)
         self._TB = (T, B)
         return logits, state
@@ -170,6 +170,8 @@ class RNNLM(Module):
         if self._TB is None:
             raise RuntimeError("RNNLM.backward called before forward; call forward first")
         T, B = self._TB
-        dout = self.linear.backward(dlogits)  # (T*B, D*H)                              (2.15)
+        xp = backend.get_array_module(dlogits)
+        dout = self._buffer("dout", (T * B, self.num_directions * self.num_hiddens), xp)
+        self.linear.backward(dlogits, out=dout)  # (T*B, D*H)                          (2.15)
         _, dstate0 = self.rnn.backward(dout.reshape(T, B, -1), dstate)
         return dstate0

@@ -67,6 +67,7 @@ class SGD:
         if not lr > 0:
             raise ValueError(f"SGD: lr must be positive, got {lr}")
         self.lr = lr
+        self._steps = {}  # id(param) -> buffer for lr * g
 
     def step(self, grads):
         """Apply one update with ``grads`` (same keys as ``params``, or the same order for lists)."""
@@ -82,4 +83,8 @@ class SGD:
         for p, g in pairs:
             if p.shape != g.shape:
                 raise ValueError(f"SGD.step: gradient of shape {g.shape} for a parameter of shape {p.shape}")
-            p -= self.lr * g  # (6.3)
+            step = self._steps.get(id(p))
+            if step is None or step.shape != p.shape or step.dtype != p.dtype:
+                step = self._steps[id(p)] = backend.get_array_module(p).empty_like(p)  # reused every step
+            backend.get_array_module(p).multiply(g, self.lr, out=step)
+            p -= step  # p <- p - lr * g                                                  (6.3)

@@ -70,12 +70,14 @@ class Linear(Module):
 
     __call__ = forward
 
-    def backward(self, dy):
+    def backward(self, dy, out=None):
         """Accumulate ``dW``, ``db``; return ``dx``.
 
         Parameters
         ----------
         dy : array, shape (N, out_features)
+        out : array, shape (N, in_features), optional
+            Where to write ``dx`` (a caller's reusable buffer); a new array when omitted.
 
         Returns
         -------
@@ -92,4 +94,4 @@ class Linear(Module):
         self.grads["weight"] += dy.T @ x  # dW = dy^T x, one product over all rows    (2.13)
         if self.bias:
             self.grads["bias"] += dy.sum(axis=0)  # db = sum_n dy_n                  (2.14)
-        return dy @ self.params["weight"]  # dx = dy W                               (2.15)
+        return backend.get_array_module(dy).matmul(dy, self.params["weight"], out=out)  # dx = dy W  (2.15)

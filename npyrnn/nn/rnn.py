@@ -105,21 +105,9 @@ class RNN(Module):
                     self._add_param(f"bias_ih_l{k}{suffix}", init_bias(rng, (H,), init, H))
                     self._add_param(f"bias_hh_l{k}{suffix}", init_bias(rng, (H,), init, H))
         self._cache = None
-        self._buffers = {}
 
     def _suffixes(self):
         return ("", "_reverse")[: self.num_directions]
-
-    def _scratch(self, name, shape, xp):
-        """A work buffer that never leaves backward, reused across calls of the same shape.
-
-        Fresh multi-megabyte arrays cost page faults on every minibatch; these
-        two (f'(a) and dL/da for all steps) are rewritten before each use.
-        """
-        buf = self._buffers.get(name)
-        if buf is None or buf.shape != shape or backend.get_array_module(buf) is not xp:
-            buf = self._buffers[name] = xp.empty(shape, dtype=self.dtype)
-        return buf
 
     def _bias_sum(self, k, suffix):
         """b_ih + b_hh of layer k: they always appear together in a_t (2.1)."""
@@ -152,7 +140,7 @@ class RNN(Module):
                 f"RNN.forward: x must be a {xp.__name__} array (the backend of the parameters), "
                 f"got {type(x).__name__}; convert it with npyrnn.backend.asarray"
             )
-        is_ids = xp.issubdtype(x.dtype, xp.integer)
+        is_ids = x.dtype.kind in "iu"  # integer token ids
         if is_ids:
             if x.ndim != 2:
                 raise ValueError(
@@ -197,6 +185,8 @@ class RNN(Module):
     def forward(self, x, h0=None):
         """Run the RNN over a whole sequence and cache what backward needs.
 
+        Every call returns new arrays (``out`` stays valid after later calls).
+
         Parameters
         ----------
         x : array, shape (T, B, I) float, or (T, B) integer token ids
@@ -214,7 +204,17 @@ class RNN(Module):
         h_n : array, shape (num_layers*D, B, H)
             Final state of every layer and direction (4.5).
         """
+        return self._forward(x, h0, reuse=False)
+
+    def _forward(self, x, h0, reuse):
+        """forward; with ``reuse`` the state buffers are this module's workspace.
+
+        Then ``out`` is overwritten by the next call: for callers that consume
+        it before calling again (``RNNLM``), it saves a multi-megabyte
+        allocation per minibatch.
+        """
         xp = backend.get_array_module(self.params["weight_hh_l0"])
+        self._cache = None
         x, is_ids = self._check_input(x, xp)
         T, B = x.shape[0], x.shape[1]
         H, D = self.hidden_size, self.num_directions
@@ -232,7 +232,8 @@ class RNN(Module):
                 W_hh = self.params[f"weight_hh_l{k}{suffix}"]  # (H, H)
                 reverse = d == 1
                 o, p = (0, 1) if reverse else (1, 0)
-                Hs = xp.empty((T + 1, B, H), dtype=self.dtype)
+                shape = (T + 1, B, H)
+                Hs = self._buffer(f"Hs{k}{suffix}", shape, xp) if reuse else xp.empty(shape, dtype=self.dtype)
                 A = Hs[o : o + T]  # (T, B, H): receives a_t, then h_t in place
                 # the input part of a_t for all T*B rows at once, written where h_t will go   (2.1)
                 if k == 0 and is_ids:  # one-hot rows: a gather from a (V, H) table   (5.1)
@@ -256,7 +257,9 @@ class RNN(Module):
             if D == 1:
                 inp = states[0][1:]  # the next layer's input, (T, B, H), a view       (4.1)
             else:  # [forward h_t ; reverse h_t]                                       (4.3)
-                inp = xp.concatenate((states[0][1:], states[1][:T]), axis=2)  # (T, B, 2H)
+                shape = (T, B, 2 * H)
+                cat = self._buffer(f"cat{k}", shape, xp) if reuse else xp.empty(shape, dtype=self.dtype)
+                inp = xp.concatenate((states[0][1:], states[1][:T]), axis=2, out=cat)  # (T, B, 2H)
         self._cache = (layers, is_ids, T, B)
         out = inp.swapaxes(0, 1) if self.batch_first else inp
         return out, h_n
@@ -372,14 +375,14 @@ class RNN(Module):
                 o, p = (0, 1) if reverse else (1, 0)
                 Y = Hs[o : o + T]  # h_t for every t, (T, B, H)
                 # f'(a_t) for every t at once, from the cached outputs
-                fprime = self._scratch("fprime", (T, B, H), xp)
+                fprime = self._buffer("fprime", (T, B, H), xp)
                 if relu:
                     xp.greater(Y, 0, out=fprime)  # relu'(a_t) = 1[h_t > 0]            (2.5b)
                 else:
                     xp.multiply(Y, Y, out=fprime)
                     xp.subtract(1, fprime, out=fprime)  # tanh'(a_t) = 1 - h_t^2          (2.5a)
                 # dA starts as this direction's share of dout and becomes dL/da_t   (4.4)
-                dA = self._scratch("dA", (T, B, H), xp)
+                dA = self._buffer("dA", (T, B, H), xp)
                 dA[...] = dY[:, :, d * H : (d + 1) * H]
                 carry = None if dh_n is None else dh_n[k * D + d]  # dL/dh_T from outside
                 step_carry = xp.empty((B, H), dtype=self.dtype)
@@ -394,19 +397,25 @@ class RNN(Module):
                 dA2 = dA.reshape(T * B, H)
                 prev = Hs[p : p + T].reshape(T * B, H)  # h_{t-1} for every t, in time order
                 g = self.grads
-                g[f"weight_hh_l{k}{suffix}"] += dA2.T @ prev  # sum_t da_t^T h_{t-1}     (2.7)
+                dW = self._buffer("dW_hh", (H, H), xp)  # a workspace: no 1 MB allocation per call
+                g[f"weight_hh_l{k}{suffix}"] += xp.matmul(dA2.T, prev, out=dW)  # sum_t da_t^T h_{t-1} (2.7)
                 if k == 0 and is_ids:  # sum_t da_t^T onehot(x_t): a scatter into columns (5.2)
                     g[f"weight_ih_l{k}{suffix}"] += _scatter_columns(inp.reshape(-1), dA2, self.input_size, xp)
                 else:
-                    g[f"weight_ih_l{k}{suffix}"] += dA2.T @ inp.reshape(T * B, -1)  # (2.8)
+                    dW = self._buffer(f"dW_ih{k}", W_ih.shape, xp)
+                    g[f"weight_ih_l{k}{suffix}"] += xp.matmul(dA2.T, inp.reshape(T * B, -1), out=dW)  # (2.8)
                 if self.bias:
                     db = dA2.sum(axis=0)  # sum over t and b                            (2.9)
                     g[f"bias_ih_l{k}{suffix}"] += db
                     g[f"bias_hh_l{k}{suffix}"] += db
                 if needs_dx:  # dL/dx_t = da_t W_ih, summed over directions         (2.10, 4.4)
-                    dx_d = (dA2 @ W_ih).reshape(T, B, -1)
-                    dX = dx_d if dX is None else dX + dx_d
-            dY = dX
+                    if dX is None:  # layer k-1's dout: workspace; the caller's dx: new
+                        shape = (T * B, W_ih.shape[1])
+                        dX = self._buffer(f"dX{k}", shape, xp) if k > 0 else xp.empty(shape, dtype=self.dtype)
+                        xp.matmul(dA2, W_ih, out=dX)
+                    else:
+                        dX += dA2 @ W_ih
+            dY = None if dX is None else dX.reshape(T, B, -1)
         dx = None if is_ids else (dY.swapaxes(0, 1) if self.batch_first else dY)
         return dx, dh0
 
