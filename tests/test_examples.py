@@ -14,7 +14,6 @@ from npyrnn.checkpoint import load_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TIMEMACHINE = Path(os.environ.get("NPYRNN_DATA_DIR", "/nonexistent")) / "timemachine.txt"
-pytestmark = pytest.mark.skipif(not TIMEMACHINE.is_file(), reason="timemachine.txt is not in NPYRNN_DATA_DIR")
 
 TINY = ["--epochs", "3", "--hidden", "16", "--max-tokens", "2000", "--batch-size", "4", "--num-steps", "8"]
 LAST_LINE = re.compile(r"perplexity (\d+\.\d), (\d+\.\d) tokens/s on numpy")
@@ -43,7 +42,7 @@ def test_train_example(tmp_path, name, kind):
     result = run_example(name, [*TINY, "--out", "run"], tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith(f"2000 tokens, vocabulary 28, ") and f"{kind} sampling, hidden 16" in lines[0]
+    assert lines[0].startswith("2000 tokens, vocabulary 28, ") and f"{kind} sampling, hidden 16" in lines[0]
     assert [line.split(":")[0] for line in lines[1:4]] == ["epoch 1", "epoch 2", "epoch 3"]
     assert LAST_LINE.fullmatch(lines[4]), lines[4]
     assert lines[5].startswith("time traveller") and len(lines[5]) == len("time traveller") + 50
