@@ -88,13 +88,15 @@ def load_checkpoint(path):
     path = Path(path)
     if path.is_dir():
         _fail(path, "is a directory; pass the model.safetensors file inside it")
-    if not path.is_file():
+    if not path.exists():
         _fail(path, "no such file; pass the model.safetensors written by `npyrnn train --out DIR`")
+    if not path.is_file():
+        _fail(path, "not a regular file; pass the model.safetensors written by `npyrnn train --out DIR`")
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:  # TypeError: a dtype numpy lacks (bf16)
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         _fail(path, f"not a readable safetensors file ({reason}); was it truncated or overwritten?")
     if metadata.get("format") != FORMAT:

@@ -3,7 +3,8 @@
 Bad input (a missing or non-UTF-8 corpus, one too short for the batch shape,
 bad flag values, an unreadable or mismatched checkpoint, an unusable backend)
 ends with one line on stderr, exit code 2, and nothing written. The run's
-files are written only after training has finished, each one atomically.
+four files are written together after training: staged in the output folder,
+then renamed into place, so a failure leaves the old ones (or none).
 """
 
 import argparse
@@ -156,6 +157,19 @@ def _check_out(out):
         raise UsageError(f"--out {str(out)!r}: {str(parent)!r} is a file, so no directory can be made there")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"--out {str(out)!r}: {str(parent)!r} is not writable; choose another directory")
+    for name in OUTPUT_FILES:
+        target = out / name
+        if target.exists() and not target.is_file():
+            raise UsageError(f"--out {str(out)!r}: {str(target)!r} exists and is not a file; remove it or choose another --out")
+
+
+def _finite(value):
+    """``value`` with nan and inf floats replaced by None, so that it is strict JSON."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
 
 
 def _plot(history, title):
@@ -180,12 +194,13 @@ def _plot(history, title):
 def cmd_train(args):
     backend = _use_backend(args)
     from npyrnn.checkpoint import checkpoint_bytes
-    from npyrnn.files import atomic_write_bytes
+    from npyrnn.files import write_files_together
     from npyrnn.models import RNNLM
-    from npyrnn.train import predict, train
+    from npyrnn.train import predict, split_prefix, train
 
     out = args.out or _default_out(args)
     _check_out(out)
+    split_prefix(args.prefix, args.token)  # an empty prefix fails now, not after training
     corpus, vocab, loader = _load_data(args)
     model = RNNLM(len(vocab), args.hidden, num_layers=args.layers, bidirectional=args.bidirectional,
                   nonlinearity=args.nonlinearity, dtype=args.dtype, init=args.init, seed=args.seed)
@@ -219,16 +234,13 @@ def cmd_train(args):
     writer.writerows(history)
     title = f"{args.corpus}: RNN h={args.hidden}, {'random' if args.random_iter else 'sequential'}"
 
-    # every file's bytes exist before the first is written: a failure cannot leave half a run
     files = {
         "model.safetensors": checkpoint_bytes(model, vocab, extra=settings),
         "metrics.csv": metrics.getvalue().encode(),
         "perplexity.png": _plot(history, title),
-        "summary.json": (json.dumps(summary, indent=2) + "\n").encode(),
+        "summary.json": (json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n").encode(),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        atomic_write_bytes(out / name, data)
+    write_files_together(out, files)  # all four or none
 
     for w in caught:
         print(f"npyrnn: warning: {w.message}", file=sys.stderr)

@@ -162,7 +162,7 @@ def _download(target_dir, note=""):
                 path=target_dir,
                 progressbar=False,
             )
-        except (OSError, ValueError) as exc:  # requests errors are OSErrors; a hash mismatch is a ValueError
+        except Exception as exc:  # requests errors, a sha1 mismatch (ValueError), an unsupported scheme...
             failures.append(f"{url}: {_short_reason(exc)}")
         else:
             return Path(path)

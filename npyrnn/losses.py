@@ -61,4 +61,7 @@ def softmax_cross_entropy(logits, targets):
 
 def perplexity(mean_loss):
     """``exp(mean cross-entropy)`` (1.5): 1 for a perfect model, V for a uniform guess."""
-    return math.exp(float(mean_loss))
+    try:
+        return math.exp(float(mean_loss))
+    except OverflowError:  # a diverged run: the loss is above ~709.78
+        return math.inf

@@ -103,7 +103,9 @@ class RNNLM(Module):
         Parameters
         ----------
         X : integer array, shape (B, T)
-            Token ids, batch-major as the data iterators yield them.
+            Token ids in [0, V), batch-major as the data iterators yield them.
+            The range is checked on NumPy; on CuPy it is not (that would cost
+            a host sync per minibatch), so out-of-range ids give wrong results.
         state : array, shape (num_layers*D, B, H), optional
             Initial state (zeros when omitted).
 
@@ -114,6 +116,8 @@ class RNNLM(Module):
         state : array, shape (num_layers*D, B, H)
             Final state, to carry into the next minibatch.
         """
+        self._TB = None  # a failed call must not leave the previous minibatch's shapes behind
+        self.linear._x = None
         if not hasattr(X, "ndim") or X.ndim != 2 or X.dtype.kind not in "iu":
             raise ValueError(
                 f"RNNLM.forward: expected integer token ids X of shape (B, T), "

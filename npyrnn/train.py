@@ -19,7 +19,7 @@ import warnings
 from tqdm.auto import tqdm
 
 from npyrnn import backend
-from npyrnn.losses import softmax_cross_entropy
+from npyrnn.losses import perplexity, softmax_cross_entropy
 from npyrnn.optim import SGD, clip_grad_norm
 
 
@@ -92,7 +92,7 @@ def train_epoch(model, data_iter, optimizer, clip=1.0, use_random_iter=False, on
         raise ValueError("train_epoch: the data iterator yielded no minibatch; use a longer corpus")
     mean_loss = float(loss_sum) / num_tokens  # the one host sync of the epoch
     seconds = time.perf_counter() - start
-    return math.exp(mean_loss), num_tokens / seconds
+    return perplexity(mean_loss), num_tokens / seconds
 
 
 def train(
@@ -164,12 +164,24 @@ def _choose(logits_row, temperature, top_k, rng):
     """
     xp = backend.get_array_module(logits_row)
     z = logits_row.astype("float64") / temperature
-    if top_k is not None and top_k < z.size:
-        kth = xp.sort(z)[-top_k]  # the k-th largest logit
-        z = xp.where(z < kth, -math.inf, z)
+    if top_k is not None and top_k < z.size:  # keep exactly k, ties at the k-th logit included
+        keep = xp.argpartition(z, -top_k)[-top_k:]
+        kept = xp.full_like(z, -math.inf)
+        kept[keep] = z[keep]
+        z = kept
     p = xp.exp(z - z.max())
     p = backend.to_numpy(p / p.sum())
     return int(rng.choice(p.size, p=p))
+
+
+def split_prefix(prefix, token="char"):
+    """The prefix as tokens (characters or words); ValueError when there are none."""
+    if not isinstance(prefix, str) or not prefix:
+        raise ValueError("predict: the prefix is empty; give at least one character, e.g. --prefix 'time traveller'")
+    tokens = list(prefix) if token == "char" else prefix.split()
+    if not tokens:
+        raise ValueError("predict: the prefix has no words; give at least one word")
+    return tokens
 
 
 def predict(prefix, num_preds, model, vocab, temperature=0.0, top_k=None, seed=None, token="char"):
@@ -191,7 +203,8 @@ def predict(prefix, num_preds, model, vocab, temperature=0.0, top_k=None, seed=N
         0 is greedy (argmax, as the seed); above 0 samples from
         ``softmax(logits / temperature)``.
     top_k : int, optional
-        Sample only among the k most likely tokens.
+        Sample only among the k most likely tokens (exactly k, also when
+        logits tie); needs ``temperature > 0``.
     seed : int, optional
         Seed of the sampling generator (host NumPy, so both backends agree).
     token : {'char', 'word'}, default 'char'
@@ -203,17 +216,15 @@ def predict(prefix, num_preds, model, vocab, temperature=0.0, top_k=None, seed=N
     str
         The prefix followed by the generated text.
     """
-    if not isinstance(prefix, str) or not prefix:
-        raise ValueError("predict: the prefix is empty; give at least one character, e.g. --prefix 'time traveller'")
+    tokens = split_prefix(prefix, token)
     if temperature is None or temperature < 0:
         raise ValueError(f"predict: temperature must be >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"predict: top_k must be a positive integer, got {top_k!r}")
+    if top_k is not None and not temperature:
+        raise ValueError("predict: top_k applies only when sampling; give a temperature above 0 (e.g. 1.0)")
     if not isinstance(num_preds, int) or num_preds < 0:
         raise ValueError(f"predict: num_preds must be a non-negative integer, got {num_preds!r}")
-    tokens = list(prefix) if token == "char" else prefix.split()
-    if not tokens:
-        raise ValueError("predict: the prefix has no words; give at least one word")
     unknown = list(dict.fromkeys(t for t in tokens if t not in vocab.token_to_idx))  # in order of appearance
     if unknown:
         warnings.warn(

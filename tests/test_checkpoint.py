@@ -360,3 +360,13 @@ def test_overwrite_replaces_content_with_usual_permissions(checkpoint):
     # not mkstemp's 0600: the mode a plain open() would have given
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
     assert sorted(os.listdir(path.parent)) == ["model.safetensors"]
+
+
+def test_a_dtype_numpy_cannot_read_is_one_clear_error(tmp_path):
+    """A safetensors file holding bfloat16 (written by hand: numpy has no bf16) is reported, not a traceback."""
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "bf16.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\x00\x00\x80\x3f")
+    with pytest.raises(CheckpointError, match=r"bf16.safetensors.*not a readable safetensors file"):
+        load_checkpoint(path)

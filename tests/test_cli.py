@@ -238,6 +238,7 @@ def bad_files(tmp_path):
     (tmp_path / "good.txt").write_text(TEXT, encoding="utf-8")
     (tmp_path / "a_file").write_text("not a directory\n")
     (tmp_path / "folder").mkdir()
+    (tmp_path / "runfolder" / "summary.json").mkdir(parents=True)
     (tmp_path / "garbage.safetensors").write_bytes(bytes(range(256)) * 8)
     return tmp_path
 
@@ -265,6 +266,9 @@ TRAIN_BAD = {
     "unknown-flag": (["--colour", "red"], "--colour"),
     "out-is-a-file": (["--out", "a_file"], "is a file"),
     "out-under-a-file": (["--out", "a_file/run"], "is a file"),
+    "empty-prefix": (["--prefix", ""], "prefix is empty"),
+    "blank-prefix-words": (["--token", "word", "--prefix", "   "], "no words"),
+    "output-name-is-a-folder": (["--out", "runfolder"], "is not a file"),
 }
 
 
@@ -281,6 +285,7 @@ def test_train_bad_input(bad_files, monkeypatch, capsys, change, words):
 GENERATE_BAD = {
     "temperature-negative": (["--temperature", "-1"], "--temperature"),
     "top-k-0": (["--top-k", "0"], "--top-k"),
+    "top-k-without-temperature": (["--top-k", "3"], "top_k applies only when sampling"),
     "length-negative": (["--length", "-5"], "--length"),
     "empty-prefix": (["--prefix", ""], "prefix is empty"),
     "missing-checkpoint": (["--checkpoint", "missing.safetensors"], "no such file"),
@@ -421,3 +426,60 @@ def test_console_script(tmp_path, trained):
     result = run_subprocess(["generate", "--checkpoint", "nope.safetensors"], tmp_path, executable=script)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "no such file" in result.stderr
+
+
+def test_empty_prefix_fails_before_training(bad_files, monkeypatch, capsys):
+    import npyrnn.train
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although the prefix was empty")
+
+    monkeypatch.setattr(npyrnn.train, "train", no_training)
+    monkeypatch.chdir(bad_files)
+    code, stdout, stderr = run(["train", *GOOD, "--prefix", ""], capsys)
+    assert_clean_failure(code, stdout, stderr, "prefix is empty")
+
+
+def test_diverged_run_writes_strict_json(tmp_path, corpus, capsys):
+    """An overflowing loss gives perplexity inf or nan: no traceback, and summary.json stays strict JSON."""
+    out = tmp_path / "run"
+    code = main(["train", "--corpus", str(corpus), *SMALL, "--epochs", "3", "--lr", "1e38", "--clip", "1e38",
+                 "--quiet", "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert re.fullmatch(r"perplexity (nan|inf), \d+\.\d tokens/s on numpy", stdout.strip())
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert summary["perplexity"] is None
+
+
+def test_a_failed_write_leaves_the_previous_run(tmp_path, corpus, capsys, monkeypatch):
+    out = tmp_path / "run"
+    args = ["train", "--corpus", str(corpus), *SMALL, "--epochs", "1", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    before = {name: (out / name).read_bytes() for name in OUTPUT_FILES}
+    capsys.readouterr()
+    real_fsync, calls = os.fsync, []
+
+    def failing_fsync(fd):
+        calls.append(fd)
+        if len(calls) == 3:  # the third of the four staged files
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    code = main([*args, "--epochs", "2"])  # later flags win: a different run into the same folder
+    err = capsys.readouterr().err
+    assert code == 2 and "No space left on device" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)  # no staging folder left
+    assert {name: (out / name).read_bytes() for name in OUTPUT_FILES} == before
+
+
+def test_a_failed_first_write_leaves_no_folder(tmp_path, corpus, capsys, monkeypatch):
+    out = tmp_path / "new" / "run"
+
+    def failing_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    code = main(["train", "--corpus", str(corpus), *SMALL, "--epochs", "1", "--quiet", "--out", str(out)])
+    assert code == 2 and not out.exists()

@@ -93,7 +93,6 @@ def test_rnnlm_gradients_match_autograd(cfg, timemachine, xp):
         assert err <= 1e-10, name
     assert rel_err(dstate0, st.grad.numpy()) <= 1e-10
     assert set(model.grads) == set(dict(net.named_parameters()))
-    assert Y.shape == X.shape
 
 
 def torch_train(net, batches, lr, clip, use_random_iter):
@@ -193,9 +192,31 @@ def test_predict_sampling_and_errors(timemachine):
         predict("a", 10, model, vocab, temperature=-1)
     with pytest.raises(ValueError, match="top_k must be a positive integer"):
         predict("a", 10, model, vocab, temperature=1, top_k=0)
+    with pytest.raises(ValueError, match="top_k applies only when sampling"):
+        predict("a", 10, model, vocab, top_k=3)
     with pytest.warns(UserWarning, match="map to <unk>: 'T', '!'"):
         out = predict("Time!", 5, model, vocab)
     assert out.startswith("Time!") and len(out.replace('<unk>', '?')) == 10
+
+
+def test_top_k_keeps_exactly_k_even_with_ties():
+    from npyrnn.train import _choose
+
+    logits = np.array([3.0, 1.0, 1.0, 1.0, 0.0])  # k=2 must keep index 0 and ONE of the tied 1.0s
+    rng = np.random.default_rng(0)
+    seen = {_choose(logits, 1.0, 2, rng) for _ in range(400)}
+    assert 0 in seen and len(seen) == 2 and seen <= {0, 1, 2, 3}
+
+
+def test_failed_forward_leaves_no_stale_state():
+    model = RNNLM(28, 8, dtype="float64", seed=0)
+    X = np.zeros((2, 3), dtype=np.int64)
+    logits, _ = model.forward(X)
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        model.forward(np.full((2, 3), 99, dtype=np.int64))
+    with pytest.raises(RuntimeError, match="before forward"):
+        model.backward(np.ones_like(logits))
+    assert all(not g.any() for g in model.grads.values()), "a failed forward's backward touched the gradients"
 
 
 def test_rnnlm_bad_input():

@@ -106,6 +106,31 @@ def test_gradients_match_autograd_float64(case, xp):
         assert err <= 1e-10, f"dx: relative error {err:.2e}"
 
 
+DH_N_NONE_GRID = list(itertools.product([1, 2, 3], [False, True], [False, True], [1, 7], ["tanh", "relu"]))
+
+
+@pytest.mark.parametrize("L,bi,bf,T,nl", DH_N_NONE_GRID)
+def test_gradients_without_dh_n_match_autograd(L, bi, bf, T, nl, xp):
+    """backward(dout) alone: the carried gradient starts from nothing, not from dh_n."""
+    rng = np.random.default_rng(L * 100 + T)
+    B = 3
+    rnn = RNN(I, H, L, nl, True, bi, bf, dtype="float64", init="uniform", seed=4)
+    D = 2 if bi else 1
+    x = make_input(rng, False, T, B, bf, "float64")
+    dout = rng.standard_normal((B, T, D * H) if bf else (T, B, D * H))
+    out, _ = rnn.forward(xp.asarray(x))
+    dx, dh0 = rnn.backward(xp.asarray(dout))
+    net = torch_twin(rnn)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    h0t = torch.zeros(L * D, B, H, dtype=torch.float64, requires_grad=True)
+    out_t, _ = net(xt, h0t)
+    (out_t * torch.from_numpy(dout)).sum().backward()
+    for name, p in net.named_parameters():
+        assert rel_err(rnn.grads[name], p.grad.numpy()) <= 1e-10, name
+    assert rel_err(dx, xt.grad.numpy()) <= 1e-10
+    assert rel_err(dh0, h0t.grad.numpy()) <= 1e-10
+
+
 FORWARD_GRID = list(itertools.product([1, 2], [False, True], ["tanh", "relu"], [False, True], ["float32", "float64"]))
 
 
@@ -309,10 +334,11 @@ def test_both_scatter_paths_match_autograd(vocab, xp):
         assert rel_err(rnn.grads[n], p.grad.numpy()) <= 1e-10, n
 
 
+@pytest.mark.parametrize("B", [1, 3], ids=["one-sequence-gemv", "batch"])
 @pytest.mark.parametrize("L,nl,ids,bias", [(1, "tanh", True, True), (3, "relu", True, False), (2, "tanh", False, True)])
-def test_stepper_equals_forward(L, nl, ids, bias, xp):
+def test_stepper_equals_forward(L, nl, ids, bias, B, xp):
     rng = np.random.default_rng(6)
-    T, B = 7, 3
+    T = 7
     rnn = RNN(I, H, num_layers=L, nonlinearity=nl, bias=bias, dtype="float64", init="uniform", seed=8)
     x = make_input(rng, ids, T, B, False, "float64")
     h0 = rng.standard_normal((L, B, H))
