@@ -62,7 +62,10 @@ def _add_model_flags(p, hidden=512, gradcheck=False):
     g.add_argument("--init", choices=("normal", "uniform"), default="uniform" if gradcheck else "normal",
                    help="normal: N(0, 0.01^2) weights, zero biases (the seed); uniform: torch's default "
                         "(default %(default)s)")
-    if not gradcheck:  # gradcheck always runs in float64
+    if gradcheck:  # accepted like train's model flags, but finite differences need float64
+        g.add_argument("--dtype", choices=("float32", "float64"), default="float64",
+                       help="ignored: the check always runs in float64 (float32 cannot resolve the differences)")
+    else:
         g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of weights and minibatch order")
     g.add_argument("--backend", choices=("numpy", "cupy"), default=None,
