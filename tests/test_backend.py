@@ -118,3 +118,13 @@ def test_import_npyrnn_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_take_rows_gathers_into_out(xp):
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((7, 3))
+    ids = rng.integers(0, 7, size=(4, 5))
+    out = xp.empty((4, 5, 3))
+    result = backend.take_rows(xp.asarray(table), xp.asarray(ids), out=out)
+    assert result is out
+    np.testing.assert_array_equal(backend.to_numpy(out), table[ids])

@@ -242,7 +242,7 @@ class RNN(Module):
                 A = Hs[o : o + T]  # (T, B, H): receives a_t, then h_t in place
                 # the input part of a_t for all T*B rows at once, written where h_t will go   (2.1)
                 if k == 0 and is_ids:  # one-hot rows: a gather from a (V, H) table   (5.1)
-                    xp.take(self._input_table(k, suffix, xp), inp, axis=0, out=A)
+                    backend.take_rows(self._input_table(k, suffix, xp), inp, out=A)
                 else:
                     xp.matmul(inp.reshape(T * B, -1), W_ih.T, out=A.reshape(T * B, H))
                     if self.bias:
@@ -295,7 +295,10 @@ class RNN(Module):
         if self.bidirectional:
             raise ValueError("RNN.stepper: a bidirectional RNN cannot run one step at a time; use forward")
         xp = backend.get_array_module(self.params["weight_hh_l0"])
-        self._check_state("h", h, getattr(h, "shape", (0, 0))[1] if getattr(h, "ndim", 0) == 3 else -1, xp)
+        if getattr(h, "ndim", 0) != 3:
+            raise ValueError(f"RNN.stepper: expected h of shape (num_layers, B, {self.hidden_size}), "
+                             f"got {shape_str(getattr(h, 'shape', ()))}")
+        self._check_state("h", h, h.shape[1], xp)
         act = xp.tanh if self.nonlinearity == "tanh" else _relu(xp)
         L, B, H = self.num_layers, h.shape[1], self.hidden_size
         table = self._input_table(0, "", xp)  # (I, H) rows: onehot(v) W_ih^T + b   (5.1)
@@ -317,7 +320,7 @@ class RNN(Module):
         def step(x_t):
             for k in range(L):
                 if k == 0 and x_t.dtype.kind in "iu":  # token ids
-                    xp.take(table, x_t, axis=0, out=xw)  # x_t W_ih^T + b_ih + b_hh     (5.1)
+                    backend.take_rows(table, x_t, out=xw)  # x_t W_ih^T + b_ih + b_hh   (5.1)
                 else:
                     xp.matmul(x_t if k == 0 else h[k - 1], W_ihT[k], out=xw)  # (2.1)
                     if bias[k] is not None:
