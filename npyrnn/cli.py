@@ -136,11 +136,12 @@ def _use_backend(args):
 
 
 def _load_data(args):
+    from npyrnn import backend
     from npyrnn.data import SeqDataLoader, load_corpus
 
     max_tokens = args.max_tokens or None
     corpus, vocab = load_corpus(args.corpus, token=args.token, max_tokens=max_tokens, raw=args.raw)
-    rng = __import__("numpy").random.default_rng(args.seed)
+    rng = backend.default_rng(args.seed)  # a host numpy Generator: the same batches on either backend
     loader = SeqDataLoader(corpus, args.batch_size, args.num_steps, use_random_iter=args.random_iter, rng=rng)
     return corpus, vocab, loader
 

@@ -72,8 +72,3 @@ def atomic_write_bytes(path, data):
     if not path.parent.is_dir():
         raise FileNotFoundError(2, "No such directory", str(path.parent))
     write_files_together(path.parent, {path.name: data})
-
-
-def atomic_write_text(path, text):
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
