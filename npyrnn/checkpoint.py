@@ -20,15 +20,12 @@ from safetensors.numpy import load_file, save
 
 from npyrnn import backend
 from npyrnn.data import Vocab
+from npyrnn.errors import CheckpointError
 from npyrnn.files import atomic_write_bytes
 from npyrnn.models import RNNLM
 
 FORMAT = "npyrnn.rnnlm"
 FORMAT_VERSION = "1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, or does not match what it claims to hold."""
 
 
 def checkpoint_bytes(model, vocab, extra=None):

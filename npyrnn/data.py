@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy
 
 from npyrnn import backend
+from npyrnn.errors import DataError
 
 __all__ = [
     "DataError",
@@ -78,13 +79,6 @@ _GUTENBERG_END = re.compile(r"^[ \t]*\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG
 _NOT_LETTERS = re.compile("[^A-Za-z]+")
 _RAW_WORD = re.compile(r"\S+|\n")  # raw word tokens: whitespace-separated words, and each newline
 TOKEN_KINDS = ("char", "word")
-
-
-class DataError(ValueError):
-    """Bad data input: a missing or unreadable corpus, impossible batch sizes, a failed download.
-
-    The message is one line that says what is wrong and how to fix it.
-    """
 
 
 # --------------------------------------------------------------------------- files
