@@ -7,7 +7,7 @@ greedily (``temperature=0``, d2l's ``predict_ch8``) or by drawing from
 ``softmax(logits / temperature)`` restricted to the ``top_k`` likeliest
 characters, reproducibly from a seed.
 
-Run it after one of the training examples::
+Run it after one of the training examples:
 
     python examples/train_sequential.py --epochs 50 --hidden 128
     python examples/generate.py --checkpoint runs/example-sequential/model.safetensors --prefix "time traveller"

@@ -9,7 +9,7 @@ script trains a tiny model on The Time Machine and prints where its weights
 live. ``backend.set_backend('numpy')`` switches at run time; with cupy present
 the script also checks that one seed gives the same initial weights on both.
 
-Run it::
+Run it:
 
     python examples/switch_backend.py                       # NumPy
     NPYRNN_BACKEND=cupy python examples/switch_backend.py   # CuPy (pip install npyrnn[gpu])

@@ -8,7 +8,7 @@ reaches a perplexity of about 1.3 this way (about 1.0 sequentially).
 Everything else (flags, defaults: hidden 512, 500 epochs, lr 1, batch 32,
 35 steps) is ``train_sequential.py``'s.
 
-Run it::
+Run it:
 
     python examples/train_random.py                          # d2l's settings
     python examples/train_random.py --epochs 20 --hidden 64  # a quick look

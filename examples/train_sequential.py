@@ -9,7 +9,7 @@ state is carried from one minibatch to the next (its gradient is cut).
 d2l reaches a perplexity of about 1.0.
 
 Run it (about two minutes on a 2-core CPU: the same settings took 107 s through
-`npyrnn train` on this project's machine, see the README)::
+`npyrnn train` on this project's machine, see the README):
 
     python examples/train_sequential.py                         # d2l's settings
     NPYRNN_BACKEND=cupy python examples/train_sequential.py     # the same on a GPU

@@ -2,13 +2,14 @@
 
 Submodules load on first use (``npyrnn.backend``, ``npyrnn.nn``, ``npyrnn.data``, ...).
 The backend is chosen when ``npyrnn.backend`` is first imported, from
-``NPYRNN_BACKEND``; a bad value raises :class:`npyrnn.errors.BackendError` there.
+``NPYRNN_BACKEND``; a bad value raises `npyrnn.errors.BackendError` there.
 """
 
 import importlib
 
 __version__ = "0.1.0"
-_SUBMODULES = ("backend", "nn", "losses", "optim", "data", "models", "train", "checkpoint", "gradcheck", "cli", "errors", "files")
+_SUBMODULES = ("backend", "nn", "losses", "optim", "data", "models", "train", "checkpoint", "gradcheck", "cli", "errors", "files",
+               "generate", "runs")
 __all__ = [*_SUBMODULES, "__version__"]
 
 

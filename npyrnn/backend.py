@@ -1,16 +1,18 @@
 """The one place that chooses NumPy or CuPy.
 
 Every compute module asks this module for its array module instead of importing
-numpy or cupy itself::
+numpy or cupy itself:
 
-    from npyrnn import backend
-    xp = backend.xp                      # the active array module
-    xp = backend.get_array_module(a)     # the module that owns array ``a``
+```python
+from npyrnn import backend
+xp = backend.xp                      # the active array module
+xp = backend.get_array_module(a)     # the module that owns array `a`
+```
 
 The backend is chosen at import from the environment variable
 ``NPYRNN_BACKEND`` (``numpy``, the default, or ``cupy``) and can be switched at
-run time with :func:`set_backend`. Arrays made before a switch stay where they
-are; move them with :func:`asarray` (to the active backend) or :func:`to_numpy`
+run time with `set_backend`. Arrays made before a switch stay where they
+are; move them with `asarray` (to the active backend) or `to_numpy`
 (to the host).
 
 Attributes

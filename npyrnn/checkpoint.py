@@ -29,7 +29,7 @@ FORMAT_VERSION = "1"
 
 
 def checkpoint_bytes(model, vocab, extra=None):
-    """The bytes of a checkpoint of ``model`` and ``vocab`` (what :func:`save_checkpoint` writes)."""
+    """The bytes of a checkpoint of ``model`` and ``vocab`` (what `save_checkpoint` writes)."""
     tensors = {k: numpy.ascontiguousarray(backend.to_numpy(v)) for k, v in model.state_dict().items()}
     metadata = {
         "format": FORMAT,
@@ -61,7 +61,7 @@ def _fail(path, what):
 
 
 def load_checkpoint(path):
-    """Read a checkpoint written by :func:`save_checkpoint` onto the active backend.
+    """Read a checkpoint written by `save_checkpoint` onto the active backend.
 
     Parameters
     ----------

@@ -1,29 +1,23 @@
-"""``npyrnn train | generate | gradcheck`` (also ``python -m npyrnn``).
+"""`npyrnn train | generate | gradcheck` (also `python -m npyrnn`): the arguments, and nothing else.
 
-Bad input (a missing or non-UTF-8 corpus, one too short for the batch shape,
-bad flag values, an unreadable or mismatched checkpoint, an unusable backend)
-ends with one line on stderr, exit code 2, and nothing written. The run's
-four files are written together after training: staged in the output folder,
-then renamed into place, so a failure leaves the old ones (or none).
+This module parses flags and calls the library: the model is built from flags in one place
+(`build_model`), the run folder is written by `npyrnn.runs`, generation is
+`npyrnn.generate.predict`, the gradient check `npyrnn.gradcheck.check_model`.
+
+Bad input (a missing or non-UTF-8 corpus, one too short for the batch shape, bad flag
+values, an unreadable or mismatched checkpoint, an unusable backend) raises an
+`npyrnn.errors.NpyrnnError`; `main` prints it as one line on stderr and exits with 2, as it
+does for `OSError` and `MemoryError`. Any other exception is a bug and shows its traceback.
 """
 
 import argparse
-import csv
-import io
-import json
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from npyrnn.errors import BackendError
-
-OUTPUT_FILES = ("model.safetensors", "metrics.csv", "perplexity.png", "summary.json")
-
-
-class UsageError(ValueError):
-    """A flag combination that argparse cannot check on its own."""
+from npyrnn.errors import NpyrnnError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,7 +54,7 @@ def _add_model_flags(p, hidden=512, gradcheck=False):
     g.add_argument("--bidirectional", action="store_true", help="read each window in both directions")
     g.add_argument("--nonlinearity", choices=("tanh", "relu"), default="tanh")
     g.add_argument("--init", choices=("normal", "uniform"), default="uniform" if gradcheck else "normal",
-                   help="normal: N(0, 0.01^2) weights, zero biases (the seed); uniform: torch's default "
+                   help="normal: N(0, 0.01^2) weights, zero biases (d2l's scratch model); uniform: torch's default "
                         "(default %(default)s)")
     if gradcheck:  # accepted like train's model flags, but finite differences need float64
         g.add_argument("--dtype", choices=("float32", "float64"), default="float64",
@@ -80,7 +74,7 @@ def _add_data_flags(p):
                    help="use the first N tokens of the corpus; 0 for all (default %(default)s)")
     g.add_argument("--token", choices=("char", "word"), default="char")
     g.add_argument("--raw", action="store_true",
-                   help="keep every character (default: letters only, lower case, as the seed)")
+                   help="keep every character (default: letters only, lower case, as d2l)")
     g.add_argument("--batch-size", type=positive_int, default=32)
     g.add_argument("--num-steps", type=positive_int, default=35, help="BPTT window T (default %(default)s)")
     g.add_argument("--random-iter", action="store_true", help="random minibatches (state reset each one)")
@@ -151,63 +145,38 @@ def _default_out(args):
     return Path("runs") / f"{name}-h{args.hidden}-{'random' if args.random_iter else 'sequential'}"
 
 
-def _check_out(out):
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} is a file; give a directory (it is created if missing)")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"--out {str(out)!r}: {str(parent)!r} is a file, so no directory can be made there")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"--out {str(out)!r}: {str(parent)!r} is not writable; choose another directory")
-    for name in OUTPUT_FILES:
-        target = out / name
-        if target.exists() and not target.is_file():
-            raise UsageError(f"--out {str(out)!r}: {str(target)!r} exists and is not a file; remove it or choose another --out")
+def build_model(args, vocab_size, dtype=None):
+    """The language model that the model flags describe (the one place that builds it from flags)."""
+    from npyrnn.models import RNNLM
+
+    return RNNLM(vocab_size, args.hidden, num_layers=args.layers, bidirectional=args.bidirectional,
+                 nonlinearity=args.nonlinearity, dtype=dtype or args.dtype, init=args.init, seed=args.seed)
 
 
-def _finite(value):
-    """``value`` with nan and inf floats replaced by None, so that it is strict JSON."""
-    if isinstance(value, float):
-        return value if value == value and abs(value) != float("inf") else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value
-
-
-def _plot(history, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.plot([r["epoch"] for r in history], [r["perplexity"] for r in history])
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("perplexity")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+def _settings(args, corpus, vocab):
+    """Every setting of a training run, as stored in the checkpoint and summary.json."""
+    return {
+        "corpus": args.corpus, "token": args.token, "raw": args.raw, "max_tokens": args.max_tokens,
+        "num_tokens": int(len(corpus)), "vocab_size": len(vocab), "hidden": args.hidden, "layers": args.layers,
+        "bidirectional": args.bidirectional, "nonlinearity": args.nonlinearity, "init": args.init,
+        "dtype": args.dtype, "epochs": args.epochs, "lr": args.lr, "clip": args.clip,
+        "batch_size": args.batch_size, "num_steps": args.num_steps, "random_iter": args.random_iter,
+        "seed": args.seed,
+    }
 
 
 def cmd_train(args):
     backend = _use_backend(args)
+    from npyrnn import runs
     from npyrnn.checkpoint import checkpoint_bytes
-    from npyrnn.files import write_files_together
-    from npyrnn.models import RNNLM
-    from npyrnn.train import predict, split_prefix, train
+    from npyrnn.generate import predict, split_prefix
+    from npyrnn.train import train
 
     out = args.out or _default_out(args)
-    _check_out(out)
+    runs.check_out_dir(out)
     split_prefix(args.prefix, args.token)  # an empty prefix fails now, not after training
     corpus, vocab, loader = _load_data(args)
-    model = RNNLM(len(vocab), args.hidden, num_layers=args.layers, bidirectional=args.bidirectional,
-                  nonlinearity=args.nonlinearity, dtype=args.dtype, init=args.init, seed=args.seed)
+    model = build_model(args, len(vocab))
     progress = False if args.quiet else None
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -220,38 +189,25 @@ def cmd_train(args):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         samples = {p: predict(p, 50, model, vocab, token=args.token) for p in (args.prefix, "traveller")}
-    settings = {
-        "corpus": args.corpus, "token": args.token, "raw": args.raw, "max_tokens": args.max_tokens,
-        "num_tokens": int(len(corpus)), "vocab_size": len(vocab), "hidden": args.hidden, "layers": args.layers,
-        "bidirectional": args.bidirectional, "nonlinearity": args.nonlinearity, "init": args.init,
-        "dtype": args.dtype, "epochs": args.epochs, "lr": args.lr, "clip": args.clip,
-        "batch_size": args.batch_size, "num_steps": args.num_steps, "random_iter": args.random_iter,
-        "seed": args.seed,
-    }
+    settings = _settings(args, corpus, vocab)
     summary = {
         "perplexity": last["perplexity"], "tokens_per_s": last["tokens_per_s"], "epochs": args.epochs,
         "seconds": seconds, "backend": backend.name, **settings, "samples": samples,
     }
-    metrics = io.StringIO()
-    writer = csv.DictWriter(metrics, fieldnames=["epoch", "perplexity", "tokens_per_s"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
     title = f"{args.corpus}: RNN h={args.hidden}, {'random' if args.random_iter else 'sequential'}"
-
-    files = {
+    runs.write_run(out, {  # all four or none
         "model.safetensors": checkpoint_bytes(model, vocab, extra=settings),
-        "metrics.csv": metrics.getvalue().encode(),
-        "perplexity.png": _plot(history, title),
-        "summary.json": (json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n").encode(),
-    }
-    write_files_together(out, files)  # all four or none
+        "metrics.csv": runs.metrics_csv(history),
+        "perplexity.png": runs.plot_png(history, title),
+        "summary.json": runs.summary_json(summary),
+    })
 
     for w in caught:
         print(f"npyrnn: warning: {w.message}", file=sys.stderr)
     if not args.quiet:
         for text in samples.values():
             print(text)
-        print(f"wrote {', '.join(OUTPUT_FILES)} to {out}")
+        print(f"wrote {', '.join(runs.OUTPUT_FILES)} to {out}")
     print(f"perplexity {last['perplexity']:.1f}, {last['tokens_per_s']:.1f} tokens/s on {backend.name}")
     return 0
 
@@ -259,7 +215,7 @@ def cmd_train(args):
 def cmd_generate(args):
     _use_backend(args)
     from npyrnn.checkpoint import load_checkpoint
-    from npyrnn.train import predict
+    from npyrnn.generate import predict
 
     model, vocab, extra = load_checkpoint(args.checkpoint)
     with warnings.catch_warnings(record=True) as caught:
@@ -274,24 +230,12 @@ def cmd_generate(args):
 
 def cmd_gradcheck(args):
     backend = _use_backend(args)
-    from npyrnn.gradcheck import directional_check
-    from npyrnn.losses import softmax_cross_entropy
-    from npyrnn.models import RNNLM
+    from npyrnn.gradcheck import check_model
 
     _, vocab, loader = _load_data(args)
     X, Y = next(iter(loader))
-    model = RNNLM(len(vocab), args.hidden, num_layers=args.layers, bidirectional=args.bidirectional,
-                  nonlinearity=args.nonlinearity, dtype="float64", init=args.init, seed=args.seed)
-    state = model.begin_state(X.shape[0])
-    state += 0.1 * backend.asarray(backend.default_rng(args.seed).standard_normal(state.shape))
-    y = Y.T.reshape(-1)
-
-    def loss():
-        return float(softmax_cross_entropy(model.forward(X, state)[0], y)[0])
-
-    logits, _ = model.forward(X, state)
-    model.backward(softmax_cross_entropy(logits, y)[1])
-    errors = directional_check(loss, model.params, model.grads, num_directions=args.directions)
+    model = build_model(args, len(vocab), dtype="float64")  # finite differences need float64
+    errors = check_model(model, X, Y, num_directions=args.directions, seed=args.seed)
     width = max(map(len, errors))
     for name, err in errors.items():
         print(f"{name:<{width}}  {err:.3e}")
@@ -308,7 +252,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (BackendError, ValueError, OSError) as exc:
+    except (NpyrnnError, OSError) as exc:
         if os.environ.get("NPYRNN_DEBUG"):
             raise
         message = " ".join(str(exc).split()) or exc.__class__.__name__

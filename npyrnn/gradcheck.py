@@ -75,3 +75,41 @@ def directional_check(loss_fn, params, grads, num_directions=2, eps=1e-5, seed=0
             worst = max(worst, relative_error(numeric, analytic))
         errors[name] = worst
     return errors
+
+
+def check_model(model, X, Y, num_directions=2, seed=0, eps=1e-5):
+    """The gradient check of `npyrnn gradcheck`: a language model's hand gradient on one minibatch.
+
+    The loss is the mean cross-entropy of `model` on `X -> Y`, from a random initial state
+    (N(0, 0.1^2), so that the recurrent weights also act on the first step). The hand
+    gradient comes from `model.backward`; each parameter is then compared with central
+    differences along `num_directions` directions (`directional_check`). Use a float64 model.
+
+    Parameters
+    ----------
+    model : RNNLM
+        Its gradients are overwritten; its parameters end as they started.
+    X, Y : integer arrays, shape (B, T), on the model's backend
+    num_directions : int, default 2
+    seed : int, default 0
+        Seed of the initial state and of the directions.
+    eps : float, default 1e-5
+
+    Returns
+    -------
+    errors : dict
+        `{parameter name: largest relative error (7.2)}`.
+    """
+    from npyrnn.losses import softmax_cross_entropy
+
+    state = model.begin_state(X.shape[0])
+    state += 0.1 * backend.asarray(backend.default_rng(seed).standard_normal(state.shape), dtype=state.dtype)
+    y = Y.T.reshape(-1)  # time-major targets, matching the logits' rows
+
+    def loss():
+        return float(softmax_cross_entropy(model.forward(X, state)[0], y)[0])
+
+    model.zero_grad()
+    logits, _ = model.forward(X, state)
+    model.backward(softmax_cross_entropy(logits, y)[1])
+    return directional_check(loss, model.params, model.grads, num_directions=num_directions, eps=eps, seed=seed)

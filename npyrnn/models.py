@@ -1,8 +1,8 @@
 """RNNLM: token ids -> RNN -> Linear -> logits, with a hand-written backward.
 
-The npyrnn twin of d2l's ``RNNModel`` ("concise RNN", chapter 8) and of
-``RNNModelScratch``: the one-hot input is a row gather (5.1), the output layer
-one matrix product over all T*B rows (2.12).
+The npyrnn twin of d2l's `RNNModel` ("concise RNN", chapter 8) and of d2l's scratch
+model `RNNModelScratch`: the one-hot input is a row gather (5.1), the output layer one
+matrix product over all T*B rows (2.12).
 """
 
 from npyrnn import backend
@@ -28,7 +28,7 @@ class RNNLM(Module):
     nonlinearity : {'tanh', 'relu'}, default 'tanh'
     dtype : {'float32', 'float64'}, default 'float32'
     init : {'normal', 'uniform'}, default 'normal'
-        See :class:`npyrnn.nn.RNN`; the output layer uses the same scheme.
+        See `npyrnn.nn.RNN`; the output layer uses the same scheme.
     seed : int or None
         One seed for all parameters (the RNN and the output layer draw from
         independent streams spawned from it).
@@ -64,6 +64,7 @@ class RNNLM(Module):
             dtype=dtype,
             init=init,
             seed=int(seeds[0]),
+            reuse_buffers=True,  # out is consumed by the output layer before the next call
         )
         self.vocab_size = vocab_size
         self.num_hiddens = num_hiddens
@@ -93,9 +94,8 @@ class RNNLM(Module):
 
     def begin_state(self, batch_size):
         """Zero initial state, shape (num_layers*D, batch_size, H), on the parameters' backend."""
-        xp = backend.get_array_module(self.params["linear.weight"])
         shape = (self.rnn.num_layers * self.num_directions, batch_size, self.num_hiddens)
-        return xp.zeros(shape, dtype=self.dtype)
+        return self.xp.zeros(shape, dtype=self.dtype)
 
     def forward(self, X, state=None):
         """Logits for every position of a minibatch.
@@ -117,15 +117,14 @@ class RNNLM(Module):
             Final state, to carry into the next minibatch.
         """
         self._TB = None  # a failed call must not leave the previous minibatch's shapes behind
-        self.linear._x = None
         if not hasattr(X, "ndim") or X.ndim != 2 or X.dtype.kind not in "iu":
             raise ValueError(
                 f"RNNLM.forward: expected integer token ids X of shape (B, T), "
                 f"got {shape_str(getattr(X, 'shape', ()))} {getattr(X, 'dtype', type(X).__name__)}"
             )
         B, T = X.shape
-        # out lives in the RNN's workspace: the output layer consumes it right away   (5.1)
-        out, state = self.rnn._forward(X.T, state, reuse=True)  # (T, B, D*H)
+        # out lives in the RNN's workspace (reuse_buffers): the output layer consumes it right away
+        out, state = self.rnn.forward(X.T, state)  # (T, B, D*H)                       (5.1)
         logits = self.linear.forward(out.reshape(T * B, -1))  # (T*B, V)               (2.12)
         self._TB = (T, B)
         return logits, state
@@ -137,22 +136,30 @@ class RNNLM(Module):
 
         Parameters
         ----------
-        state : array, shape (num_layers, B, H)
-            Updated in place by every call. Unidirectional models only.
+        state : array, shape (num_layers*D, B, H)
+            Updated in place by every call.
 
         Returns
         -------
         step : callable
-            ``step(ids) -> logits`` with ids of shape (B,) and logits (B, V).
-            Uses the weights as they are now.
+            `step(ids) -> logits` with ids of shape (B,) on the model's backend and logits
+            (B, V). It uses the weights as they are now. A unidirectional model advances one
+            step without allocating or checking; a bidirectional one has no step-by-step
+            form, so each call runs `forward` on the single token (correct, but slower).
         """
+        if self.rnn.bidirectional:
+
+            def step(ids):
+                logits, new_state = self.forward(ids[:, None], state)  # (B, V)
+                state[...] = new_state
+                return logits
+
+            return step
         rnn_step = self.rnn.stepper(state)
-        W_T, b = self.params["linear.weight"].T, self.params["linear.bias"]
+        out = self.xp.empty((state.shape[1], self.vocab_size), dtype=self.dtype)
 
         def step(ids):
-            logits = rnn_step(ids) @ W_T  # (B, V)                              (2.12)
-            logits += b
-            return logits
+            return self.linear.apply(rnn_step(ids), out=out)  # (B, V), overwritten next call  (2.12)
 
         return step
 

@@ -1,7 +1,7 @@
-"""Training loop (truncated BPTT) and text generation, as in d2l chapter 8.
+"""Training loop (truncated BPTT), as in d2l chapter 8.
 
-``train_epoch`` is d2l's ``train_epoch_ch8``, ``train`` its ``train_ch8`` and
-``predict`` its ``predict_ch8``, with the backward pass written by hand:
+`train_epoch` is d2l's `train_epoch_ch8` and `train` its `train_ch8`, with the backward
+pass written by hand:
 
     forward -> softmax cross-entropy -> backward -> clip (global norm) -> SGD
 
@@ -12,15 +12,16 @@ is cut (3.2): ``backward`` is called without ``dstate``. With random
 minibatches the state is reset to zeros every minibatch (3.3).
 """
 
-import math
 import time
-import warnings
 
 from tqdm.auto import tqdm
 
-from npyrnn import backend
+from npyrnn.errors import DataError
+from npyrnn.generate import predict
 from npyrnn.losses import perplexity, softmax_cross_entropy
 from npyrnn.optim import SGD, clip_grad_norm
+
+__all__ = ["train", "train_epoch", "train_step", "predict"]  # predict lives in npyrnn.generate
 
 
 def train_step(model, X, Y, state, optimizer, clip=1.0):
@@ -89,7 +90,7 @@ def train_epoch(model, data_iter, optimizer, clip=1.0, use_random_iter=False, on
         loss_sum = loss_sum + loss * Y.size  # stays on the device until the end
         num_tokens += Y.size
     if num_tokens == 0:
-        raise ValueError("train_epoch: the data iterator yielded no minibatch; use a longer corpus")
+        raise DataError("train_epoch: the data iterator yielded no minibatch; use a longer corpus")
     mean_loss = float(loss_sum) / num_tokens  # the one host sync of the epoch
     seconds = time.perf_counter() - start
     return perplexity(mean_loss), num_tokens / seconds
@@ -116,7 +117,7 @@ def train(
     ----------
     model : RNNLM
     data_iter : re-iterable of (X, Y)
-        One epoch per ``iter()``, e.g. :class:`npyrnn.data.SeqDataLoader`.
+        One epoch per ``iter()``, e.g. `npyrnn.data.SeqDataLoader`.
     vocab : Vocab
     lr : float
     num_epochs : int
@@ -153,107 +154,3 @@ def train(
             on_epoch(epoch, ppl, speed)
     bar.close()
     return history
-
-
-def _choose(logits_row, temperature, top_k, rng):
-    """Next token id drawn from one row of logits, shape (V,).
-
-    A draw from ``softmax(logits / temperature)`` restricted to the ``top_k`` largest logits.
-    The probabilities are computed on the backend and drawn from on the host
-    generator ``rng``, so NumPy and CuPy generate the same text from one seed.
-    """
-    xp = backend.get_array_module(logits_row)
-    z = logits_row.astype("float64") / temperature
-    if top_k is not None and top_k < z.size:  # keep exactly k, ties at the k-th logit included
-        keep = xp.argpartition(z, -top_k)[-top_k:]
-        kept = xp.full_like(z, -math.inf)
-        kept[keep] = z[keep]
-        z = kept
-    p = xp.exp(z - z.max())
-    p = backend.to_numpy(p / p.sum())
-    return int(rng.choice(p.size, p=p))
-
-
-def split_prefix(prefix, token="char"):
-    """The prefix as tokens (characters or words); ValueError when there are none."""
-    if not isinstance(prefix, str) or not prefix:
-        raise ValueError("predict: the prefix is empty; give at least one character, e.g. --prefix 'time traveller'")
-    tokens = list(prefix) if token == "char" else prefix.split()
-    if not tokens:
-        raise ValueError("predict: the prefix has no words; give at least one word")
-    return tokens
-
-
-def predict(prefix, num_preds, model, vocab, temperature=0.0, top_k=None, seed=None, token="char"):
-    """Generate ``num_preds`` tokens after ``prefix`` (d2l ``predict_ch8``).
-
-    The prefix warms the state up (one forward pass over all but its last
-    token), then each step feeds the last token and picks the next one.
-
-    Parameters
-    ----------
-    prefix : str
-        Not empty. Characters (or words) that the vocabulary does not know map
-        to ``<unk>``, with a warning.
-    num_preds : int
-        Tokens to generate.
-    model : RNNLM
-    vocab : Vocab
-    temperature : float, default 0
-        0 is greedy (argmax, as the seed); above 0 samples from
-        ``softmax(logits / temperature)``.
-    top_k : int, optional
-        Sample only among the k most likely tokens (exactly k, also when
-        logits tie); needs ``temperature > 0``.
-    seed : int, optional
-        Seed of the sampling generator (host NumPy, so both backends agree).
-    token : {'char', 'word'}, default 'char'
-        Whether the prefix is split into characters or words, and generated
-        tokens are joined with '' or ' '.
-
-    Returns
-    -------
-    str
-        The prefix followed by the generated text.
-    """
-    tokens = split_prefix(prefix, token)
-    if temperature is None or temperature < 0:
-        raise ValueError(f"predict: temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"predict: top_k must be a positive integer, got {top_k!r}")
-    if top_k is not None and not temperature:
-        raise ValueError("predict: top_k applies only when sampling; give a temperature above 0 (e.g. 1.0)")
-    if not isinstance(num_preds, int) or num_preds < 0:
-        raise ValueError(f"predict: num_preds must be a non-negative integer, got {num_preds!r}")
-    unknown = list(dict.fromkeys(t for t in tokens if t not in vocab.token_to_idx))  # in order of appearance
-    if unknown:
-        warnings.warn(
-            f"prefix tokens not in the vocabulary map to <unk>: {', '.join(map(repr, unknown))}",
-            stacklevel=2,
-        )
-    xp = backend.get_array_module(model.params["linear.weight"])
-    rng = backend.default_rng(seed)
-    ids = vocab[tokens]
-    state = model.begin_state(1)
-    if len(ids) > 1:  # warm-up: one forward pass over all but the last prefix token
-        _, state = model.forward(xp.asarray([ids[:-1]]), state)
-    out = xp.empty(num_preds + 1, dtype="int64")  # generated ids stay on the device
-    out[0] = ids[-1]
-    if model.rnn.bidirectional:  # no step-by-step form: rerun forward on one token
-
-        def step(token):
-            nonlocal state
-            logits, state = model.forward(token[None, :], state)
-            return logits
-
-    else:
-        step = model.stepper(state)
-    for i in range(num_preds):
-        logits = step(out[i : i + 1])  # (1, V)
-        if temperature:
-            out[i + 1] = _choose(logits[0], temperature, top_k, rng)
-        else:
-            out[i + 1] = logits[0].argmax()  # greedy, without a host sync on CuPy
-    generated = vocab.to_tokens(backend.to_numpy(out[1:]))
-    sep = "" if token == "char" else " "
-    return prefix + (sep if generated and sep else "") + sep.join(generated)

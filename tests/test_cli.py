@@ -17,7 +17,8 @@ import pytest
 
 from npyrnn import backend
 from npyrnn.checkpoint import load_checkpoint
-from npyrnn.cli import OUTPUT_FILES, main
+from npyrnn.cli import main
+from npyrnn.runs import OUTPUT_FILES
 from npyrnn.train import predict
 
 TEXT = "the quick brown fox jumps over the lazy dog\n" * 12  # 528 characters, every letter: vocabulary 28
@@ -483,3 +484,29 @@ def test_a_failed_first_write_leaves_no_folder(tmp_path, corpus, capsys, monkeyp
     monkeypatch.setattr(os, "fsync", failing_fsync)
     code = main(["train", "--corpus", str(corpus), *SMALL, "--epochs", "1", "--quiet", "--out", str(out)])
     assert code == 2 and not out.exists()
+
+
+@pytest.mark.parametrize("exc", [ValueError("operands could not be broadcast together"), KeyError("x"),
+                                 TypeError("unsupported operand")])
+def test_a_bug_inside_the_library_shows_its_traceback(bad_files, monkeypatch, capsys, exc):
+    """Only npyrnn's own errors (and OSError, MemoryError) are bad input; a NumPy error is a bug."""
+    import npyrnn.train
+
+    def broken(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(npyrnn.train, "train", broken)
+    monkeypatch.chdir(bad_files)
+    with pytest.raises(type(exc)):
+        main([*["train"], *GOOD])
+
+
+def test_every_bad_input_error_is_one_family():
+    from npyrnn import errors
+
+    for name in ("BackendError", "DataError", "CheckpointError", "UsageError"):
+        assert issubclass(getattr(errors, name), errors.NpyrnnError), name
+    import npyrnn.checkpoint
+    import npyrnn.data
+
+    assert npyrnn.data.DataError is errors.DataError and npyrnn.checkpoint.CheckpointError is errors.CheckpointError

@@ -259,3 +259,18 @@ def test_mkdocs_build_strict(tmp_path):
     )
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}"
     assert (tmp_path / "site" / "derivations" / "bptt" / "index.html").exists()
+    # mkdocstrings renders Markdown: a reStructuredText role or `::` marker shows up as typed
+    leftovers = []
+    for page in sorted((tmp_path / "site").rglob("*.html")):
+        text = re.sub(r"<[^>]+>", "", page.read_text(encoding="utf-8"))  # the text a reader sees
+        for match in RST_LEFTOVER.finditer(text):
+            leftovers.append(f"{page.relative_to(tmp_path / 'site')}: {text[max(0, match.start() - 30):match.end() + 20]!r}")
+    assert not leftovers, "reStructuredText left in rendered pages (use Markdown):\n" + "\n".join(leftovers)
+
+
+RST_LEFTOVER = re.compile(r":(?:func|class|mod|meth|data|attr|exc|obj|ref|doc):|\w::\s")
+
+
+def test_rst_leftover_pattern_catches_roles():
+    assert RST_LEFTOVER.search("see :func: set_backend") and RST_LEFTOVER.search("the module itself::\n")
+    assert not RST_LEFTOVER.search("x[::2] and a::b") and not RST_LEFTOVER.search("`set_backend`")

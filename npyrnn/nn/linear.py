@@ -70,6 +70,21 @@ class Linear(Module):
 
     __call__ = forward
 
+    def apply(self, x, out=None):
+        """`y = x W^T + b` (2.12) for inference: nothing is kept for backward, nothing checked.
+
+        Parameters
+        ----------
+        x : array, shape (N, in_features)
+        out : array, shape (N, out_features), optional
+            Where to write `y`; a new array when omitted.
+        """
+        xp = backend.get_array_module(x)
+        y = xp.matmul(x, self.params["weight"].T, out=out)  # (N, out)                  (2.12)
+        if self.bias:
+            xp.add(y, self.params["bias"], out=y)
+        return y
+
     def backward(self, dy, out=None):
         """Accumulate ``dW``, ``db``; return ``dx``.
 

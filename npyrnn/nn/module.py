@@ -47,6 +47,11 @@ class Module:
         self.grads = {}
         self._workspace = {}
 
+    @property
+    def xp(self):
+        """The array module (numpy or cupy) that holds this module's parameters."""
+        return backend.get_array_module(next(iter(self.params.values())))
+
     def _buffer(self, name, shape, xp):
         """A work array kept on the module and handed out again on the next call.
 

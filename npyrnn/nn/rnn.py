@@ -58,6 +58,12 @@ class RNN(Module):
         'uniform': every parameter U(-1/sqrt(H), 1/sqrt(H)) (torch's default).
     seed : int or None
         Seed of the host generator that draws the parameters.
+    reuse_buffers : bool, default False
+        Keyword only. When True, `out` and the other per-call arrays live in this layer's
+        workspace and are overwritten by the next `forward`: for a caller that consumes
+        `out` before calling again (the language model does), it saves a multi-megabyte
+        allocation per minibatch. On CuPy the range check of token ids (a host sync) is
+        then skipped. When False, every call returns new arrays.
 
     Attributes
     ----------
@@ -81,8 +87,11 @@ class RNN(Module):
         dtype="float32",
         init="normal",
         seed=None,
+        *,
+        reuse_buffers=False,
     ):
         super().__init__()
+        self.reuse_buffers = bool(reuse_buffers)
         self.input_size = check_positive_int("input_size", input_size)
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         self.num_layers = check_positive_int("num_layers", num_layers)
@@ -208,7 +217,7 @@ class RNN(Module):
         h_n : array, shape (num_layers*D, B, H)
             Final state of every layer and direction (4.5).
         """
-        return self._forward(x, h0, reuse=False)
+        return self._forward(x, h0, reuse=self.reuse_buffers)
 
     def _forward(self, x, h0, reuse):
         """forward; with ``reuse`` the state buffers are this module's workspace.
