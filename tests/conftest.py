@@ -1,6 +1,7 @@
-"""Shared fixtures: the backend switch (numpy always, cupy where it runs) and torch twins."""
+"""Shared fixtures: the backend switch (numpy always, cupy where it runs), no internet for the data tests, helpers."""
 
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,39 @@ def _restore_backend():
     yield
     if backend.name != previous:
         backend.set_backend(previous)
+
+
+def closed_port_url():
+    """A URL on 127.0.0.1 whose port nothing listens on (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/timemachine.txt"
+
+
+@pytest.fixture
+def no_internet(monkeypatch, tmp_path):
+    """Download sources are a dead local port, the cache is a fresh temp dir, no proxies.
+
+    The data tests use it for every test (`pytestmark`). The sources are replaced in
+    npyrnn.data.corpus, the module whose download reads them.
+    """
+    from npyrnn.data import corpus
+
+    monkeypatch.setattr(corpus, "SOURCES", [closed_port_url()])
+    monkeypatch.delenv(corpus.URL_ENV, raising=False)
+    monkeypatch.setenv(corpus.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+def one_line(exc_info):
+    """The error's message, after checking that it is a single line."""
+    msg = str(exc_info.value)
+    assert "\n" not in msg, f"message spans lines: {msg!r}"
+    return msg
 
 
 def rel_err(a, b):
