@@ -41,6 +41,7 @@ __all__ = [
     "take_rows",
     "is_cupy_available",
     "default_rng",
+    "memory_bytes",
 ]
 
 BACKENDS = ("numpy", "cupy")
@@ -182,6 +183,16 @@ def index_add(out, idx, src):
     starts = numpy.flatnonzero(numpy.r_[True, sorted_idx[1:] != sorted_idx[:-1]])
     out[sorted_idx[starts]] += numpy.add.reduceat(src[order], starts, axis=0)
     return out
+
+
+def memory_bytes():
+    """Total memory of the active backend's device: the machine's RAM on NumPy, the GPU's on CuPy (None if unknown)."""
+    try:
+        if name == "cupy":
+            return int(xp.cuda.runtime.memGetInfo()[1])
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except Exception:  # an unknown platform or a CUDA error: no estimate, no refusal
+        return None
 
 
 def default_rng(seed=None):

@@ -1,9 +1,16 @@
 """Save and load language models without pickle (safetensors).
 
-A checkpoint is one ``.safetensors`` file: the parameters under their state-dict
-names (``rnn.weight_ih_l0``, ..., ``linear.bias``) as host arrays, and in the
+A checkpoint is one `.safetensors` file: the parameters under their state-dict
+names (`rnn.weight_ih_l0`, ..., `linear.bias`) as host arrays, and in the
 header's string metadata the model config, the vocabulary and the training
 settings as JSON. Nothing in it can execute code when loaded.
+
+A training checkpoint (`OUT/checkpoint.safetensors`, written by `npyrnn train`
+during a run) is the same file with more: tensors named `trainer.*` and
+`optimizer.*` (the carried state, running sums, optimiser buffers) and a
+`training` metadata entry (epoch, metrics so far, every random generator's
+state, the position inside the epoch). `load_checkpoint` reads either kind as a
+model; `load_training_checkpoint` also returns the rest.
 
 Writing is atomic: the bytes go to a temporary file in the same directory,
 are flushed to disk, and then renamed over the target, so a crash never leaves
@@ -28,8 +35,22 @@ FORMAT = "npyrnn.rnnlm"
 FORMAT_VERSION = "1"
 
 
-def checkpoint_bytes(model, vocab, extra=None):
-    """The bytes of a checkpoint of ``model`` and ``vocab`` (what `save_checkpoint` writes)."""
+TRAINING_PREFIXES = ("trainer.", "optimizer.")
+
+
+def checkpoint_bytes(model, vocab, extra=None, training=None):
+    """The bytes of a checkpoint of `model` and `vocab` (what `save_checkpoint` writes).
+
+    Parameters
+    ----------
+    model : RNNLM
+    vocab : Vocab
+    extra : dict, optional
+        JSON-serialisable settings kept in the metadata.
+    training : (dict of arrays, dict), optional
+        For a training checkpoint: tensors whose names start with `trainer.` or
+        `optimizer.`, and JSON-serialisable metadata.
+    """
     tensors = {k: numpy.ascontiguousarray(backend.to_numpy(v)) for k, v in model.state_dict().items()}
     metadata = {
         "format": FORMAT,
@@ -38,11 +59,18 @@ def checkpoint_bytes(model, vocab, extra=None):
         "vocab": json.dumps(vocab.to_dict()),
         "extra": json.dumps(extra or {}),
     }
+    if training is not None:
+        more, meta = training
+        for name, value in more.items():
+            if not name.startswith(TRAINING_PREFIXES) or name in tensors:
+                raise ValueError(f"checkpoint_bytes: training tensor name {name!r} must start with {TRAINING_PREFIXES}")
+            tensors[name] = numpy.ascontiguousarray(backend.to_numpy(value))
+        metadata["training"] = json.dumps(meta, allow_nan=False)
     return save(tensors, metadata=metadata)
 
 
 def save_checkpoint(path, model, vocab, extra=None):
-    """Write ``model``'s weights, config and ``vocab`` to a safetensors file, atomically.
+    """Write `model`'s weights, config and `vocab` to a safetensors file, atomically.
 
     Parameters
     ----------
@@ -61,7 +89,7 @@ def _fail(path, what):
 
 
 def load_checkpoint(path):
-    """Read a checkpoint written by `save_checkpoint` onto the active backend.
+    """Read a checkpoint written by `save_checkpoint` (or a training checkpoint) onto the active backend.
 
     Parameters
     ----------
@@ -79,8 +107,25 @@ def load_checkpoint(path):
     ------
     CheckpointError
         One line naming the file and what is wrong: missing, not a safetensors
-        file, not an npyrnn checkpoint, a bad config, or tensors whose names or
-        shapes do not match that config.
+        file, not an npyrnn checkpoint, a bad config, tensors whose names or
+        shapes do not match that config, or weights that are not finite.
+    """
+    model, vocab, extra, _, _ = load_training_checkpoint(path, require_training=False)
+    return model, vocab, extra
+
+
+def load_training_checkpoint(path, require_training=True):
+    """Read a training checkpoint: the model as `load_checkpoint` does, and what training needs to go on.
+
+    Returns
+    -------
+    model, vocab, extra
+        As `load_checkpoint`.
+    training_tensors : dict of str to numpy array
+        The `trainer.*` and `optimizer.*` tensors (host arrays).
+    training : dict or None
+        The `training` metadata; None for a model file (allowed only when
+        `require_training` is False).
     """
     path = Path(path)
     if path.is_dir():
@@ -106,6 +151,16 @@ def load_checkpoint(path):
         extra = json.loads(metadata.get("extra", "{}"))
     except (KeyError, ValueError, TypeError) as exc:
         _fail(path, f"damaged metadata ({exc.__class__.__name__}: {exc})")
+    training = None
+    if "training" in metadata:
+        try:
+            training = json.loads(metadata["training"])
+        except ValueError as exc:
+            _fail(path, f"damaged training metadata ({exc})")
+        if not isinstance(training, dict):
+            _fail(path, "damaged training metadata (not a JSON object)")
+    elif require_training:
+        _fail(path, "holds a model but no training state; resume needs the checkpoint.safetensors of a run folder")
     for key, value in (("config", config), ("extra", extra)):
         if not isinstance(value, dict):
             _fail(path, f"damaged metadata ({key!r} is a JSON {type(value).__name__}, expected an object)")
@@ -115,8 +170,13 @@ def load_checkpoint(path):
         _fail(path, f"bad model config {config!r} ({exc})")
     if len(vocab) != model.vocab_size:
         _fail(path, f"vocabulary has {len(vocab)} tokens but the model expects vocab_size={model.vocab_size}")
+    more = {k: tensors.pop(k) for k in list(tensors) if training is not None and k.startswith(TRAINING_PREFIXES)}
+    bad = [k for k, v in tensors.items() if v.dtype.kind == "f" and not numpy.isfinite(v).all()]
+    if bad:
+        _fail(path, f"weights are not finite (nan or inf) in {', '.join(bad)}; the run diverged before this file "
+                    "was written: use an earlier checkpoint or train again with a lower --lr")
     try:
         model.load_state_dict(tensors)
     except ValueError as exc:
         _fail(path, f"tensors do not match the stored config: {exc}")
-    return model, vocab, extra
+    return model, vocab, extra, more, training

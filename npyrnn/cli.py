@@ -93,8 +93,19 @@ def build_parser():
     g.add_argument("--epochs", type=positive_int, default=500)
     g.add_argument("--lr", type=positive_float, default=1.0, help="SGD learning rate (default %(default)s)")
     g.add_argument("--clip", type=positive_float, default=1.0, help="global gradient-norm threshold (default 1)")
-    g.add_argument("--out", type=Path, default=None, help="output directory (default runs/CORPUS-hHIDDEN-ITER)")
-    g.add_argument("--prefix", default="time traveller", help="prefix of the sample generations")
+    g.add_argument("--val-tokens", type=nonnegative_int, default=5000,
+                   help="validate on the N tokens after the training tokens; 0: no validation (default %(default)s)")
+    g = t.add_argument_group("run folder")
+    g.add_argument("--out", default=None, help="output directory (default runs/CORPUS-hHIDDEN-ITER)")
+    g.add_argument("--checkpoint-every", type=nonnegative_int, default=10,
+                   help="epochs between checkpoints in OUT/checkpoint.safetensors; 0: only at the end "
+                        "(default %(default)s)")
+    g.add_argument("--resume", default=None, metavar="OUT",
+                   help="continue the run in OUT with its saved settings (raise --epochs to train it further)")
+    g.add_argument("--overwrite", action="store_true", help="replace a run that --out already holds")
+    g.add_argument("--prefix", default=None,
+                   help="prefix of the sample generations (default: 'time traveller' on The Time Machine, "
+                        "else the corpus's first tokens)")
     g.add_argument("--sample-every", type=nonnegative_int, default=10, help="epochs between samples (0: none)")
     g.add_argument("--quiet", action="store_true", help="no progress bar and no samples; only the last line")
     t.set_defaults(func=cmd_train)
@@ -122,6 +133,8 @@ def build_parser():
 
 
 def _use_backend(args):
+    if args.backend and "npyrnn.backend" not in sys.modules:
+        os.environ["NPYRNN_BACKEND"] = args.backend  # the flag wins over an invalid NPYRNN_BACKEND
     from npyrnn import backend
 
     if args.backend:
@@ -129,87 +142,45 @@ def _use_backend(args):
     return backend
 
 
-def _load_data(args):
-    from npyrnn import backend
-    from npyrnn.data import SeqDataLoader, load_corpus
-
-    max_tokens = args.max_tokens or None
-    corpus, vocab = load_corpus(args.corpus, token=args.token, max_tokens=max_tokens, raw=args.raw)
-    rng = backend.default_rng(args.seed)  # a host numpy Generator: the same batches on either backend
-    loader = SeqDataLoader(corpus, args.batch_size, args.num_steps, use_random_iter=args.random_iter, rng=rng)
-    return corpus, vocab, loader
-
-
 def _default_out(args):
     name = Path(args.corpus).stem if args.corpus != "timemachine" else "timemachine"
     return Path("runs") / f"{name}-h{args.hidden}-{'random' if args.random_iter else 'sequential'}"
 
 
-def build_model(args, vocab_size, dtype=None):
-    """The language model that the model flags describe (the one place that builds it from flags)."""
-    from npyrnn.models import RNNLM
-
-    return RNNLM(vocab_size, args.hidden, num_layers=args.layers, bidirectional=args.bidirectional,
-                 nonlinearity=args.nonlinearity, dtype=dtype or args.dtype, init=args.init, seed=args.seed)
+SETTINGS = ("corpus", "token", "raw", "max_tokens", "val_tokens", "hidden", "layers", "bidirectional",
+            "nonlinearity", "init", "dtype", "epochs", "lr", "clip", "batch_size", "num_steps", "random_iter",
+            "seed", "prefix", "checkpoint_every")
 
 
-def _settings(args, corpus, vocab):
-    """Every setting of a training run, as stored in the checkpoint and summary.json."""
-    return {
-        "corpus": args.corpus, "token": args.token, "raw": args.raw, "max_tokens": args.max_tokens,
-        "num_tokens": int(len(corpus)), "vocab_size": len(vocab), "hidden": args.hidden, "layers": args.layers,
-        "bidirectional": args.bidirectional, "nonlinearity": args.nonlinearity, "init": args.init,
-        "dtype": args.dtype, "epochs": args.epochs, "lr": args.lr, "clip": args.clip,
-        "batch_size": args.batch_size, "num_steps": args.num_steps, "random_iter": args.random_iter,
-        "seed": args.seed,
-    }
+def _given_flags(argv):
+    """The train flags that `argv` gives explicitly (dest -> value), whatever their defaults."""
+    parser = build_parser()
+    for action in _subparsers(parser)["train"]._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def _subparsers(parser):
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
 def cmd_train(args):
     backend = _use_backend(args)
     from npyrnn import runs
-    from npyrnn.checkpoint import checkpoint_bytes
-    from npyrnn.generate import predict, split_prefix
-    from npyrnn.train import train
 
-    out = args.out or _default_out(args)
-    runs.check_out_dir(out)
-    split_prefix(args.prefix, args.token)  # an empty prefix fails now, not after training
-    corpus, vocab, loader = _load_data(args)
-    model = build_model(args, len(vocab))
-    progress = False if args.quiet else None
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an unknown character in --prefix is reported once, below
-        history = train(model, loader, vocab, args.lr, args.epochs, clip=args.clip,
-                        use_random_iter=args.random_iter, progress=progress,
-                        sample_every=0 if args.quiet else args.sample_every, prefix=args.prefix, token=args.token)
-    seconds = time.perf_counter() - start
-    last = history[-1]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        samples = {p: predict(p, 50, model, vocab, token=args.token) for p in (args.prefix, "traveller")}
-    settings = _settings(args, corpus, vocab)
-    summary = {
-        "perplexity": last["perplexity"], "tokens_per_s": last["tokens_per_s"], "epochs": args.epochs,
-        "seconds": seconds, "backend": backend.name, **settings, "samples": samples,
-    }
-    title = f"{args.corpus}: RNN h={args.hidden}, {'random' if args.random_iter else 'sequential'}"
-    runs.write_run(out, {  # all four or none
-        "model.safetensors": checkpoint_bytes(model, vocab, extra=settings),
-        "metrics.csv": runs.metrics_csv(history),
-        "perplexity.png": runs.plot_png(history, title),
-        "summary.json": runs.summary_json(summary),
-    })
-
-    for w in caught:
-        print(f"npyrnn: warning: {w.message}", file=sys.stderr)
-    if not args.quiet:
-        for text in samples.values():
-            print(text)
-        print(f"wrote {', '.join(runs.OUTPUT_FILES)} to {out}")
-    print(f"perplexity {last['perplexity']:.1f}, {last['tokens_per_s']:.1f} tokens/s on {backend.name}")
-    return 0
+    if args.resume is not None:
+        if args.out is not None or args.overwrite:
+            raise UsageError("--resume OUT continues the run in OUT; drop --out and --overwrite")
+        given = {k: v for k, v in _given_flags(args.argv).items() if k in SETTINGS}
+        settings = runs.resume_settings(args.resume, given)
+        out = args.resume
+    else:
+        settings = {name: getattr(args, name) for name in SETTINGS}
+        out = args.out if args.out is not None else _default_out(args)
+    return runs.train_run(settings, out, resume=args.resume is not None, overwrite=args.overwrite,
+                          quiet=args.quiet, progress=False if args.quiet else None,
+                          sample_every=0 if args.quiet else args.sample_every,
+                          resume_hint=f"npyrnn train --resume {out}")
 
 
 def cmd_generate(args):
@@ -232,9 +203,13 @@ def cmd_gradcheck(args):
     backend = _use_backend(args)
     from npyrnn.gradcheck import check_model
 
-    _, vocab, loader = _load_data(args)
+    from npyrnn.runs import load_data
+
+    _, _, vocab, loader = load_data(vars(args))
     X, Y = next(iter(loader))
-    model = build_model(args, len(vocab), dtype="float64")  # finite differences need float64
+    from npyrnn.runs import build_model
+
+    model = build_model(vars(args), len(vocab), dtype="float64")  # finite differences need float64
     errors = check_model(model, X, Y, num_directions=args.directions, seed=args.seed)
     width = max(map(len, errors))
     for name, err in errors.items():
@@ -246,10 +221,19 @@ def cmd_gradcheck(args):
     return 0 if ok else 1
 
 
+OOM_ADVICE = {
+    "train": "use a smaller --hidden, --layers, --batch-size or --num-steps",
+    "gradcheck": "use a smaller --hidden, --layers, --batch-size or --num-steps",
+    "generate": "use a shorter --length or a smaller model",
+}
+
+
 def main(argv=None):
     """Entry point of the ``npyrnn`` command; returns the exit code."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (NpyrnnError, OSError) as exc:
@@ -264,7 +248,7 @@ def main(argv=None):
         if os.environ.get("NPYRNN_DEBUG"):
             raise
         print(f"npyrnn: error: out of memory ({' '.join(str(exc).split()) or 'MemoryError'}); "
-              "use a smaller --hidden, --layers, --batch-size or --num-steps", file=sys.stderr)
+              f"{OOM_ADVICE.get(args.command, '')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("npyrnn: interrupted; no output was written", file=sys.stderr)

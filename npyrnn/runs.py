@@ -1,17 +1,23 @@
-"""The run folder that `npyrnn train --out DIR` fills: what is in it, how it is written, how it is read.
+"""A training run and its folder: what `npyrnn train --out DIR` writes, how it survives, how it resumes.
 
-A finished run holds four files:
+A run folder holds:
 
-| file | what |
-|---|---|
-| `model.safetensors` | weights, vocabulary and settings (`npyrnn.checkpoint`; no pickle) |
-| `metrics.csv` | one line per epoch: `epoch, perplexity, tokens_per_s` |
-| `perplexity.png` | training perplexity against epochs |
-| `summary.json` | final perplexity, speed, time, backend, every setting and the samples (strict JSON) |
+| file | when | what |
+|---|---|---|
+| `metrics.csv` | grows one line per epoch | `epoch, perplexity, val_perplexity, tokens_per_s` |
+| `checkpoint.safetensors` | every `--checkpoint-every` epochs, on interrupt, at the end | weights, optimiser state, every generator's state, epoch, metrics so far, the position inside the epoch and the carried state, the full settings |
+| `best.safetensors` | when validation perplexity improves | the best model so far (a model file) |
+| `model.safetensors` | at the end (or on interrupt) | weights, vocabulary and settings (`npyrnn.checkpoint`; no pickle) |
+| `perplexity.png` | at the end (or on interrupt) | training and validation perplexity against epochs, log scale |
+| `summary.json` | at the end (or on interrupt) | final and best perplexities, speed over the whole run, time, backend, settings, samples (strict JSON) |
 
-All four are computed in memory first and then written together (`npyrnn.files`): staged
-in the folder, flushed, and renamed into place, so a failure leaves the previous run's files
-(or none), never a mix.
+Every file but `metrics.csv` is written atomically (staged, flushed, renamed: `npyrnn.files`),
+and the four end files together, so a failure or a kill leaves the previous version, never
+half of one. `metrics.csv` is rewritten from the checkpoint when a run resumes.
+
+`train_run` drives `npyrnn.train.Trainer` with all of this: validation after every epoch,
+checkpoints, SIGINT/SIGTERM (checkpoint, files so far, exit 130/143), divergence (exit 3, the
+last good checkpoint kept, no bad weights saved) and bit-exact resume (`resume_settings`).
 """
 
 import csv
@@ -19,13 +25,25 @@ import io
 import json
 import math
 import os
+import shutil
+import signal
+import sys
+import time
+import warnings
 from pathlib import Path
 
-from npyrnn.errors import UsageError
-from npyrnn.files import write_files_together
+from npyrnn.errors import CheckpointError, DataError, UsageError
+from npyrnn.files import atomic_write_bytes, write_files_together
 
 __all__ = [
     "OUTPUT_FILES",
+    "RUN_FILES",
+    "EXIT_DIVERGED",
+    "build_model",
+    "load_data",
+    "check_memory",
+    "train_run",
+    "resume_settings",
     "check_out_dir",
     "metrics_csv",
     "plot_png",
@@ -36,18 +54,24 @@ __all__ = [
 ]
 
 OUTPUT_FILES = ("model.safetensors", "metrics.csv", "perplexity.png", "summary.json")
-METRICS_FIELDS = ("epoch", "perplexity", "tokens_per_s")
+RUN_FILES = OUTPUT_FILES + ("checkpoint.safetensors", "best.safetensors")
+METRICS_FIELDS = ("epoch", "perplexity", "val_perplexity", "tokens_per_s")
+EXIT_DIVERGED = 3
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
-def check_out_dir(out):
-    """Fail early, with one line, when `out` cannot become a run folder.
+def check_out_dir(out, resume=False, overwrite=False):
+    """Fail early, with one line, when `out` cannot become (or continue) a run folder.
 
     Raises
     ------
     UsageError
-        `out` is a file, lies below a file, is not writable, or holds one of the run's
-        file names as something other than a file.
+        `out` is empty, is a file, lies below a file, is not writable, holds one of the
+        run's file names as something other than a file, or already holds a run while
+        neither `resume` nor `overwrite` is given.
     """
+    if str(out).strip() == "":
+        raise UsageError("--out is empty; give a folder for the run's files, e.g. --out runs/tm512")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} is a file; give a directory (it is created if missing)")
@@ -64,6 +88,131 @@ def check_out_dir(out):
             raise UsageError(
                 f"--out {str(out)!r}: {str(target)!r} exists and is not a file; remove it or choose another --out"
             )
+    if not resume and not overwrite and out.is_dir():
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found:
+            raise UsageError(
+                f"--out {str(out)!r} already holds a run ({', '.join(found)}); continue it with "
+                f"`npyrnn train --resume {out}`, replace it with --overwrite, or choose another --out"
+            )
+
+
+def clean_staging(out):
+    """Remove staging folders that a killed write left in `out` (`.staging-*`)."""
+    for leftover in Path(out).glob(".staging-*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- building a run
+
+
+def build_model(settings, vocab_size, dtype=None):
+    """The language model that a run's settings describe (the one place it is built from them)."""
+    from npyrnn.models import RNNLM
+
+    return RNNLM(vocab_size, settings["hidden"], num_layers=settings["layers"],
+                 bidirectional=settings["bidirectional"], nonlinearity=settings["nonlinearity"],
+                 dtype=dtype or settings["dtype"], init=settings["init"], seed=settings["seed"])
+
+
+def load_data(settings):
+    """Training ids, validation ids (or None), the vocabulary and the minibatch loader of a run.
+
+    The training text is the first `max_tokens` tokens (all when 0); the validation text
+    the `val_tokens` tokens right after them (d2l's newer edition: train on the first
+    10,000, validate on the next 5,000). With `max_tokens` 0 the last `val_tokens` tokens
+    are held out. The loader draws from a generator seeded with `seed`, so the same
+    settings give the same minibatches on either backend.
+    """
+    from npyrnn import backend
+    from npyrnn.data import SeqDataLoader, load_corpus
+
+    ids, vocab = load_corpus(settings["corpus"], token=settings["token"], max_tokens=None, raw=settings["raw"])
+    n_train, n_val = settings["max_tokens"] or 0, settings.get("val_tokens", 0) or 0
+    if n_train == 0:
+        train_ids, val_ids = (ids[:-n_val], ids[-n_val:]) if n_val else (ids, None)
+    else:
+        train_ids = ids[:n_train]
+        val_ids = ids[n_train : n_train + n_val] if n_val else None
+    rng = backend.default_rng(settings["seed"])  # a host numpy Generator: the same batches on either backend
+    loader = SeqDataLoader(train_ids, settings["batch_size"], settings["num_steps"],
+                           use_random_iter=settings["random_iter"], rng=rng)
+    if val_ids is not None and len(val_ids) < 2:
+        raise DataError(
+            f"the corpus has {len(ids)} tokens, all used for training by --max-tokens {n_train or 'all'}, so none "
+            f"are left for --val-tokens {n_val}; give a smaller --max-tokens (e.g. {max(1, len(ids) * 9 // 10)}), "
+            "or --val-tokens 0 to train without validation"
+        )
+    return train_ids, val_ids, vocab, loader
+
+
+def estimate_memory(settings, vocab_size):
+    """Bytes a run needs, roughly: weights, gradients and optimiser buffers, activations and logits."""
+    H, L, V = settings["hidden"], settings["layers"], vocab_size
+    D = 2 if settings["bidirectional"] else 1
+    G = 1  # gates per cell
+    B, T = settings["batch_size"], settings["num_steps"]
+    itemsize = 8 if settings["dtype"] == "float64" else 4
+    params = sum(D * G * H * ((V if k == 0 else D * H) + H + 2) for k in range(L)) + V * (D * H + 1)
+    activations = L * D * (T + 1) * B * H * (3 * G + 2)
+    logits = 3 * T * B * V
+    return itemsize * (5 * params + activations + logits)
+
+
+def check_memory(settings, vocab_size):
+    """Refuse, with one line, a model and batch far beyond the active device's memory."""
+    from npyrnn import backend
+
+    need, have = estimate_memory(settings, vocab_size), backend.memory_bytes()
+    if have is not None and need > have:
+        raise UsageError(
+            f"this model and batch need about {need / 2**30:,.1f} GiB but {backend.name} has {have / 2**30:,.1f} GiB; "
+            "use a smaller --hidden, --layers, --batch-size or --num-steps"
+        )
+
+
+def default_prefix(settings, train_ids, vocab):
+    """The sample prefix when none is given: d2l's 'time traveller', or the corpus's first tokens."""
+    if settings["corpus"] == "timemachine" and settings["token"] == "char" and not settings["raw"]:
+        return "time traveller"
+    tokens = vocab.to_tokens([int(i) for i in train_ids[:10]])
+    return ("" if settings["token"] == "char" else " ").join(tokens)
+
+
+def resume_settings(out, given):
+    """The settings of the run in `out`, with the flags a resume may change applied.
+
+    Parameters
+    ----------
+    out : path
+        The run folder (it must hold `checkpoint.safetensors`).
+    given : dict
+        The flags given explicitly on the command line (name -> value).
+
+    Raises
+    ------
+    UsageError
+        No checkpoint in `out`, or a given flag contradicts the saved settings.
+    """
+    from npyrnn.checkpoint import load_training_checkpoint
+
+    path = Path(out) / "checkpoint.safetensors"
+    if not path.is_file():
+        raise UsageError(f"--resume {str(out)!r}: no checkpoint.safetensors there (not a run folder, or the run "
+                         "stopped before its first checkpoint); start it again with --out and --overwrite")
+    _, _, settings, _, _ = load_training_checkpoint(path)
+    changeable = {"epochs", "checkpoint_every", "prefix", "sample_every"}
+    for name, value in given.items():
+        if name in changeable or name not in settings:
+            continue
+        if settings[name] != value:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} {value} contradicts the run in {str(out)!r} ({name}={settings[name]!r}); "
+                             f"drop {flag} to resume it, or start a new run with another --out")
+    settings = dict(settings)
+    settings.update({k: v for k, v in given.items() if k in changeable})
+    return settings
 
 
 def _finite(value):
@@ -77,24 +226,30 @@ def _finite(value):
     return value
 
 
-def metrics_csv(history):
+def metrics_csv(history, header=True):
     """`metrics.csv` as bytes: a header and one line per epoch of `history` (dicts with METRICS_FIELDS)."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=METRICS_FIELDS, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
+    writer = csv.DictWriter(text, fieldnames=METRICS_FIELDS, lineterminator="\n", extrasaction="ignore", restval="")
+    if header:
+        writer.writeheader()
     writer.writerows(history)
     return text.getvalue().encode()
 
 
 def plot_png(history, title):
-    """`perplexity.png` as bytes: perplexity against epochs (matplotlib, headless)."""
+    """`perplexity.png` as bytes: training and validation perplexity against epochs, log scale (headless)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.plot([r["epoch"] for r in history], [r["perplexity"] for r in history])
+    epochs = [r["epoch"] for r in history]
+    ax.plot(epochs, [r["perplexity"] for r in history], label="training")
+    if any(r.get("val_perplexity") is not None for r in history):
+        ax.plot(epochs, [r.get("val_perplexity") for r in history], label="validation")
+        ax.legend(fontsize=8)
+    ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("perplexity")
     ax.set_title(title, fontsize=9)
@@ -125,4 +280,220 @@ def read_metrics(out):
     """The rows of the run's `metrics.csv`: a list of dicts with int epochs and float values."""
     with open(Path(out) / "metrics.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in rows]
+    return [{k: (int(v) if k == "epoch" else float(v) if v != "" else None) for k, v in row.items()} for row in rows]
+
+
+# ----------------------------------------------------------------------------- running
+
+
+class _Signals:
+    """SIGINT and SIGTERM set a flag instead of stopping the process at a random line."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in EXIT_SIGNAL:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: keep Python's default handling
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _optimizer_state(optimizer):
+    """The optimiser's tensors (names `optimizer.*`) and JSON-able settings for a checkpoint."""
+    if hasattr(optimizer, "state_dict"):
+        tensors, meta = optimizer.state_dict()
+        return {f"optimizer.{k}": v for k, v in tensors.items()}, meta
+    return {}, {"name": type(optimizer).__name__, "lr": optimizer.lr}
+
+
+def _load_optimizer_state(optimizer, tensors, meta):
+    if hasattr(optimizer, "load_state_dict"):
+        prefix = "optimizer."
+        optimizer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta)
+
+
+def train_run(settings, out, resume=False, overwrite=False, quiet=False, progress=None, sample_every=10,
+              echo=print, resume_hint=None):
+    """Train the run that `settings` describes in the folder `out`; return the exit code.
+
+    Parameters
+    ----------
+    settings : dict
+        Every setting of the run (the CLI's flags): corpus, tokens, model, optimisation,
+        `epochs`, `val_tokens`, `checkpoint_every`, `prefix`, `seed`, `dtype`.
+    out : path
+        The run folder. With `resume`, it must hold `checkpoint.safetensors`, whose weights,
+        optimiser, generators, metrics and position are restored.
+    overwrite : bool
+        Start afresh in a folder that holds an earlier run (its run files are removed).
+    quiet : bool
+        No progress bar, no samples; only the last line.
+    sample_every : int
+        Epochs between printed samples (0: none).
+    echo : callable
+        Where lines for the user go (stdout by default).
+    resume_hint : str, optional
+        The command that resumes this run, printed on interrupt.
+
+    Returns
+    -------
+    int
+        0 when done, `EXIT_DIVERGED` (3) when training diverged, 130 or 143 when SIGINT or
+        SIGTERM stopped it (a resumable checkpoint written).
+    """
+    from tqdm.auto import tqdm
+
+    from npyrnn import backend
+    from npyrnn.checkpoint import checkpoint_bytes, load_training_checkpoint
+    from npyrnn.generate import predict, split_prefix
+    from npyrnn.optim import SGD
+    from npyrnn.train import Diverged, Trainer, evaluate
+
+    out = Path(out)
+    check_out_dir(out, resume=resume, overwrite=overwrite)
+    if settings.get("prefix") is not None:
+        split_prefix(settings["prefix"], settings["token"])  # an empty prefix fails before anything else
+    train_ids, val_ids, vocab, loader = load_data(settings)
+    prefix = settings["prefix"] if settings.get("prefix") is not None else default_prefix(settings, train_ids, vocab)
+    split_prefix(prefix, settings["token"])  # an empty prefix fails now, not after training
+    check_memory(settings, len(vocab))
+    model = build_model(settings, len(vocab))
+    optimizer = SGD(model.params, settings["lr"])
+    trainer = Trainer(model, loader, optimizer, settings["clip"], settings["random_iter"])
+    extra = dict(settings, num_tokens=int(len(train_ids)), vocab_size=len(vocab))
+    best = {"val_perplexity": None, "epoch": None}
+    run_seconds = 0.0
+    if resume:
+        clean_staging(out)
+        model_ck, vocab_ck, _, tensors, training = load_training_checkpoint(out / "checkpoint.safetensors")
+        if vocab_ck.idx_to_token != vocab.idx_to_token or training.get("num_train_tokens") != len(train_ids):
+            raise CheckpointError(f"checkpoint {str(out / 'checkpoint.safetensors')!r}: the corpus "
+                                  f"{settings['corpus']!r} no longer gives the tokens this run was trained on; "
+                                  "restore the original corpus file to resume")
+        model.load_state_dict(model_ck.state_dict())
+        trainer.load_state_dict(tensors, training["trainer"])
+        _load_optimizer_state(optimizer, tensors, training["optimizer"])
+        best, run_seconds = training["best"], float(training["run_seconds"])
+        finished = trainer.epoch >= settings["epochs"] and not trainer.in_epoch
+        if finished and not all((out / name).is_file() for name in OUTPUT_FILES):
+            pass  # killed while writing the end files: write them below
+        elif finished:
+            raise UsageError(f"the run in {str(out)!r} has finished its {trainer.epoch} epochs; "
+                             f"give --epochs above {trainer.epoch} to train it further")
+        if trainer.epoch > settings["epochs"]:
+            raise UsageError(f"the run in {str(out)!r} is at epoch {trainer.epoch}; --epochs must be at least that")
+        atomic_write_bytes(out / "metrics.csv", metrics_csv(trainer.history))  # drop lines after the checkpoint
+    else:
+        if overwrite and out.is_dir():
+            for name in RUN_FILES:
+                if (out / name).is_file():
+                    (out / name).unlink()
+            clean_staging(out)
+        write_files_together(out, {"metrics.csv": metrics_csv([])})  # creates out; removes it again on failure
+
+    def training_state():
+        tensors, meta = trainer.state_dict()
+        opt_tensors, opt_meta = _optimizer_state(optimizer)
+        meta = {"trainer": meta, "optimizer": opt_meta, "best": best, "run_seconds": run_seconds + elapsed(),
+                "num_train_tokens": int(len(train_ids))}
+        return {**tensors, **opt_tensors}, _finite(meta)
+
+    def write_checkpoint():
+        atomic_write_bytes(out / "checkpoint.safetensors", checkpoint_bytes(model, vocab, extra, training_state()))
+
+    session_start = time.perf_counter()
+
+    def elapsed():
+        return time.perf_counter() - session_start
+
+    def end_files(status):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            samples = {prefix: predict(prefix, 50, model, vocab, token=settings["token"])}
+        last = trainer.history[-1] if trainer.history else {}
+        seconds = run_seconds + elapsed()
+        summary = {
+            "status": status,
+            "perplexity": last.get("perplexity"), "val_perplexity": last.get("val_perplexity"),
+            "best_val_perplexity": best["val_perplexity"], "best_epoch": best["epoch"],
+            "tokens_per_s": trainer.tokens / seconds if seconds > 0 else None,
+            "tokens_per_s_last_epoch": last.get("tokens_per_s"),
+            "epochs": trainer.epoch, "epochs_planned": settings["epochs"], "seconds": seconds,
+            "backend": backend.name, "samples": samples,
+        }
+        for key, value in extra.items():  # every setting, after the results
+            summary.setdefault(key, value)
+        kind = "random" if settings["random_iter"] else "sequential"
+        title = f"{settings['corpus']}: RNN h={settings['hidden']}, {kind}"
+        write_files_together(out, {
+            "model.safetensors": checkpoint_bytes(model, vocab, extra=extra),
+            "checkpoint.safetensors": checkpoint_bytes(model, vocab, extra, training_state()),
+            "metrics.csv": metrics_csv(trainer.history),
+            "perplexity.png": plot_png(trainer.history, title),
+            "summary.json": summary_json(summary),
+        })
+        return samples, caught
+
+    bar = tqdm(total=settings["epochs"], initial=trainer.epoch, disable=(None if progress is None else not progress),
+               unit="epoch", dynamic_ncols=True, leave=False)
+    every = settings.get("checkpoint_every", 10)
+    with _Signals() as signals, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unknown character in the prefix is reported once, at the end
+        try:
+            while trainer.epoch < settings["epochs"] or trainer.in_epoch:
+                record = trainer.run_epoch(should_stop=lambda: signals.received is not None)
+                if record is None:
+                    break
+                if val_ids is not None:
+                    record["val_perplexity"] = evaluate(model, val_ids, settings["batch_size"], settings["num_steps"])
+                    if best["val_perplexity"] is None or record["val_perplexity"] < best["val_perplexity"]:
+                        best = {"val_perplexity": record["val_perplexity"], "epoch": record["epoch"]}
+                        atomic_write_bytes(out / "best.safetensors", checkpoint_bytes(model, vocab, extra=extra))
+                with open(out / "metrics.csv", "ab") as f:  # one line per epoch, for `tail -f`
+                    f.write(metrics_csv([record], header=False))
+                if every and trainer.epoch % every == 0:
+                    write_checkpoint()
+                bar.update(1)
+                bar.set_postfix(perplexity=f"{record['perplexity']:.2f}", tokens_per_s=f"{record['tokens_per_s']:,.0f}")
+                if not quiet and sample_every and trainer.epoch % sample_every == 0:
+                    bar.write(f"epoch {trainer.epoch}: {predict(prefix, 50, model, vocab, token=settings['token'])!r}")
+                if signals.received is not None:
+                    break
+        except Diverged as exc:
+            bar.close()
+            kept = (f"the last good checkpoint is kept in {out / 'checkpoint.safetensors'}"
+                    if (out / "checkpoint.safetensors").exists() else "no checkpoint had been written yet")
+            print(f"npyrnn: error: {exc}; {kept}, and the diverged weights were not saved", file=sys.stderr)
+            return EXIT_DIVERGED
+        bar.close()
+        if signals.received is not None:
+            end_files("interrupted")
+            where = (f"in epoch {trainer.epoch + 1} after {trainer.batches_done} of {len(loader)} minibatches"
+                     if trainer.in_epoch else f"after epoch {trainer.epoch}")
+            hint = resume_hint or f"npyrnn train --resume {out}"
+            print(f"npyrnn: interrupted by {signals.received.name} {where}; resume with: {hint}", file=sys.stderr)
+            return EXIT_SIGNAL[signals.received]
+        samples, caught = end_files("finished")
+    for w in caught:
+        print(f"npyrnn: warning: {w.message}", file=sys.stderr)
+    last = trainer.history[-1]
+    if not quiet:
+        for text in samples.values():
+            echo(text)
+        echo(f"wrote {', '.join(OUTPUT_FILES)} to {out}")
+    if not quiet and last.get("val_perplexity") is not None:
+        echo(f"validation perplexity {last['val_perplexity']:.1f} (best {best['val_perplexity']:.1f} "
+             f"at epoch {best['epoch']})")
+    echo(f"perplexity {last['perplexity']:.1f}, {last['tokens_per_s']:.1f} tokens/s on {backend.name}")
+    return 0

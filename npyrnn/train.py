@@ -171,6 +171,11 @@ class Trainer:
         """True when the last `run_epoch` was stopped before the end of its epoch."""
         return self._pos is not None
 
+    @property
+    def batches_done(self):
+        """Minibatches done in the stopped epoch (0 between epochs)."""
+        return 0 if self._pos is None else self._pos["batch"]
+
     def _rng(self):
         return getattr(self.loader, "rng", None)
 
@@ -292,7 +297,8 @@ class Trainer:
         parts = [xp.asarray(tensors[f"trainer.state.{k}"]) for k in range(position["state_parts"])]
         state = tuple(parts) if position["state_is_tuple"] else (parts[0] if parts else None)
         self._pos = {"batch": int(position["batch"]), "rng_state": position["rng_state"], "state": state,
-                     "loss_sum": xp.asarray(tensors["trainer.loss_sum"]), "norm_max": xp.asarray(tensors["trainer.norm_max"]),
+                     "loss_sum": xp.asarray(tensors["trainer.loss_sum"]).reshape(()),
+                     "norm_max": xp.asarray(tensors["trainer.norm_max"]).reshape(()),
                      "num_tokens": int(position["num_tokens"]), "seconds": float(position["seconds"])}
 
 

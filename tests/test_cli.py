@@ -18,11 +18,11 @@ import pytest
 from npyrnn import backend
 from npyrnn.checkpoint import load_checkpoint
 from npyrnn.cli import main
-from npyrnn.runs import OUTPUT_FILES
+from npyrnn.runs import OUTPUT_FILES, RUN_FILES
 from npyrnn.train import predict
 
 TEXT = "the quick brown fox jumps over the lazy dog\n" * 12  # 528 characters, every letter: vocabulary 28
-SMALL = ["--hidden", "16", "--batch-size", "4", "--num-steps", "8", "--seed", "0"]
+SMALL = ["--hidden", "16", "--batch-size", "4", "--num-steps", "8", "--seed", "0", "--max-tokens", "400", "--val-tokens", "100"]
 LAST_LINE = re.compile(r"perplexity (\d+\.\d), (\d+\.\d) tokens/s on numpy")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TIMEMACHINE = Path(os.environ.get("NPYRNN_DATA_DIR", "/nonexistent")) / "timemachine.txt"
@@ -82,16 +82,16 @@ def test_train_writes_the_four_files(tmp_path, corpus, capsys):
 
     assert code == 0, stderr
     assert stderr == ""
-    assert sorted(os.listdir(out)) == sorted(OUTPUT_FILES)  # exactly these: no temporary files left
+    assert sorted(os.listdir(out)) == sorted(RUN_FILES)  # exactly these: no temporary files left
     lines = stdout.splitlines()
     assert f"wrote {', '.join(OUTPUT_FILES)} to {out}" in lines
     last = LAST_LINE.fullmatch(lines[-1])
     assert last, lines[-1]
 
     rows = list(csv.reader((out / "metrics.csv").read_text().splitlines()))
-    assert rows[0] == ["epoch", "perplexity", "tokens_per_s"]
+    assert rows[0] == ["epoch", "perplexity", "val_perplexity", "tokens_per_s"]
     assert [int(r[0]) for r in rows[1:]] == [1, 2, 3]
-    assert all(1 < float(r[1]) < 100 and float(r[2]) > 0 for r in rows[1:])
+    assert all(1 < float(r[1]) < 100 and 1 < float(r[2]) < 100 and float(r[3]) > 0 for r in rows[1:])
 
     assert (out / "perplexity.png").read_bytes().startswith(PNG_SIGNATURE)
 
@@ -101,12 +101,16 @@ def test_train_writes_the_four_files(tmp_path, corpus, capsys):
     assert summary["epochs"] == 3
     assert summary["seconds"] > 0
     assert summary["perplexity"] == pytest.approx(float(rows[-1][1]))
-    assert summary["tokens_per_s"] == pytest.approx(float(rows[-1][2]))
+    assert summary["val_perplexity"] == pytest.approx(float(rows[-1][2]))
+    assert summary["tokens_per_s_last_epoch"] == pytest.approx(float(rows[-1][3]))
+    assert 0 < summary["tokens_per_s"] <= summary["tokens_per_s_last_epoch"] * 3  # the whole run, slower ends included
+    best = min(range(3), key=lambda i: float(rows[1 + i][2]))
+    assert (summary["best_epoch"], summary["best_val_perplexity"]) == (best + 1, pytest.approx(float(rows[1 + best][2])))
     assert f"{summary['perplexity']:.1f}" == last.group(1)
-    assert f"{summary['tokens_per_s']:.1f}" == last.group(2)
+    assert f"{summary['tokens_per_s_last_epoch']:.1f}" == last.group(2)
     settings = {"hidden": 16, "batch_size": 4, "num_steps": 8, "seed": 0, "lr": 0.5, "layers": 1,
                 "nonlinearity": "tanh", "dtype": "float32", "random_iter": False, "corpus": str(corpus),
-                "vocab_size": 28, "num_tokens": len(TEXT) - TEXT.count("\n")}
+                "vocab_size": 28, "num_tokens": 400, "val_tokens": 100}
     assert {k: summary[k] for k in settings} == settings
 
     model, vocab, extra = load_checkpoint(out / "model.safetensors")
@@ -135,13 +139,13 @@ def test_train_default_out_is_under_runs(tmp_path, corpus, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, stdout, stderr = run(["train", "--corpus", "corpus.txt", *SMALL, "--epochs", "1", "--quiet"], capsys)
     assert code == 0, stderr
-    assert sorted(os.listdir(tmp_path / "runs" / "corpus-h16-sequential")) == sorted(OUTPUT_FILES)
+    assert sorted(os.listdir(tmp_path / "runs" / "corpus-h16-sequential")) == sorted(RUN_FILES)
 
 
 def test_training_learns_a_repeated_text(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     code, _, stderr = run(["train", "--corpus", corpus, "--hidden", "32", "--batch-size", "4", "--num-steps", "8",
-                           "--epochs", "10", "--quiet", "--out", out], capsys)
+                           "--epochs", "10", "--val-tokens", "0", "--quiet", "--out", out], capsys)
     assert code == 0, stderr
     ppl = [float(r["perplexity"]) for r in csv.DictReader((out / "metrics.csv").open())]
     vocab_size = 28
@@ -379,7 +383,7 @@ def test_subprocess_train_and_generate(tmp_path, corpus):
                             tmp_path)
     assert result.returncode == 0, result.stderr
     assert LAST_LINE.fullmatch(result.stdout.rstrip("\n"))
-    assert sorted(os.listdir(tmp_path / "run")) == sorted(OUTPUT_FILES)
+    assert sorted(os.listdir(tmp_path / "run")) == sorted(RUN_FILES)
     result = run_subprocess(["generate", "--checkpoint", "run/model.safetensors", "--prefix", "the", "--length", "7"],
                             tmp_path)
     assert result.returncode == 0, result.stderr
@@ -435,44 +439,35 @@ def test_empty_prefix_fails_before_training(bad_files, monkeypatch, capsys):
     def no_training(*args, **kwargs):
         raise AssertionError("trained although the prefix was empty")
 
-    monkeypatch.setattr(npyrnn.train, "train", no_training)
+    monkeypatch.setattr(npyrnn.train.Trainer, "run_epoch", no_training)
     monkeypatch.chdir(bad_files)
     code, stdout, stderr = run(["train", *GOOD, "--prefix", ""], capsys)
     assert_clean_failure(code, stdout, stderr, "prefix is empty")
 
 
-def test_diverged_run_writes_strict_json(tmp_path, corpus, capsys):
-    """An overflowing loss gives perplexity inf or nan: no traceback, and summary.json stays strict JSON."""
-    out = tmp_path / "run"
-    code = main(["train", "--corpus", str(corpus), *SMALL, "--epochs", "3", "--lr", "1e38", "--clip", "1e38",
-                 "--quiet", "--out", str(out)])
-    stdout = capsys.readouterr().out
-    assert code == 0
-    assert re.fullmatch(r"perplexity (nan|inf), \d+\.\d tokens/s on numpy", stdout.strip())
-    summary = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
-    assert summary["perplexity"] is None
+def test_a_failed_end_write_leaves_the_previous_files(tmp_path, corpus, capsys, monkeypatch):
+    """The end files are replaced all together or not at all."""
+    import npyrnn.files
 
-
-def test_a_failed_write_leaves_the_previous_run(tmp_path, corpus, capsys, monkeypatch):
     out = tmp_path / "run"
     args = ["train", "--corpus", str(corpus), *SMALL, "--epochs", "1", "--quiet", "--out", str(out)]
     assert main(args) == 0
-    before = {name: (out / name).read_bytes() for name in OUTPUT_FILES}
+    before = {name: (out / name).read_bytes() for name in RUN_FILES}
     capsys.readouterr()
-    real_fsync, calls = os.fsync, []
+    real = npyrnn.files._write_synced
 
-    def failing_fsync(fd):
-        calls.append(fd)
-        if len(calls) == 3:  # the third of the four staged files
+    def failing(path, data):
+        if path.name == "perplexity.png":  # one of the files staged together at the end
             raise OSError(28, "No space left on device")
-        real_fsync(fd)
+        real(path, data)
 
-    monkeypatch.setattr(os, "fsync", failing_fsync)
-    code = main([*args, "--epochs", "2"])  # later flags win: a different run into the same folder
+    monkeypatch.setattr(npyrnn.files, "_write_synced", failing)
+    code = main(["train", "--resume", str(out), "--epochs", "2", "--quiet"])  # one epoch more
     err = capsys.readouterr().err
     assert code == 2 and "No space left on device" in err and len(err.strip().splitlines()) == 1
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)  # no staging folder left
-    assert {name: (out / name).read_bytes() for name in OUTPUT_FILES} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)  # no staging folder left
+    for name in ("model.safetensors", "summary.json", "perplexity.png"):
+        assert (out / name).read_bytes() == before[name], name
 
 
 def test_a_failed_first_write_leaves_no_folder(tmp_path, corpus, capsys, monkeypatch):
@@ -495,7 +490,7 @@ def test_a_bug_inside_the_library_shows_its_traceback(bad_files, monkeypatch, ca
     def broken(*args, **kwargs):
         raise exc
 
-    monkeypatch.setattr(npyrnn.train, "train", broken)
+    monkeypatch.setattr(npyrnn.train.Trainer, "run_epoch", broken)
     monkeypatch.chdir(bad_files)
     with pytest.raises(type(exc)):
         main([*["train"], *GOOD])

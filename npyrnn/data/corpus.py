@@ -81,6 +81,8 @@ _GUTENBERG_END = re.compile(r"^[ \t]*\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG
 _NOT_LETTERS = re.compile("[^A-Za-z]+")
 _RAW_WORD = re.compile(r"\S+|\n")  # raw word tokens: whitespace-separated words, and each newline
 TOKEN_KINDS = ("char", "word")
+#: The largest corpus file read (bytes). Larger files are refused before reading.
+MAX_CORPUS_BYTES = 1 << 30
 
 
 # --------------------------------------------------------------------------- files
@@ -285,6 +287,17 @@ def read_text(path):
             f"corpus path '{path}' is a directory, not a file; pass a UTF-8 text file with --corpus PATH "
             "or use --corpus timemachine"
         )
+    if not path.is_file():
+        raise DataError(
+            f"corpus path '{path}' is not a regular file (a device, pipe or socket would be read without end); "
+            "pass a UTF-8 text file with --corpus PATH"
+        )
+    size = path.stat().st_size
+    if size > MAX_CORPUS_BYTES:
+        raise DataError(
+            f"corpus file '{path}' has {size:,} bytes, more than npyrnn reads ({MAX_CORPUS_BYTES:,}: every "
+            "character becomes an 8-byte id in memory); pass a smaller file, e.g. `head -c 100M FILE > SMALL`"
+        )
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -335,6 +348,15 @@ def read_lines(corpus="timemachine", raw=False):
     if raw:
         return lines
     return [_NOT_LETTERS.sub(" ", line).strip().lower() for line in lines]
+
+
+def clean_text(text):
+    """d2l's cleaning of one line without the strip: every run of non-letters becomes one space, lower case.
+
+    `npyrnn generate` applies it to the prefix of a model trained on cleaned text, so
+    "Time Traveller!" reaches the model as "time traveller ".
+    """
+    return _NOT_LETTERS.sub(" ", text).lower()
 
 
 def read_time_machine():
