@@ -9,7 +9,7 @@ import importlib
 
 __version__ = "0.1.0"
 _SUBMODULES = ("backend", "nn", "losses", "optim", "data", "models", "train", "checkpoint", "gradcheck", "cli", "errors", "files",
-               "generate", "runs")
+               "generate", "runs", "info")
 __all__ = [*_SUBMODULES, "__version__"]
 
 

@@ -1,8 +1,9 @@
-"""`npyrnn train | generate | gradcheck` (also `python -m npyrnn`): the arguments, and nothing else.
+"""`npyrnn train | generate | gradcheck | info` (also `python -m npyrnn`): the arguments, and nothing else.
 
 This module parses flags and calls the library: the model is built from flags in one place
 (`build_model`), the run folder is written by `npyrnn.runs`, generation is
-`npyrnn.generate.predict`, the gradient check `npyrnn.gradcheck.check_model`.
+`npyrnn.generate.generate_stream`, the gradient check `npyrnn.gradcheck.check_model`, the
+description of a checkpoint `npyrnn.info.checkpoint_info`.
 
 Bad input (a missing or non-UTF-8 corpus, one too short for the batch shape, bad flag
 values, an unreadable or mismatched checkpoint, an unusable backend) raises an
@@ -11,6 +12,8 @@ does for `OSError` and `MemoryError`. Any other exception is a bug and shows its
 """
 
 import argparse
+import copy
+import json
 import os
 import sys
 import time
@@ -20,8 +23,36 @@ from pathlib import Path
 from npyrnn.errors import NpyrnnError, UsageError
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, with every flag's default shown, except the noise of None and off switches."""
+
+    def _format_action(self, action):
+        if not action.help and self._shows_default(action):
+            action = copy.copy(action)
+            action.help = f"default {self._spec(action)}"  # a flag without help text still shows its default
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        if self._shows_default(action) and "default" not in action.help:
+            return f"{action.help} (default {self._spec(action)})"
+        return action.help
+
+    @staticmethod
+    def _spec(action):
+        return "%(default)r" if isinstance(action.default, str) else "%(default)s"
+
+    @staticmethod
+    def _shows_default(action):
+        default = action.default
+        return bool(action.option_strings) and not (default is None or default is False or default == argparse.SUPPRESS)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (no usage dump), exit code 2."""
+    """argparse, but a usage error is one line (no usage dump), exit code 2; defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
@@ -45,6 +76,7 @@ positive_int = _typed(int, lambda v: v >= 1, "a positive integer")
 nonnegative_int = _typed(int, lambda v: v >= 0, "a non-negative integer")
 positive_float = _typed(float, lambda v: v > 0 and v != float("inf"), "a positive number")
 nonnegative_float = _typed(float, lambda v: v >= 0 and v != float("inf"), "a non-negative number")
+probability = _typed(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def _add_model_flags(p, hidden=512, gradcheck=False):
@@ -81,7 +113,10 @@ def _add_data_flags(p):
 
 
 def build_parser():
+    from npyrnn import __version__
+
     parser = _Parser(prog="npyrnn", description="Recurrent language models with hand-derived BPTT on NumPy or CuPy.")
+    parser.add_argument("--version", action="version", version=f"npyrnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a character-level RNN language model",
@@ -110,14 +145,27 @@ def build_parser():
     g.add_argument("--quiet", action="store_true", help="no progress bar and no samples; only the last line")
     t.set_defaults(func=cmd_train)
 
-    gen = sub.add_parser("generate", help="generate text from a checkpoint")
+    gen = sub.add_parser("generate", help="generate text from a checkpoint",
+                         description="Continue --prefix with a trained model and print it as it is generated. "
+                                     "Sampling filters apply in the order temperature, top-k, top-p.")
     gen.add_argument("--checkpoint", type=Path, required=True, help="model.safetensors written by `npyrnn train`")
     gen.add_argument("--prefix", default="time traveller", help="text that warms the state up (not empty)")
-    gen.add_argument("--length", type=nonnegative_int, default=50, help="tokens to generate (default 50)")
-    gen.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0: greedy (default); >0: sampling")
+    gen.add_argument("--length", type=nonnegative_int, default=50, help="tokens to generate")
+    gen.add_argument("--temperature", type=nonnegative_float, default=0.0,
+                     help="0: greedy; above 0: sample from softmax(logits / T)")
     gen.add_argument("--top-k", type=positive_int, default=None, help="sample among the K most likely tokens")
-    gen.add_argument("--seed", type=nonnegative_int, default=None, help="seed of the sampling")
-    gen.add_argument("--backend", choices=("numpy", "cupy"), default=None)
+    gen.add_argument("--top-p", type=probability, default=None,
+                     help="sample among the fewest most likely tokens whose probability reaches P (nucleus)")
+    gen.add_argument("--num-samples", type=positive_int, default=1,
+                     help="samples, generated together as one batch; more than 1 needs --temperature above 0")
+    gen.add_argument("--stop", default=None, help="stop after this string appears in the generated text "
+                                                   "(printed with it)")
+    gen.add_argument("--seed", type=nonnegative_int, default=None,
+                     help="seed of the sampling; sample i uses SEED+i (default: fresh entropy)")
+    gen.add_argument("--no-stream", action="store_true",
+                     help="print each sample when it is complete (greedy then needs no host sync per token)")
+    gen.add_argument("--backend", choices=("numpy", "cupy"), default=None,
+                     help="array backend (default: $NPYRNN_BACKEND, else numpy)")
     gen.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("gradcheck", help="check the hand gradient against finite differences",
@@ -129,6 +177,14 @@ def build_parser():
     c.add_argument("--directions", type=positive_int, default=2, help="random directions per parameter")
     c.add_argument("--tol", type=positive_float, default=1e-6, help="largest acceptable relative error")
     c.set_defaults(func=cmd_gradcheck)
+
+    i = sub.add_parser("info", help="describe a checkpoint: cell, sizes, vocabulary, settings, final metrics",
+                       description="Print what a checkpoint holds: the model's cell and sizes, its vocabulary, "
+                                   "the training settings stored in it and, when summary.json sits beside it, "
+                                   "the run's final metrics.")
+    i.add_argument("checkpoint", type=Path, help="a model.safetensors written by `npyrnn train`")
+    i.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    i.set_defaults(func=cmd_info)
     return parser
 
 
@@ -186,16 +242,57 @@ def cmd_train(args):
 def cmd_generate(args):
     _use_backend(args)
     from npyrnn.checkpoint import load_checkpoint
-    from npyrnn.generate import predict
+    from npyrnn.generate import generate_stream, predict
 
     model, vocab, extra = load_checkpoint(args.checkpoint)
+    n = args.num_samples
+    options = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed, token=extra.get("token", "char"),
+                   top_p=args.top_p, num_samples=n, stop=args.stop)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        text = predict(args.prefix, args.length, model, vocab, temperature=args.temperature, top_k=args.top_k,
-                       seed=args.seed, token=extra.get("token", "char"))
+        if args.no_stream:
+            texts = predict(args.prefix, args.length, model, vocab, **options)
+        else:
+            pieces = generate_stream(args.prefix, args.length, model, vocab, **options)  # checks everything first
     for w in caught:
         print(f"npyrnn: warning: {w.message}", file=sys.stderr)
-    print(text)
+    if args.no_stream:
+        pieces = ((i, text) for i, text in enumerate(texts))
+    _print_samples(pieces, n)
+    return 0
+
+
+def _print_samples(pieces, n):
+    """Print `(i, piece)` pairs as they come: one sample alone; several under `--- sample I ---` lines.
+
+    The samples are generated together, so the first streams and the others, kept meanwhile,
+    follow when the batch is done.
+    """
+    out = sys.stdout
+    later = [[] for _ in range(n)]
+    if n > 1:
+        out.write("--- sample 1 ---\n")
+    for i, piece in pieces:
+        if i == 0:
+            out.write(piece)
+            out.flush()
+        else:
+            later[i].append(piece)
+    out.write("\n")
+    for i in range(1, n):
+        out.write(f"--- sample {i + 1} ---\n{''.join(later[i])}\n")
+    out.flush()
+
+
+def cmd_info(args):
+    from npyrnn.info import checkpoint_info, format_info
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = checkpoint_info(args.checkpoint)
+    for w in caught:
+        print(f"npyrnn: warning: {w.message}", file=sys.stderr)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 
 

@@ -4,6 +4,7 @@ Most runs call ``npyrnn.cli.main`` in-process; a few run ``python -m npyrnn`` an
 ``npyrnn`` console script as subprocesses to see the real exit code and stderr.
 """
 
+import argparse
 import csv
 import json
 import os
@@ -198,6 +199,158 @@ def test_generate_unknown_prefix_characters_warn_once(trained, capsys):
     assert stdout.startswith("Thé X") and len(stdout[:-1]) == len("Thé X") + 5
 
 
+def test_generate_top_p_num_samples_and_stop(trained, capsys):
+    model, vocab, _ = load_checkpoint(trained)
+    args = ["generate", "--checkpoint", trained, "--prefix", "the", "--length", "40", "--temperature", "1.2",
+            "--top-p", "0.9", "--top-k", "8", "--seed", "3"]
+    code, stdout, stderr = run([*args, "--num-samples", "3"], capsys)
+    assert code == 0 and stderr == "", stderr
+    kw = dict(temperature=1.2, top_p=0.9, top_k=8)
+    texts = predict("the", 40, model, vocab, seed=3, num_samples=3, **kw)
+    assert texts == [predict("the", 40, model, vocab, seed=3 + i, **kw) for i in range(3)]
+    assert stdout == "".join(f"--- sample {i + 1} ---\n{t}\n" for i, t in enumerate(texts))
+    assert run([*args, "--num-samples", "3", "--no-stream"], capsys)[1] == stdout
+    assert run([*args, "--num-samples", "1"], capsys)[1] == texts[0] + "\n"  # one sample: no header
+
+    stop = texts[0][3:][10:12]
+    expected = "the" + texts[0][3:][: texts[0][3:].index(stop) + 2]
+    for flags in ([], ["--no-stream"]):
+        assert run([*args, "--stop", stop, *flags], capsys)[1] == expected + "\n", flags
+    greedy = predict("the", 40, model, vocab)
+    code, stdout, _ = run(["generate", "--checkpoint", trained, "--prefix", "the", "--length", "40", "--stop",
+                           greedy[3 + 5 : 3 + 7]], capsys)
+    assert code == 0 and stdout.startswith("the") and stdout.endswith(greedy[3 + 5 : 3 + 7] + "\n")
+    assert greedy.startswith(stdout[:-1])
+
+
+def test_generate_streams_its_output(trained, monkeypatch):
+    """Each piece is written and flushed as it is produced, not the whole text at the end."""
+    events = []
+
+    class Recorder:
+        def write(self, text):
+            events.append(("write", text))
+
+        def flush(self):
+            events.append(("flush", None))
+
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    assert main(["generate", "--checkpoint", str(trained), "--prefix", "the", "--length", "12"]) == 0
+    writes = [text for kind, text in events if kind == "write"]
+    assert len(writes) == 1 + 12 + 1  # the prefix, one piece per token, the newline
+    assert writes[0] == "the" and all(len(w) == 1 for w in writes[1:])
+    assert events[:4] == [("write", "the"), ("flush", None), ("write", writes[1]), ("flush", None)]
+    model, vocab, _ = load_checkpoint(trained)
+    assert "".join(writes) == predict("the", 12, model, vocab) + "\n"
+
+
+# --------------------------------------------------------------------------- CLI manners
+
+
+def test_version(capsys):
+    import npyrnn
+
+    assert run(["--version"], capsys)[:2] == (0, f"npyrnn {npyrnn.__version__}\n")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", npyrnn.__version__)
+
+
+def _action_help(parser, action):
+    """The help entry of one flag, whitespace collapsed."""
+    formatter = parser._get_formatter()
+    return " ".join(formatter._format_action(action).split())
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "gradcheck", "info"])
+def test_help_shows_every_default(command, capsys):
+    from npyrnn.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    shown = 0
+    for action in sub._actions:
+        if not action.option_strings or action.default is argparse.SUPPRESS:
+            continue
+        text = _action_help(sub, action)
+        assert "default None" not in text and "default False" not in text, text  # no noise for switches
+        if action.default is None or action.default is False:
+            continue
+        convert = action.type or type(action.default)
+        values = re.findall(r"default:? '?([^'()]*?)'?(?:\)|$)", text)
+        assert any(_same(convert, v, action.default) for v in values), f"{action.option_strings[0]}: {text!r}"
+        shown += 1
+    assert shown or command == "info"
+    code, stdout, _ = run([command, "--help"], capsys)  # and the real --help prints them
+    assert code == 0 and "default" in stdout or command == "info"
+
+
+def _same(convert, text, default):
+    try:
+        return convert(text) == default
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        return False
+
+
+def test_info_text_and_json(trained, capsys):
+    code, stdout, stderr = run(["info", trained], capsys)
+    assert code == 0 and stderr == "", stderr
+    summary = json.loads((trained.parent / "summary.json").read_text())
+    fields = dict(re.match(r"(\w+)\s+(.*)", line).groups() for line in stdout.splitlines()[:7])
+    assert fields["checkpoint"] == str(trained)
+    assert fields["cell"] == "rnn (tanh)"
+    assert fields["vocabulary"].startswith("28 char tokens: '<unk>', ' ', ")
+    assert (fields["hidden"], fields["layers"], fields["directions"]) == ("16", "1", "1")
+    V, H = 28, 16
+    num_params = H * V + H * H + 2 * H + V * H + V
+    assert fields["parameters"] == f"{num_params:,} (float32)"
+    assert "training settings:" in stdout and re.search(r"^  lr +1\.0$", stdout, re.MULTILINE)
+    assert f"final metrics (from {trained.parent / 'summary.json'}):" in stdout
+    assert re.search(rf"^  perplexity +{summary['perplexity']:.4g}$", stdout, re.MULTILINE)
+
+    code, stdout, stderr = run(["info", trained, "--json"], capsys)
+    assert code == 0 and stderr == ""
+    info = json.loads(stdout)
+    assert (info["cell"], info["vocab_size"], info["hidden"], info["layers"], info["directions"]) == (
+        "rnn", 28, 16, 1, 1)
+    assert info["parameters"] == num_params
+    model, vocab, extra = load_checkpoint(trained)
+    assert info["parameters"] == sum(v.size for v in model.params.values())
+    assert info["vocabulary"] == vocab.idx_to_token[:28] and info["token"] == "char"
+    assert info["settings"] == extra
+    assert info["metrics"]["perplexity"] == summary["perplexity"]
+    assert info["metrics"]["tokens_per_s"] == summary["tokens_per_s"]
+    assert info["summary"] == str(trained.parent / "summary.json")
+
+
+def test_info_without_or_with_a_bad_summary(trained, tmp_path, capsys):
+    lone = tmp_path / "lone" / "model.safetensors"
+    lone.parent.mkdir()
+    shutil.copy(trained, lone)
+    code, stdout, stderr = run(["info", lone, "--json"], capsys)
+    assert code == 0 and stderr == ""
+    assert json.loads(stdout)["metrics"] == {} and json.loads(stdout)["summary"] is None
+    assert "final metrics: none recorded" in run(["info", lone], capsys)[1]
+    (lone.parent / "summary.json").write_text("{not json")
+    code, stdout, stderr = run(["info", lone], capsys)
+    assert code == 0 and "final metrics: none recorded" in stdout
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("npyrnn: warning:") and "summary.json" in stderr
+
+
+INFO_BAD = {
+    "missing": ("missing.safetensors", "no such file"),
+    "directory": ("folder", "directory"),
+    "garbage": ("garbage.safetensors", "not a readable safetensors file"),
+    "text": ("good.txt", "not a readable safetensors file"),
+}
+
+
+@pytest.mark.parametrize("name, words", INFO_BAD.values(), ids=INFO_BAD.keys())
+def test_info_bad_input(bad_files, monkeypatch, capsys, name, words):
+    monkeypatch.chdir(bad_files)
+    for flags in ([], ["--json"]):
+        assert_clean_failure(*run(["info", name, *flags], capsys), words)
+    assert_clean_failure(*run(["info"], capsys), "checkpoint")
+
+
 # --------------------------------------------------------------------------- gradcheck
 
 
@@ -291,6 +444,15 @@ GENERATE_BAD = {
     "temperature-negative": (["--temperature", "-1"], "--temperature"),
     "top-k-0": (["--top-k", "0"], "--top-k"),
     "top-k-without-temperature": (["--top-k", "3"], "top_k applies only when sampling"),
+    "top-p-0": (["--temperature", "1", "--top-p", "0"], "--top-p"),
+    "top-p-above-1": (["--temperature", "1", "--top-p", "1.5"], "(0, 1]"),
+    "top-p-abc": (["--temperature", "1", "--top-p", "abc"], "'abc'"),
+    "top-p-nan": (["--temperature", "1", "--top-p", "nan"], "--top-p"),
+    "top-p-without-temperature": (["--top-p", "0.9"], "top_p applies only when sampling"),
+    "num-samples-0": (["--temperature", "1", "--num-samples", "0"], "--num-samples"),
+    "num-samples-greedy": (["--num-samples", "2"], "several samples need sampling"),
+    "empty-stop": (["--stop", ""], "stop string must be a non-empty string"),
+    "empty-stop-no-stream": (["--stop", "", "--no-stream"], "stop string must be a non-empty string"),
     "length-negative": (["--length", "-5"], "--length"),
     "empty-prefix": (["--prefix", ""], "prefix is empty"),
     "missing-checkpoint": (["--checkpoint", "missing.safetensors"], "no such file"),
