@@ -238,7 +238,7 @@ class _Stop:
         j = text.find(self.stop)
         if j >= 0:
             return piece[: j + len(self.stop) - len(self.tail)], True
-        self.tail = text[len(text) - (len(self.stop) - 1):]  # the end that may begin an occurrence
+        self.tail = text[max(0, len(text) - (len(self.stop) - 1)):]  # the end that may begin an occurrence
         return piece, False
 
 
