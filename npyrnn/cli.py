@@ -245,6 +245,10 @@ def cmd_generate(args):
     from npyrnn.generate import generate_stream, predict
 
     model, vocab, extra = load_checkpoint(args.checkpoint)
+    if not extra.get("raw", False):  # the model saw d2l's cleaned text: clean the prefix the same way
+        from npyrnn.data import clean_text
+
+        args.prefix = clean_text(args.prefix)
     n = args.num_samples
     options = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed, token=extra.get("token", "char"),
                    top_p=args.top_p, num_samples=n, stop=args.stop)
@@ -348,5 +352,6 @@ def main(argv=None):
               f"{OOM_ADVICE.get(args.command, '')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("npyrnn: interrupted; no output was written", file=sys.stderr)
+        print("npyrnn: interrupted" + ("; no output was written" if args.command == "gradcheck" else ""),
+              file=sys.stderr)
         return 130

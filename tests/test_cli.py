@@ -189,8 +189,18 @@ def test_generate_length_zero_prints_the_prefix(trained, capsys):
     assert run(["generate", "--checkpoint", trained, "--prefix", "fox", "--length", "0"], capsys)[:2] == (0, "fox\n")
 
 
-def test_generate_unknown_prefix_characters_warn_once(trained, capsys):
+def test_generate_cleans_the_prefix_as_the_training_text_was(trained, capsys):
     code, stdout, stderr = run(["generate", "--checkpoint", trained, "--prefix", "Thé X", "--length", "5"], capsys)
+    assert code == 0 and stderr == ""
+    assert stdout.startswith("th x") and len(stdout[:-1]) == len("th x") + 5
+
+
+def test_generate_unknown_prefix_characters_warn_once(tmp_path, corpus, capsys):
+    out = tmp_path / "raw"
+    assert main(["train", "--corpus", str(corpus), *SMALL, "--raw", "--epochs", "1", "--quiet", "--out", str(out)]) == 0
+    capsys.readouterr()
+    args = ["generate", "--checkpoint", out / "model.safetensors", "--prefix", "Thé X", "--length", "5"]
+    code, stdout, stderr = run(args, capsys)
     assert code == 0
     assert len(stderr.splitlines()) == 1
     assert stderr.startswith("npyrnn: warning:")
