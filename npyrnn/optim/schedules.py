@@ -116,9 +116,10 @@ class StepLR(LRScheduler):
 class MultiStepLR(LRScheduler):
     """Multiply the learning rate by `gamma` at each milestone epoch (11.19).
 
-    char-rnn's "decay by `learning_rate_decay` every epoch after `learning_rate_decay_after`"
-    is `MultiStepLR` with milestones `range(after + 1, epochs)`; "once, after epoch N" is
-    `milestones=[N]`.
+    char-rnn's schedule (`-learning_rate_decay 0.97 -learning_rate_decay_after 10`:
+    multiply by 0.97 at the end of every epoch from the 10th on) is
+    `MultiStepLR(opt, milestones=range(10, epochs + 1), gamma=0.97)`; a single decay
+    by a factor after epoch N is `milestones=[N]`.
 
     Parameters
     ----------
