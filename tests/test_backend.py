@@ -13,7 +13,8 @@ from npyrnn import backend
 
 PACKAGE = Path(backend.__file__).resolve().parent
 # Compute modules: everything that touches arrays that may live on the GPU.
-COMPUTE_MODULES = ["nn/rnn.py", "nn/linear.py", "nn/module.py", "losses.py", "optim.py", "models.py", "gradcheck.py"]
+COMPUTE_MODULES = ["nn/rnn.py", "nn/linear.py", "nn/module.py", "losses.py", *(f"optim/{m}.py" for m in ("__init__", "base", "clip", "sgd", "adagrad", "rmsprop", "adam", "schedules")),
+                   "models.py", "gradcheck.py"]
 
 
 def test_numpy_is_the_default():

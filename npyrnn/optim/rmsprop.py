@@ -15,7 +15,8 @@ class RMSprop(Optimizer):
     g <- g + weight_decay p                              (11.1)
     v <- alpha v + (1 - alpha) g * g                     (11.8)
     m <- m + (1 - alpha)(g - m)           (centered)     (11.9)
-    r = sqrt(v - m * m) + eps  (centered), sqrt(v) + eps (11.10)
+    r = sqrt(max(v - m * m, 0)) + eps  (centered),
+        sqrt(v) + eps                     (otherwise)    (11.10)
     b <- momentum b + g / r;  p <- p - lr b  (momentum > 0)
     p <- p - lr g / r                     (otherwise)    (11.11)
     ```
@@ -41,6 +42,11 @@ class RMSprop(Optimizer):
     -----
     State per parameter: `square_avg` ($v$), `grad_avg` ($m$, when centered),
     `momentum_buffer` ($b$, when `momentum > 0`).
+
+    One deliberate difference from torch: centered, where the variance
+    estimate `v - m * m` is 0 up to rounding (`alpha = 0`, or the same
+    gradient step after step), torch's fused multiply-add can leave it at
+    -1e-18 and its parameters become nan; npyrnn takes the root of 0 instead.
     """
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False, *,
@@ -87,7 +93,8 @@ class RMSprop(Optimizer):
             lerp_(xp, m, g, 1 - alpha, t)  # m <- m + (1 - alpha)(g - m)                           (11.9)
             xp.multiply(m, m, out=t)
             xp.subtract(v, t, out=t)
-            xp.sqrt(t, out=t)  # sqrt(v - m^2)                                                     (11.10)
+            xp.maximum(t, 0, out=t)  # v >= m^2 exactly; rounding may leave -1e-18 (torch: nan)
+            xp.sqrt(t, out=t)  # sqrt(max(v - m^2, 0))                                             (11.10)
         else:
             xp.sqrt(v, out=t)  # sqrt(v)                                                           (11.10)
         t += h["eps"]  # r                                                                         (11.10)
