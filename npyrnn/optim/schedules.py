@@ -5,7 +5,9 @@ computes the closed form from the learning rate the optimiser had when the
 schedule was made (`base_lr`) and the epoch count, and writes it into
 `optimizer.lr`. torch's `step()` computes most of them recursively from the
 previous learning rate instead; both agree to rounding (about 1e-15
-relative; the derivation lists where they differ).
+relative; the derivation lists where they differ). A schedule owns the
+optimiser's `lr`: use one per optimiser (torch's `SequentialLR` and
+`ChainedScheduler`, which combine several, are not provided).
 
 ```python
 sched = StepLR(opt, step_size=10, gamma=0.5)   # after construction: epoch 0's lr
