@@ -1,4 +1,8 @@
-"""Smoke test of benchmarks/bench_train.py: tiny sizes, one pair, the JSON's structure. No timing asserted."""
+"""Smoke test of benchmarks/bench_train.py: tiny sizes, one pair, the JSON's structure. No timing asserted.
+
+The benchmark imports as the package ``benchmarks`` from the repository root (which it puts on
+``sys.path`` itself; these tests do the same for the parts they call directly).
+"""
 
 import json
 import os
@@ -13,6 +17,8 @@ import torch  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_train.py"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
 def run_bench(tmp_path, *flags):
@@ -87,3 +93,27 @@ def test_only_one_section(tmp_path):
     results, stdout = run_bench(tmp_path, "--only", "floor")
     assert set(results) == {"meta", "floor"}
     assert "FLOOR" in stdout and "TRAIN" not in stdout
+
+
+def test_pairs_rotate_the_order():
+    from benchmarks.common import pair_order
+
+    assert [pair_order(i, "a", "b") for i in range(3)] == [("a", "b"), ("b", "a"), ("a", "b")]
+    orders = [pair_order(i, "a", "b", "c") for i in range(3)]
+    assert orders == [("a", "b", "c"), ("b", "c", "a"), ("c", "a", "b")]
+    assert all(sorted(o[k] for o in orders) == ["a", "b", "c"] for k in range(3))  # each place once each
+
+
+def test_floor_products_are_one_minibatchs_products():
+    import numpy as np
+
+    from benchmarks.sections.floor import products
+
+    B, T, H, V = 3, 4, 5, 7
+    prods = products(B, T, H, V, np.random.default_rng(0))
+    assert [p.calls for p in prods] == [T, 1, 1, T, 1, 1]
+    # forward and backward recurrences, the output layer both ways, the two weight gradients
+    assert sum(p.flops for p in prods) == 2 * (2 * B * H * H * T) + 2 * (2 * T * B * H * V) + 2 * T * B * H * H \
+        + 2 * V * T * B * H
+    for p in prods:
+        p.run()
