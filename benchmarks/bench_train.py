@@ -57,7 +57,9 @@ def parse_args(argv):
     p.add_argument("--only", choices=SECTIONS, action="append", help="run only this section (repeatable)")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON,
                    help=f"where to write the results (default {DEFAULT_JSON.relative_to(ROOT)})")
-    p.add_argument("--batches", type=int, help="minibatches per training measurement (default: one full epoch)")
+    p.add_argument("--batches", type=int, help="minibatches per epoch of a training measurement (default: all)")
+    p.add_argument("--epochs", type=int, help="whole epochs per training measurement, each a run from the "
+                   "initial weights (default 1)")
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-steps", type=int)
@@ -80,8 +82,8 @@ def make_config(args):
         if v is not None:
             values[field.name] = v
     cfg = Config(**values)
-    if cfg.pairs < 1:
-        raise SystemExit("bench_train: --pairs must be at least 1")
+    if cfg.pairs < 1 or cfg.epochs < 1:
+        raise SystemExit("bench_train: --pairs and --epochs must be at least 1")
     return cfg
 
 
@@ -125,7 +127,10 @@ def main(argv=None):
             **{f"{b['prefix']} ({b['user_api']})": b["num_threads"] for b in threadpoolctl.threadpool_info()},
         }
         corpus, vocab = load_data(cfg)
-        for name, section in (("train", train), ("generate", generate), ("floor", floor)):
+        if "train" in sections:
+            log("train ...")
+            results["train"] = train.run(cfg, corpus, vocab, log, threads)
+        for name, section in (("generate", generate), ("floor", floor)):
             if name in sections:
                 log(f"{name} ...")
                 results[name] = section.run(cfg, corpus, vocab, log)

@@ -26,7 +26,8 @@ class Config:
     prefix: str = "time traveller "
     seed: int = 0
     pairs: int = 5
-    batches: int = 0  # minibatches per training measurement; 0 = one full epoch
+    batches: int = 0  # minibatches per epoch of a training measurement; 0 = the whole epoch
+    epochs: int = 1  # whole epochs per training measurement (tokens/s over all of them)
     floor_reps: int = 20
     gap_s: float = 0.1  # pause (and gc) before each measurement, so the other side's worker threads go idle
 

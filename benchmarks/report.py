@@ -85,8 +85,17 @@ def render_train(results):
     for name in peers:
         header += [name, f"npyrnn/{name}"]
     header.append("last ppl " + "/".join(("npyrnn", *peers)))
-    return ["", "TRAIN tokens/s (median over pairs; each measurement "
-            f"{next(iter(train.values()))['tokens_per_measurement']} tokens)", fmt_table(rows, header)]
+    first = next(iter(train.values()))
+    out = ["", f"TRAIN tokens/s (median over pairs; each measurement a run of {first['epochs_per_measurement']} "
+           f"epoch(s) from the initial weights, {first['tokens_per_measurement']} tokens)", fmt_table(rows, header)]
+    check = train.get("scratch", {}).get("jax_trajectory")
+    if check:
+        proc = train["scratch"].get("jax_process", {})
+        out.append(f"jax {proc.get('jax')} (one child process per measurement, pinning: {proc.get('pinning') or 'none'}; "
+                   f"compile {proc['compile_seconds']['median']:.2f} s, not timed) follows npyrnn's perplexity over "
+                   f"{check['epochs']} epochs to {check['max_rel_diff']:.1e} relative "
+                   f"({'agree' if check['agree'] else 'DISAGREE'} at {check['rtol']:g})")
+    return out
 
 
 def render(results):

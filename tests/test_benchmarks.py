@@ -26,7 +26,7 @@ def run_bench(tmp_path, *flags):
     env = dict(os.environ, PYTHONWARNINGS="error::UserWarning")
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--json", str(out), *flags],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
@@ -63,6 +63,7 @@ def test_train_and_generate(quick):
             assert_summary(train["tokens_per_s"][impl], 1)
             assert len(train["perplexity"][impl]) == 1
         assert_summary(train["ratio_npyrnn_over_torch"], 1)
+        assert train["epochs_per_measurement"] == 1
         gen = results["generate"][kind]
         for impl in ("npyrnn", "torch"):
             assert_summary(gen["chars_per_s"][impl], 1)
@@ -117,3 +118,44 @@ def test_floor_products_are_one_minibatchs_products():
         + 2 * V * T * B * H
     for p in prods:
         p.run()
+
+
+def test_jax_peer_in_the_train_section(quick):
+    pytest.importorskip("jax")
+    results, stdout = quick
+    scratch, concise = results["train"]["scratch"], results["train"]["concise"]
+    assert_summary(scratch["tokens_per_s"]["jax"], 1)
+    assert_summary(scratch["ratio_npyrnn_over_jax"], 1)
+    assert "jax" not in concise["tokens_per_s"]  # d2l's scratch job only
+    # every peer trains from the same initial weights on the same minibatches
+    ppl = scratch["perplexity"]
+    assert abs(ppl["jax"][0] - ppl["npyrnn"][0]) <= 1e-3 * ppl["npyrnn"][0]
+    check = scratch["jax_trajectory"]
+    assert check["epochs"] == 3 and len(check["npyrnn"]) == len(check["jax"]) == 3 and check["agree"]
+    assert scratch["jax_process"]["pinning"] in (None, "taskset -c 0")  # --threads 1
+    assert "npyrnn/jax" in stdout and "follows npyrnn's perplexity" in stdout
+
+
+def test_jax_follows_npyrnn_perplexity_trajectory():
+    """d2l's scratch job in JAX from npyrnn's initial weights: the same per-epoch perplexity, float32."""
+    pytest.importorskip("jax")
+    from benchmarks.common import QUICK, Config, load_data
+    from benchmarks.peers.jax_rnn import trajectory_check
+
+    cfg = Config(**{**QUICK, "max_tokens": 600})
+    corpus, vocab = load_data(cfg)
+    check = trajectory_check(cfg, corpus, vocab, hidden=24, epochs=3)
+    assert check["npyrnn"][-1] < check["npyrnn"][0] - 1, "npyrnn did not learn; the comparison would be weak"
+    assert check["max_rel_diff"] <= 1e-4, check
+    assert check["agree"]
+
+
+def test_jax_child_is_pinned_for_fewer_threads_than_cores():
+    import shutil
+
+    from benchmarks.peers.jax_rnn import pinning
+
+    cores = os.cpu_count() or 1
+    assert pinning(cores) == []
+    if cores > 1 and shutil.which("taskset"):
+        assert pinning(1) == ["taskset", "-c", "0"]

@@ -1,4 +1,4 @@
-"""The implementations a benchmark compares, each with ``train_epoch()`` and ``generate()``.
+"""The implementations a benchmark compares, each with ``train()`` (one measurement) and ``generate()``.
 
 ``npyrnn_peer``: npyrnn's RNNLM. ``torch_peers``: d2l's scratch model and concise ``RNNModel``
 from ``tests/reference.py``, started from the npyrnn model's initial weights.
@@ -12,6 +12,6 @@ def make_pair(cfg, vocab, corpus, kind):
 
     if kind == "scratch":
         ours = NpyrnnLM(cfg, vocab, corpus, cfg.hidden_scratch, init="normal")
-        return ours, TorchScratch(cfg, vocab, corpus, cfg.hidden_scratch, init_from=ours.model)
+        return ours, TorchScratch(cfg, vocab, corpus, cfg.hidden_scratch, initial=ours.initial_model)
     ours = NpyrnnLM(cfg, vocab, corpus, cfg.hidden_concise, init="uniform")
-    return ours, TorchConcise(cfg, vocab, corpus, cfg.hidden_concise, init_from=ours.model)
+    return ours, TorchConcise(cfg, vocab, corpus, cfg.hidden_concise, initial=ours.initial_model)

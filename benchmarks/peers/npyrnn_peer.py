@@ -25,26 +25,36 @@ class NpyrnnLM:
     name = "npyrnn"
 
     def __init__(self, cfg, vocab, corpus, hidden, init):
+        self.cfg, self.vocab, self.corpus, self.hidden, self.init = cfg, vocab, corpus, hidden, init
+        self.reset()
+
+    def initial_model(self):
+        """A fresh model with the initial weights (the same every call: seeded)."""
         from npyrnn.models import RNNLM
+
+        return RNNLM(len(self.vocab), self.hidden, init=self.init, dtype="float32", seed=self.cfg.seed)
+
+    def reset(self):
+        """Back to the initial weights and a fresh loader: the next measurement is a run from the start."""
         from npyrnn.optim import SGD
 
-        self.cfg, self.vocab = cfg, vocab
-        self.model = RNNLM(len(vocab), hidden, init=init, dtype="float32", seed=cfg.seed)
-        self.loader = make_loader(cfg, corpus)
-        self.optimizer = SGD(self.model.params, cfg.lr)
+        self.model = self.initial_model()
+        self.loader = make_loader(self.cfg, self.corpus)
+        self.optimizer = SGD(self.model.params, self.cfg.lr)
 
     def num_batches(self):
         return num_batches(self.loader, self.cfg)
 
-    def train_epoch(self):
-        """Train one measurement; return (seconds, tokens, perplexity)."""
+    def train(self):
+        """Train one measurement, ``cfg.epochs`` epochs; return (seconds, tokens, last perplexity, CPU seconds)."""
         from npyrnn.train import train_epoch
 
-        batches = itertools.islice(iter(self.loader), self.num_batches())
-        start = time.perf_counter()
-        ppl, _ = train_epoch(self.model, batches, self.optimizer, clip=self.cfg.clip)
-        seconds = time.perf_counter() - start
-        return seconds, self.num_batches() * self.cfg.batch_size * self.cfg.num_steps, ppl
+        cpu, start = time.process_time(), time.perf_counter()
+        for _ in range(self.cfg.epochs):
+            batches = itertools.islice(iter(self.loader), self.num_batches())
+            ppl, _ = train_epoch(self.model, batches, self.optimizer, clip=self.cfg.clip)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return seconds, self.cfg.epochs * self.num_batches() * self.cfg.batch_size * self.cfg.num_steps, ppl, cpu
 
     def generate(self):
         """Greedy generation after the prefix; return (seconds, text)."""

@@ -145,7 +145,7 @@ def run(cfg, corpus, vocab, log):
     B, T, H, V = cfg.batch_size, cfg.num_steps, cfg.hidden_scratch, len(vocab)
     prods = products(B, T, H, V, np.random.default_rng(cfg.seed))
     ours = NpyrnnLM(cfg, vocab, corpus, H, init="normal")
-    ours.train_epoch()  # warm-up
+    ours.train()  # warm-up
     time_products(prods, 1)
     flops = sum(p.flops for p in prods)
     floor_s, step_s, epoch_step_s, per_product, phases = [], [], [], [], []

@@ -51,8 +51,8 @@ def child(cfg, which, threads):
             impl = NpyrnnLM(cfg, vocab, corpus, hidden, init="normal" if kind == "scratch" else "uniform")
         else:  # the framework's own initialisation: no npyrnn model in this process
             impl = (TorchScratch if kind == "scratch" else TorchConcise)(cfg, vocab, corpus, hidden)
-        impl.train_epoch()
-        impl.train_epoch()
+        impl.train()
+        impl.train()
         peak = proc_status_kb("VmHWM")
     return {
         "implementation": which,

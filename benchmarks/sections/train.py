@@ -1,35 +1,58 @@
-"""train: training tokens/s of npyrnn and its peers, alternating pairs, same threads, same data and weights."""
+"""train: training tokens/s of npyrnn and its peers, alternating pairs, same threads, same data and weights.
 
-import time
+Each measurement is a whole run: ``cfg.epochs`` epochs from the initial weights with a fresh loader
+(every peer is reset before it is timed), tokens/s over all of them. Peers: d2l's scratch model
+in torch and, where jax imports, in JAX (``scratch``); d2l's concise model in torch (``concise``).
+"""
 
 from benchmarks.common import pair_order, pause, ratio_summary, summary
-from benchmarks.peers import make_pair
+from benchmarks.peers import jax_rnn, make_pair
 
 KINDS = ("scratch", "concise")
 
 
-def run(cfg, corpus, vocab, log):
+def peers(cfg, corpus, vocab, threads, with_jax):
+    """``{kind: [npyrnn, torch(, jax)]}``, all starting from the same initial weights."""
+    impls = {kind: list(make_pair(cfg, vocab, corpus, kind)) for kind in KINDS}
+    if with_jax:
+        impls["scratch"].append(jax_rnn.JaxPeer(cfg, cfg.hidden_scratch, threads))
+    return impls
+
+
+def run(cfg, corpus, vocab, log, threads=1):
+    with_jax = jax_rnn.available()
     results = {}
-    impls = {kind: make_pair(cfg, vocab, corpus, kind) for kind in KINDS}
-    for kind, peers in impls.items():
-        ours = peers[0]
-        for impl in peers:  # warm-up measurement per implementation
-            impl.train_epoch()
+    impls = peers(cfg, corpus, vocab, threads, with_jax)
+    for kind, group in impls.items():
+        ours = group[0]
+        for impl in group:  # warm-up measurement per implementation (the JAX child warms itself up)
+            if not getattr(impl, "warm_up_in_child", False):
+                impl.train()
         results[kind] = {
             "hidden": cfg.hidden_scratch if kind == "scratch" else cfg.hidden_concise,
-            "minibatches_per_measurement": ours.num_batches(),
-            "tokens_per_measurement": ours.num_batches() * cfg.batch_size * cfg.num_steps,
-            "clipping": "d2l grad_clipping (torch); npyrnn.optim.clip_grad_norm (npyrnn)",
+            "minibatches_per_measurement": cfg.epochs * ours.num_batches(),
+            "tokens_per_measurement": cfg.epochs * ours.num_batches() * cfg.batch_size * cfg.num_steps,
+            "epochs_per_measurement": cfg.epochs,
+            "clipping": "d2l grad_clipping (torch); npyrnn.optim.clip_grad_norm (npyrnn); "
+                        "min(1, theta / (norm + 1e-6)) inside the jitted step (jax)",
         }
-    rec = {kind: {impl.name: {"tokens_per_s": [], "ppl": [], "cpu_util": []} for impl in peers}
-           for kind, peers in impls.items()}
+    if with_jax:
+        log("  jax: perplexity-trajectory check ...")
+        check = impls["scratch"][-1].check()
+        results["scratch"]["jax_trajectory"] = check
+        log(f"  jax: {check['epochs']} epochs, largest relative perplexity difference from npyrnn "
+            f"{check['max_rel_diff']:.1e} ({'agree' if check['agree'] else 'DISAGREE'})")
+    else:
+        log("  jax is not installed: no JAX peer (pip install -e '.[bench]')")
+    rec = {kind: {impl.name: {"tokens_per_s": [], "ppl": [], "cpu_util": []} for impl in group}
+           for kind, group in impls.items()}
     for i in range(cfg.pairs):
-        for kind, peers in impls.items():
-            for impl in pair_order(i, *peers):
+        for kind, group in impls.items():
+            for impl in pair_order(i, *group):
+                if hasattr(impl, "reset"):
+                    impl.reset()
                 pause(cfg)
-                cpu0 = time.process_time()
-                seconds, tokens, ppl = impl.train_epoch()
-                cpu = time.process_time() - cpu0
+                seconds, tokens, ppl, cpu = impl.train()
                 r = rec[kind][impl.name]
                 r["tokens_per_s"].append(tokens / seconds)
                 r["ppl"].append(ppl)
@@ -45,4 +68,11 @@ def run(cfg, corpus, vocab, log):
             perplexity={name: v["ppl"] for name, v in r.items()},
             cpu_seconds_per_wall_second={name: summary(v["cpu_util"]) for name, v in r.items()},
         )
+    if with_jax:
+        children = impls["scratch"][-1].children
+        results["scratch"]["jax_process"] = {
+            "jax": children[0]["jax"], "devices": children[0]["devices"], "pinning": children[0]["pinning"],
+            "affinity": children[0]["affinity"],
+            "compile_seconds": summary([c["compile_seconds"] for c in children]),
+        }
     return results
