@@ -60,6 +60,9 @@ def parse_args(argv):
     p.add_argument("--batches", type=int, help="minibatches per epoch of a training measurement (default: all)")
     p.add_argument("--epochs", type=int, help="whole epochs per training measurement, each a run from the "
                    "initial weights (default 1)")
+    p.add_argument("--load", type=int, nargs="?", const=os.cpu_count() or 1, metavar="N",
+                   help="train section: run the pairs again with N busy processes competing "
+                   "(N defaults to the number of cores: one per core)")
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-steps", type=int)
@@ -82,8 +85,8 @@ def make_config(args):
         if v is not None:
             values[field.name] = v
     cfg = Config(**values)
-    if cfg.pairs < 1 or cfg.epochs < 1:
-        raise SystemExit("bench_train: --pairs and --epochs must be at least 1")
+    if cfg.pairs < 1 or cfg.epochs < 1 or cfg.load < 0:
+        raise SystemExit("bench_train: --pairs and --epochs must be at least 1, --load at least 0")
     return cfg
 
 

@@ -5,6 +5,7 @@ import gc
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class Config:
     pairs: int = 5
     batches: int = 0  # minibatches per epoch of a training measurement; 0 = the whole epoch
     epochs: int = 1  # whole epochs per training measurement (tokens/s over all of them)
+    load: int = 0  # busy processes competing during a second round of training pairs; 0 = no loaded round
     floor_reps: int = 20
     gap_s: float = 0.1  # pause (and gc) before each measurement, so the other side's worker threads go idle
 
@@ -64,6 +66,29 @@ def pair_order(i, *impls):
     """
     k = i % len(impls)
     return impls[k:] + impls[:k]
+
+
+class busy_processes:
+    """Context manager: ``n`` child processes that each spin on a core (a Python ``while True``) until exit.
+
+    They compete with the measured process as other users' work would on a shared machine.
+    Each is ended by its own pid on exit, even when the body raises.
+    """
+
+    def __init__(self, n):
+        self.n, self.procs = n, []
+
+    def __enter__(self):
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        time.sleep(0.2)  # let them reach the loop
+        return self.procs
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+        return False
 
 
 # --------------------------------------------------------------------------- threads and data

@@ -88,6 +88,22 @@ def render_train(results):
     first = next(iter(train.values()))
     out = ["", f"TRAIN tokens/s (median over pairs; each measurement a run of {first['epochs_per_measurement']} "
            f"epoch(s) from the initial weights, {first['tokens_per_measurement']} tokens)", fmt_table(rows, header)]
+    loaded = {kind: r["loaded"] for kind, r in train.items() if "loaded" in r}
+    if loaded:
+        rows = []
+        for kind, r in loaded.items():
+            tps, kept = r["tokens_per_s"], r["throughput_kept"]
+            row = [kind, train[kind]["hidden"], f"{tps['npyrnn']['median']:,.0f}", f"{kept['npyrnn']:.2f}"]
+            for name in peers:
+                row += ([f"{tps[name]['median']:,.0f}", f"{kept[name]:.2f}", r3(r[f"ratio_npyrnn_over_{name}"])]
+                        if name in tps else ["-", "-", "-"])
+            rows.append(row)
+        header = ["model", "hidden", "npyrnn", "kept"]
+        for name in peers:
+            header += [name, "kept", f"npyrnn/{name}"]
+        n = next(iter(loaded.values()))["busy_processes"]
+        out += ["", f"TRAIN with {n} busy process(es) competing: tokens/s, and kept = loaded / quiet tokens/s",
+                fmt_table(rows, header)]
     check = train.get("scratch", {}).get("jax_trajectory")
     if check:
         proc = train["scratch"].get("jax_process", {})

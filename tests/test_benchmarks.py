@@ -90,10 +90,28 @@ def test_floor(quick):
     assert set(floor["npyrnn_phase_seconds"]) == {"zero_grad", "forward", "loss", "backward", "clip", "sgd"}
 
 
-def test_only_one_section(tmp_path):
-    results, stdout = run_bench(tmp_path, "--only", "floor")
-    assert set(results) == {"meta", "floor"}
-    assert "FLOOR" in stdout and "TRAIN" not in stdout
+def test_only_one_section_with_load(tmp_path):
+    results, stdout = run_bench(tmp_path, "--only", "train", "--load", "1")
+    assert set(results) == {"meta", "train"}
+    assert "TRAIN" in stdout and "FLOOR" not in stdout and "GENERATE" not in stdout
+    assert results["meta"]["config"]["load"] == 1
+    for kind, train in results["train"].items():
+        loaded = train["loaded"]
+        assert loaded["busy_processes"] == 1
+        assert set(loaded["throughput_kept"]) == set(train["tokens_per_s"]), kind
+        assert all(v > 0 for v in loaded["throughput_kept"].values())
+        for impl in train["tokens_per_s"]:
+            assert_summary(loaded["tokens_per_s"][impl], 1)
+        assert_summary(loaded["ratio_npyrnn_over_torch"], 1)
+    assert "busy process(es) competing" in stdout
+
+
+def test_busy_processes_end_on_exit():
+    from benchmarks.common import busy_processes
+
+    with busy_processes(2) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    assert all(p.poll() is not None for p in procs)
 
 
 def test_pairs_rotate_the_order():

@@ -1,11 +1,17 @@
 """train: training tokens/s of npyrnn and its peers, alternating pairs, same threads, same data and weights.
 
+With ``cfg.load`` (``--load N``) the pairs run a second time while N busy processes compete for
+the cores, and each library's loaded tokens/s and the fraction of its quiet throughput it kept
+go into ``<kind>.loaded``.
+
 Each measurement is a whole run: ``cfg.epochs`` epochs from the initial weights with a fresh loader
 (every peer is reset before it is timed), tokens/s over all of them. Peers: d2l's scratch model
 in torch and, where jax imports, in JAX (``scratch``); d2l's concise model in torch (``concise``).
 """
 
-from benchmarks.common import pair_order, pause, ratio_summary, summary
+import statistics
+
+from benchmarks.common import busy_processes, pair_order, pause, ratio_summary, summary
 from benchmarks.peers import jax_rnn, make_pair
 
 KINDS = ("scratch", "concise")
@@ -44,6 +50,34 @@ def run(cfg, corpus, vocab, log, threads=1):
             f"{check['max_rel_diff']:.1e} ({'agree' if check['agree'] else 'DISAGREE'})")
     else:
         log("  jax is not installed: no JAX peer (pip install -e '.[bench]')")
+    rec = measure_pairs(cfg, impls, log, "train")
+    for kind, r in rec.items():
+        results[kind].update(summarise(r))
+    if cfg.load:
+        log(f"  train with {cfg.load} busy process(es) competing ...")
+        with busy_processes(cfg.load):
+            loaded = measure_pairs(cfg, impls, log, f"train, {cfg.load} busy,")
+        for kind, r in loaded.items():
+            quiet = rec[kind]
+            results[kind]["loaded"] = {
+                "busy_processes": cfg.load,
+                **summarise(r),
+                # whole-run tokens/s with the busy processes over tokens/s without them (medians over pairs)
+                "throughput_kept": {name: statistics.median(v["tokens_per_s"])
+                                    / statistics.median(quiet[name]["tokens_per_s"]) for name, v in r.items()},
+            }
+    if with_jax:
+        children = impls["scratch"][-1].children
+        results["scratch"]["jax_process"] = {
+            "jax": children[0]["jax"], "devices": children[0]["devices"], "pinning": children[0]["pinning"],
+            "affinity": children[0]["affinity"],
+            "compile_seconds": summary([c["compile_seconds"] for c in children]),
+        }
+    return results
+
+
+def measure_pairs(cfg, impls, log, label):
+    """``cfg.pairs`` alternating pairs; ``{kind: {name: {'tokens_per_s', 'ppl', 'cpu_util'}}}`` per measurement."""
     rec = {kind: {impl.name: {"tokens_per_s": [], "ppl": [], "cpu_util": []} for impl in group}
            for kind, group in impls.items()}
     for i in range(cfg.pairs):
@@ -57,22 +91,18 @@ def run(cfg, corpus, vocab, log, threads=1):
                 r["tokens_per_s"].append(tokens / seconds)
                 r["ppl"].append(ppl)
                 r["cpu_util"].append(cpu / seconds)
-            log(f"  train {kind} pair {i + 1}/{cfg.pairs}: " + ", ".join(
+            log(f"  {label} {kind} pair {i + 1}/{cfg.pairs}: " + ", ".join(
                 f"{name} {r['tokens_per_s'][-1]:,.0f} tok/s" for name, r in rec[kind].items()))
-    for kind, r in rec.items():
-        others = [name for name in r if name != "npyrnn"]
-        results[kind].update(
-            tokens_per_s={name: summary(v["tokens_per_s"]) for name, v in r.items()},
-            **{f"ratio_npyrnn_over_{name}": ratio_summary(r["npyrnn"]["tokens_per_s"], r[name]["tokens_per_s"])
-               for name in others},
-            perplexity={name: v["ppl"] for name, v in r.items()},
-            cpu_seconds_per_wall_second={name: summary(v["cpu_util"]) for name, v in r.items()},
-        )
-    if with_jax:
-        children = impls["scratch"][-1].children
-        results["scratch"]["jax_process"] = {
-            "jax": children[0]["jax"], "devices": children[0]["devices"], "pinning": children[0]["pinning"],
-            "affinity": children[0]["affinity"],
-            "compile_seconds": summary([c["compile_seconds"] for c in children]),
-        }
-    return results
+    return rec
+
+
+def summarise(r):
+    """The JSON of one kind's measurements: tokens/s, per-pair ratios npyrnn / each peer, perplexities, CPU use."""
+    others = [name for name in r if name != "npyrnn"]
+    return dict(
+        tokens_per_s={name: summary(v["tokens_per_s"]) for name, v in r.items()},
+        **{f"ratio_npyrnn_over_{name}": ratio_summary(r["npyrnn"]["tokens_per_s"], r[name]["tokens_per_s"])
+           for name in others},
+        perplexity={name: v["ppl"] for name, v in r.items()},
+        cpu_seconds_per_wall_second={name: summary(v["cpu_util"]) for name, v in r.items()},
+    )
