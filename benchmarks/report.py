@@ -21,6 +21,16 @@ ENV_VARS = (
 )
 
 
+def installed_version(dist):
+    """The installed version of a distribution, without importing it; None when absent."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
 def metadata(cfg, threads, sections):
     import numpy as np
     import threadpoolctl
@@ -36,6 +46,7 @@ def metadata(cfg, threads, sections):
         "platform": platform.platform(),
         "numpy": np.__version__,
         "torch": torch.__version__,
+        "jax": installed_version("jax"),  # None: no JAX peer
         "npyrnn": npyrnn.__version__,
         "git_commit": git_commit(),
         "threadpoolctl": threadpoolctl.__version__,

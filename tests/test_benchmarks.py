@@ -47,7 +47,7 @@ def quick(tmp_path_factory):
 def test_meta(quick):
     results, _ = quick
     meta = results["meta"]
-    for key in ("date", "numpy", "torch", "cpu_model", "blas", "env", "config", "threads", "seconds"):
+    for key in ("date", "numpy", "torch", "jax", "cpu_model", "blas", "env", "config", "threads", "seconds"):
         assert key in meta, key
     assert meta["threads"] == 1 and meta["config"]["pairs"] == 1
     assert "OPENBLAS_CORETYPE" in meta["env"] and "OPENBLAS_L2_SIZE" in meta["env"]

@@ -23,8 +23,11 @@ many threads as cores it runs unpinned. The child compiles the step (one warm-up
 of the parameters, not counted), then trains ``cfg.epochs`` whole epochs from npyrnn's initial
 weights and reports the wall time of all of them.
 
-    python benchmarks/peers/jax_rnn.py --mode measure --hidden 512 --config '{"epochs": 2}'
-    python benchmarks/peers/jax_rnn.py --mode check --hidden 16 --config '{"max_tokens": 200, ...}'
+    taskset -c 0 python benchmarks/peers/jax_rnn.py --mode measure --hidden 512 --config '{"epochs": 2}'
+    python benchmarks/peers/jax_rnn.py --mode check --hidden 16 --config '{"max_tokens": 200, "batch_size": 4}'
+
+Each prints one line of JSON (``measure``: seconds, tokens, per-epoch perplexity, CPU seconds,
+compile seconds, CPU affinity; ``check``: see ``trajectory_check``).
 """
 
 import argparse
@@ -53,10 +56,13 @@ CHECK_RTOL = 1e-3  # per-epoch perplexity, float32; the differences measured are
 
 
 def available():
-    """True when jax imports (the benchmark-only extra: pip install -e '.[bench]')."""
+    """True when jax is installed (the benchmark-only extra: pip install -e '.[bench]')."""
     import importlib.util
 
-    return importlib.util.find_spec("jax") is not None
+    try:
+        return importlib.util.find_spec("jax") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["jax"] is None (import blocked)
+        return False
 
 
 # --------------------------------------------------------------------------- the model, in JAX
