@@ -20,6 +20,13 @@ SCRIPT = ROOT / "benchmarks" / "bench_train.py"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.peers import jax_rnn  # noqa: E402  (does not import jax)
+
+# Skipped only where jax is not installed. Not pytest.importorskip: importing jax in this process
+# would register ml_dtypes' bfloat16 with NumPy for the rest of the session (safetensors then
+# reads bf16 files, which tests/test_checkpoint.py expects NumPy to refuse).
+needs_jax = pytest.mark.skipif(not jax_rnn.available(), reason="jax is not installed (pip install -e '.[bench]')")
+
 
 def run_bench(tmp_path, *flags):
     out = tmp_path / "bench.json"
@@ -138,8 +145,8 @@ def test_floor_products_are_one_minibatchs_products():
         p.run()
 
 
+@needs_jax
 def test_jax_peer_in_the_train_section(quick):
-    pytest.importorskip("jax")
     results, stdout = quick
     scratch, concise = results["train"]["scratch"], results["train"]["concise"]
     assert_summary(scratch["tokens_per_s"]["jax"], 1)
@@ -154,15 +161,24 @@ def test_jax_peer_in_the_train_section(quick):
     assert "npyrnn/jax" in stdout and "follows npyrnn's perplexity" in stdout
 
 
+@needs_jax
 def test_jax_follows_npyrnn_perplexity_trajectory():
-    """d2l's scratch job in JAX from npyrnn's initial weights: the same per-epoch perplexity, float32."""
-    pytest.importorskip("jax")
-    from benchmarks.common import QUICK, Config, load_data
-    from benchmarks.peers.jax_rnn import trajectory_check
+    """d2l's scratch job in JAX from npyrnn's initial weights: the same per-epoch perplexity, float32.
 
-    cfg = Config(**{**QUICK, "max_tokens": 600})
-    corpus, vocab = load_data(cfg)
-    check = trajectory_check(cfg, corpus, vocab, hidden=24, epochs=3)
+    In a child process, as the benchmark runs it: importing jax here would register ml_dtypes'
+    bfloat16 with NumPy for the rest of the session and change what other tests see.
+    """
+    from benchmarks.common import QUICK
+
+    config = {k: v for k, v in QUICK.items() if k in ("batch_size", "num_steps")} | {"max_tokens": 600}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "peers" / "jax_rnn.py"), "--mode", "check", "--hidden", "24",
+         "--config", json.dumps(config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="error::UserWarning"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert check["epochs"] == 3 and len(check["npyrnn"]) == len(check["jax"]) == 3
     assert check["npyrnn"][-1] < check["npyrnn"][0] - 1, "npyrnn did not learn; the comparison would be weak"
     assert check["max_rel_diff"] <= 1e-4, check
     assert check["agree"]
