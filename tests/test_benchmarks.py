@@ -1,4 +1,8 @@
-"""Smoke test of benchmarks/bench_train.py: tiny sizes, one pair, the JSON's structure. No timing asserted."""
+"""Smoke test of benchmarks/bench_train.py: tiny sizes, one pair, the JSON's structure. No timing asserted.
+
+The benchmark imports as the package ``benchmarks`` from the repository root (which it puts on
+``sys.path`` itself; these tests do the same for the parts they call directly).
+"""
 
 import json
 import os
@@ -13,6 +17,15 @@ import torch  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_train.py"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.peers import jax_rnn  # noqa: E402  (does not import jax)
+
+# Skipped only where jax is not installed. Not pytest.importorskip: importing jax in this process
+# would register ml_dtypes' bfloat16 with NumPy for the rest of the session (safetensors then
+# reads bf16 files, which tests/test_checkpoint.py expects NumPy to refuse).
+needs_jax = pytest.mark.skipif(not jax_rnn.available(), reason="jax is not installed (pip install -e '.[bench]')")
 
 
 def run_bench(tmp_path, *flags):
@@ -20,7 +33,7 @@ def run_bench(tmp_path, *flags):
     env = dict(os.environ, PYTHONWARNINGS="error::UserWarning")
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--json", str(out), *flags],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
@@ -41,7 +54,7 @@ def quick(tmp_path_factory):
 def test_meta(quick):
     results, _ = quick
     meta = results["meta"]
-    for key in ("date", "numpy", "torch", "cpu_model", "blas", "env", "config", "threads", "seconds"):
+    for key in ("date", "numpy", "torch", "jax", "cpu_model", "blas", "env", "config", "threads", "seconds"):
         assert key in meta, key
     assert meta["threads"] == 1 and meta["config"]["pairs"] == 1
     assert "OPENBLAS_CORETYPE" in meta["env"] and "OPENBLAS_L2_SIZE" in meta["env"]
@@ -57,6 +70,7 @@ def test_train_and_generate(quick):
             assert_summary(train["tokens_per_s"][impl], 1)
             assert len(train["perplexity"][impl]) == 1
         assert_summary(train["ratio_npyrnn_over_torch"], 1)
+        assert train["epochs_per_measurement"] == 1
         gen = results["generate"][kind]
         for impl in ("npyrnn", "torch"):
             assert_summary(gen["chars_per_s"][impl], 1)
@@ -83,7 +97,99 @@ def test_floor(quick):
     assert set(floor["npyrnn_phase_seconds"]) == {"zero_grad", "forward", "loss", "backward", "clip", "sgd"}
 
 
-def test_only_one_section(tmp_path):
-    results, stdout = run_bench(tmp_path, "--only", "floor")
-    assert set(results) == {"meta", "floor"}
-    assert "FLOOR" in stdout and "TRAIN" not in stdout
+def test_only_one_section_with_load(tmp_path):
+    results, stdout = run_bench(tmp_path, "--only", "train", "--load", "1")
+    assert set(results) == {"meta", "train"}
+    assert "TRAIN" in stdout and "FLOOR" not in stdout and "GENERATE" not in stdout
+    assert results["meta"]["config"]["load"] == 1
+    for kind, train in results["train"].items():
+        loaded = train["loaded"]
+        assert loaded["busy_processes"] == 1
+        assert set(loaded["throughput_kept"]) == set(train["tokens_per_s"]), kind
+        assert all(v > 0 for v in loaded["throughput_kept"].values())
+        for impl in train["tokens_per_s"]:
+            assert_summary(loaded["tokens_per_s"][impl], 1)
+        assert_summary(loaded["ratio_npyrnn_over_torch"], 1)
+    assert "busy process(es) competing" in stdout
+
+
+def test_busy_processes_end_on_exit():
+    from benchmarks.common import busy_processes
+
+    with busy_processes(2) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    assert all(p.poll() is not None for p in procs)
+
+
+def test_pairs_rotate_the_order():
+    from benchmarks.common import pair_order
+
+    assert [pair_order(i, "a", "b") for i in range(3)] == [("a", "b"), ("b", "a"), ("a", "b")]
+    orders = [pair_order(i, "a", "b", "c") for i in range(3)]
+    assert orders == [("a", "b", "c"), ("b", "c", "a"), ("c", "a", "b")]
+    assert all(sorted(o[k] for o in orders) == ["a", "b", "c"] for k in range(3))  # each place once each
+
+
+def test_floor_products_are_one_minibatchs_products():
+    import numpy as np
+
+    from benchmarks.sections.floor import products
+
+    B, T, H, V = 3, 4, 5, 7
+    prods = products(B, T, H, V, np.random.default_rng(0))
+    assert [p.calls for p in prods] == [T, 1, 1, T, 1, 1]
+    # forward and backward recurrences, the output layer both ways, the two weight gradients
+    assert sum(p.flops for p in prods) == 2 * (2 * B * H * H * T) + 2 * (2 * T * B * H * V) + 2 * T * B * H * H \
+        + 2 * V * T * B * H
+    for p in prods:
+        p.run()
+
+
+@needs_jax
+def test_jax_peer_in_the_train_section(quick):
+    results, stdout = quick
+    scratch, concise = results["train"]["scratch"], results["train"]["concise"]
+    assert_summary(scratch["tokens_per_s"]["jax"], 1)
+    assert_summary(scratch["ratio_npyrnn_over_jax"], 1)
+    assert "jax" not in concise["tokens_per_s"]  # d2l's scratch job only
+    # every peer trains from the same initial weights on the same minibatches
+    ppl = scratch["perplexity"]
+    assert abs(ppl["jax"][0] - ppl["npyrnn"][0]) <= 1e-3 * ppl["npyrnn"][0]
+    check = scratch["jax_trajectory"]
+    assert check["epochs"] == 3 and len(check["npyrnn"]) == len(check["jax"]) == 3 and check["agree"]
+    assert scratch["jax_process"]["pinning"] in (None, "taskset -c 0")  # --threads 1
+    assert "npyrnn/jax" in stdout and "follows npyrnn's perplexity" in stdout
+
+
+@needs_jax
+def test_jax_follows_npyrnn_perplexity_trajectory():
+    """d2l's scratch job in JAX from npyrnn's initial weights: the same per-epoch perplexity, float32.
+
+    In a child process, as the benchmark runs it: importing jax here would register ml_dtypes'
+    bfloat16 with NumPy for the rest of the session and change what other tests see.
+    """
+    from benchmarks.common import QUICK
+
+    config = {k: v for k, v in QUICK.items() if k in ("batch_size", "num_steps")} | {"max_tokens": 600}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "peers" / "jax_rnn.py"), "--mode", "check", "--hidden", "24",
+         "--config", json.dumps(config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="error::UserWarning"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert check["epochs"] == 3 and len(check["npyrnn"]) == len(check["jax"]) == 3
+    assert check["npyrnn"][-1] < check["npyrnn"][0] - 1, "npyrnn did not learn; the comparison would be weak"
+    assert check["max_rel_diff"] <= 1e-4, check
+    assert check["agree"]
+
+
+def test_jax_child_is_pinned_for_fewer_threads_than_cores():
+    import shutil
+
+    from benchmarks.peers.jax_rnn import pinning
+
+    cores = os.cpu_count() or 1
+    assert pinning(cores) == []
+    if cores > 1 and shutil.which("taskset"):
+        assert pinning(1) == ["taskset", "-c", "0"]

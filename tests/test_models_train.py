@@ -12,35 +12,7 @@ from npyrnn.data import SeqDataLoader, load_corpus
 from npyrnn.models import RNNLM
 from npyrnn.optim import SGD
 from npyrnn.train import predict, train, train_epoch
-
-
-class RNNModel(nn.Module):
-    """d2l chapter 8's concise RNN model, verbatim in substance."""
-
-    def __init__(self, rnn_layer, vocab_size):
-        super().__init__()
-        self.rnn = rnn_layer
-        self.vocab_size = vocab_size
-        self.num_hiddens = self.rnn.hidden_size
-        self.num_directions = 2 if self.rnn.bidirectional else 1
-        self.linear = nn.Linear(self.num_hiddens * self.num_directions, self.vocab_size)
-
-    def forward(self, inputs, state):
-        X = F.one_hot(inputs.T.long(), self.vocab_size).to(self.linear.weight.dtype)
-        Y, state = self.rnn(X, state)
-        output = self.linear(Y.reshape((-1, Y.shape[-1])))
-        return output, state
-
-
-def torch_twin(model):
-    """d2l's RNNModel holding ``model``'s weights, loaded through its state dict (the keys must agree)."""
-    dtype = getattr(torch, model.dtype)
-    layer = nn.RNN(model.vocab_size, model.num_hiddens, num_layers=model.rnn.num_layers,
-                   nonlinearity=model.rnn.nonlinearity, bidirectional=model.rnn.bidirectional, dtype=dtype)
-    net = RNNModel(layer, model.vocab_size).to(dtype)
-    state = {k: torch.from_numpy(backend.to_numpy(v).copy()) for k, v in model.state_dict().items()}
-    net.load_state_dict(state, strict=True)
-    return net
+from reference import concise_twin, grad_clipping, predict_ch8, scratch_twin, sgd, train_epoch_ch8
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +37,7 @@ def test_logits_equal_d2l_rnn_model(cfg, dtype, timemachine, xp):
     logits, new_state = model.forward(xp.asarray(X), xp.asarray(state))
     assert logits.shape == (15 * 4, len(vocab))
     with torch.no_grad():
-        ref, ref_state = torch_twin(model)(torch.from_numpy(X), torch.from_numpy(state))
+        ref, ref_state = concise_twin(model)(torch.from_numpy(X), torch.from_numpy(state))
     tol = 1e-5 if dtype == "float32" else 1e-12
     np.testing.assert_allclose(backend.to_numpy(logits), ref.numpy(), rtol=tol, atol=tol)
     np.testing.assert_allclose(backend.to_numpy(new_state), ref_state.numpy(), rtol=tol, atol=tol)
@@ -83,7 +55,7 @@ def test_rnnlm_gradients_match_autograd(cfg, timemachine, xp):
     dlogits = rng.standard_normal(logits.shape)
     dstate0 = model.backward(xp.asarray(dlogits), xp.asarray(dstate))
 
-    net = torch_twin(model)
+    net = concise_twin(model)
     st = torch.from_numpy(state).requires_grad_(True)
     out, new_st = net(torch.from_numpy(X), st)
     ((out * torch.from_numpy(dlogits)).sum() + (new_st * torch.from_numpy(dstate)).sum()).backward()
@@ -95,8 +67,100 @@ def test_rnnlm_gradients_match_autograd(cfg, timemachine, xp):
     assert set(model.grads) == set(dict(net.named_parameters()))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_scratch_twin_equals_rnnlm(dtype, timemachine, xp):
+    """d2l's scratch model holding an RNNLM's weights: the same logits, state and gradients."""
+    corpus, vocab = timemachine
+    model = RNNLM(len(vocab), 20, dtype=dtype, init="uniform", seed=5)
+    X = corpus[200:248].reshape(4, 12)
+    rng = np.random.default_rng(5)
+    state = rng.standard_normal(model.begin_state(4).shape).astype(dtype)
+    dlogits = rng.standard_normal((48, len(vocab))).astype(dtype)
+    logits, new_state = model.forward(xp.asarray(X), xp.asarray(state))
+    model.backward(xp.asarray(dlogits))
+
+    net = scratch_twin(model)
+    ref, (ref_state,) = net(torch.from_numpy(X), (torch.from_numpy(state[0]),))
+    (ref * torch.from_numpy(dlogits)).sum().backward()
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(backend.to_numpy(logits), ref.detach().numpy(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(backend.to_numpy(new_state)[0], ref_state.detach().numpy(), rtol=tol, atol=tol)
+    if dtype == "float64":
+        W_xh, W_hh, b_h, W_hq, b_q = (p.grad.numpy() for p in net.params)
+        pairs = {"rnn.weight_ih_l0": W_xh.T, "rnn.weight_hh_l0": W_hh.T, "rnn.bias_ih_l0": b_h,
+                 "rnn.bias_hh_l0": b_h, "linear.weight": W_hq.T, "linear.bias": b_q}
+        for name, grad in pairs.items():
+            err = rel_err(model.grads[name], grad)
+            record("RNNLM gradients vs d2l's scratch model (float64)", err)
+            assert err <= 1e-10, name
+
+
+@pytest.mark.parametrize("clip,tol", [(1e9, 1e-10), (0.3, 1e-6)], ids=["no-clipping", "clipping"])
+def test_d2l_training_loop_follows_rnnlm(clip, tol, timemachine, xp):
+    """d2l's train_epoch_ch8 with torch.optim.SGD on the concise twin: npyrnn's perplexity and weights.
+
+    Exact without clipping. With clipping active (the gradient norms here are about 0.4, so 0.3
+    clips every step), d2l's grad_clipping divides by the norm where npyrnn (as torch's
+    clip_grad_norm_) divides by norm + 1e-6: the perplexities differ by about 1e-7.
+    """
+    corpus, vocab = timemachine
+    loader = SeqDataLoader(corpus[:4000], 8, 10, rng=np.random.default_rng(1))
+    batches = [(backend.to_numpy(X), backend.to_numpy(Y)) for X, Y in loader][:30]
+    model = RNNLM(len(vocab), 24, dtype="float64", init="uniform", seed=6)
+    net = concise_twin(model)
+    ref_ppl, tokens = train_epoch_ch8(net, batches, torch.optim.SGD(net.parameters(), lr=1.0), clip=clip)
+    ppl, _ = train_epoch(model, [(xp.asarray(X), xp.asarray(Y)) for X, Y in batches], SGD(model.params, 1.0),
+                         clip=clip)
+    assert tokens == 30 * 8 * 10
+    assert abs(ppl - ref_ppl) <= tol * ref_ppl, (ppl, ref_ppl)
+    for name, p in net.named_parameters():
+        assert rel_err(model.params[name], p.detach().numpy()) <= 10 * tol, name
+
+
+def test_scratch_twin_sgd_step_equals_rnnlm(timemachine, xp):
+    """One step of d2l's sgd on the scratch twin moves the weights as npyrnn's SGD does.
+
+    d2l's scratch model has one hidden bias b_h where npyrnn (torch's layout) has two, each with
+    b_h's gradient: the sum of npyrnn's biases moves twice as far, so only one step is compared
+    and the biases through that relation. No clipping (it would count the bias gradient twice).
+    """
+    corpus, vocab = timemachine
+    X, Y = corpus[:40].reshape(4, 10), corpus[1:41].reshape(4, 10)
+    model = RNNLM(len(vocab), 24, dtype="float64", init="uniform", seed=7)
+    net = scratch_twin(model)
+    b_h0 = net.params[2].detach().clone().numpy()
+    ref_ppl, _ = train_epoch_ch8(net, [(X, Y)], lambda batch_size: sgd(net.params, 1.0, batch_size), clip=1e9)
+    ppl, _ = train_epoch(model, [(xp.asarray(X), xp.asarray(Y))], SGD(model.params, 1.0), clip=None)
+    assert abs(ppl - ref_ppl) <= 1e-12 * ref_ppl
+    W_xh, W_hh, b_h, W_hq, b_q = (p.detach().numpy() for p in net.params)
+    for name, ref in {"rnn.weight_ih_l0": W_xh.T, "rnn.weight_hh_l0": W_hh.T, "linear.weight": W_hq.T,
+                      "linear.bias": b_q}.items():
+        assert rel_err(model.params[name], ref) <= 1e-12, name
+    db_h = b_h0 - b_h  # lr * grad, lr = 1
+    assert np.abs(db_h).max() > 1e-4, "the bias did not move; the check would be empty"
+    both = backend.to_numpy(model.params["rnn.bias_ih_l0"] + model.params["rnn.bias_hh_l0"])
+    assert rel_err(both, b_h0 - 2 * db_h) <= 1e-12
+
+
+def test_d2l_grad_clipping_rescales_only_above_theta():
+    net = scratch_twin(RNNLM(28, 8, dtype="float64", seed=0))
+    for p, scale in zip(net.params, (3.0, 4.0, 0.0, 0.0, 0.0)):
+        p.grad = torch.full_like(p, 0.0)
+        p.grad.view(-1)[0] = scale  # global norm 5
+    grad_clipping(net, 10.0)
+    assert float(net.params[1].grad.view(-1)[0]) == 4.0
+    grad_clipping(net, 1.0)
+    assert abs(float(net.params[0].grad.view(-1)[0]) - 0.6) < 1e-15
+    assert abs(float(net.params[1].grad.view(-1)[0]) - 0.8) < 1e-15
+
+
+def test_scratch_twin_rejects_what_d2l_cannot_express():
+    with pytest.raises(ValueError, match="one layer, one direction and tanh"):
+        scratch_twin(RNNLM(28, 8, num_layers=2))
+
+
 def torch_train(net, batches, lr, clip, use_random_iter):
-    """The seed's train_epoch_ch8 with torch.optim.SGD and clip_grad_norm_; per-step losses."""
+    """d2l's train_epoch_ch8 with torch.optim.SGD and clip_grad_norm_; per-step losses."""
     opt = torch.optim.SGD(net.parameters(), lr=lr)
     state, losses = None, []
     for X, Y in batches:
@@ -125,7 +189,7 @@ def test_training_parity_with_torch(cfg, use_random_iter, timemachine, xp):
     batches = [(backend.to_numpy(X), backend.to_numpy(Y)) for X, Y in loader][:60]
     assert len(batches) == 60
     model = RNNLM(len(vocab), 32, dtype="float64", init="uniform", seed=2, **cfg)
-    net = torch_twin(model)
+    net = concise_twin(model)
     ref = torch_train(net, batches, lr=1.0, clip=1.0, use_random_iter=use_random_iter)
 
     ours = []
@@ -161,19 +225,9 @@ def test_predict_matches_d2l_greedy(timemachine):
     model = RNNLM(len(vocab), 32, dtype="float64", init="uniform", seed=4)
     loader = SeqDataLoader(corpus[:3000], 8, 10, rng=np.random.default_rng(0))
     train(model, loader, vocab, lr=1.0, num_epochs=2, progress=False)
-    net = torch_twin(model)
-    # d2l's predict_ch8
     prefix, num_preds = "time traveller ", 30
-    state = torch.zeros(1, 1, 32, dtype=torch.float64)
-    outputs = [vocab[prefix[0]]]
     with torch.no_grad():
-        for y in prefix[1:]:
-            _, state = net(torch.tensor([[outputs[-1]]]), state)
-            outputs.append(vocab[y])
-        for _ in range(num_preds):
-            y, state = net(torch.tensor([[outputs[-1]]]), state)
-            outputs.append(int(y.argmax(dim=1).reshape(1)))
-    expected = "".join(vocab.idx_to_token[i] for i in outputs)
+        expected = predict_ch8(prefix, num_preds, concise_twin(model), vocab)
     assert predict(prefix, num_preds, model, vocab) == expected
 
 
@@ -229,7 +283,7 @@ def test_rnnlm_bad_input():
         RNNLM(28, 8).backward(np.zeros((6, 28), np.float32))
 
 
-def test_rnnlm_init_matches_the_seed_scratch_model():
+def test_rnnlm_init_matches_d2l_scratch_model():
     model = RNNLM(28, 512, seed=0)
     for name in ("rnn.weight_ih_l0", "rnn.weight_hh_l0", "linear.weight"):
         w = model.params[name]

@@ -1,6 +1,7 @@
 """npyrnn.nn.RNN against torch.nn.RNN: outputs, and every gradient through autograd."""
 
 import itertools
+import zlib
 
 import numpy as np
 import pytest
@@ -10,28 +11,9 @@ from conftest import record, rel_err
 from npyrnn import backend
 from npyrnn.gradcheck import directional_check
 from npyrnn.nn import RNN
+from reference import rnn_twin as torch_twin
 
 I, H = 5, 6
-
-
-def torch_twin(rnn):
-    """A torch.nn.RNN holding the same weights (float64 or float32)."""
-    net = torch.nn.RNN(
-        rnn.input_size,
-        rnn.hidden_size,
-        num_layers=rnn.num_layers,
-        nonlinearity=rnn.nonlinearity,
-        bias=rnn.bias,
-        batch_first=rnn.batch_first,
-        bidirectional=rnn.bidirectional,
-        dtype=getattr(torch, rnn.dtype),
-    )
-    names = [n for n, _ in net.named_parameters()]
-    assert names == list(rnn.params), "parameter names or order differ from torch"
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            p.copy_(torch.from_numpy(backend.to_numpy(rnn.params[n])))
-    return net
 
 
 def make_input(rng, ids, T, B, batch_first, dtype):
@@ -70,7 +52,7 @@ def _id(case):
 @pytest.mark.parametrize("case", GRID, ids=[_id(c) for c in GRID])
 def test_gradients_match_autograd_float64(case, xp):
     L, bi, nl, bias, bf, with_h0, T, B, ids = case
-    rng = np.random.default_rng(hash(case) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()))  # the same in every process
     rnn = RNN(I, H, L, nl, bias, bi, bf, dtype="float64", init="uniform", seed=1)
     D = 2 if bi else 1
     x = make_input(rng, ids, T, B, bf, "float64")

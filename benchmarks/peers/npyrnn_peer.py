@@ -1,0 +1,65 @@
+"""npyrnn's RNNLM trained with ``npyrnn.train.train_epoch`` (SGD, global-norm clipping)."""
+
+import itertools
+import time
+
+import numpy as np
+
+
+def num_batches(loader, cfg):
+    """Minibatches per measurement: one epoch, or ``cfg.batches`` if fewer."""
+    n = len(loader)
+    return min(n, cfg.batches) if cfg.batches else n
+
+
+def make_loader(cfg, corpus):
+    """Sequential minibatches, seeded with ``cfg.seed``: every peer gets its own, so all see the same order."""
+    from npyrnn.data import SeqDataLoader
+
+    return SeqDataLoader(corpus, cfg.batch_size, cfg.num_steps, rng=np.random.default_rng(cfg.seed))
+
+
+class NpyrnnLM:
+    """npyrnn's ``RNNLM(V, hidden, init=init, dtype='float32', seed=cfg.seed)`` with ``npyrnn.optim.SGD``."""
+
+    name = "npyrnn"
+
+    def __init__(self, cfg, vocab, corpus, hidden, init):
+        self.cfg, self.vocab, self.corpus, self.hidden, self.init = cfg, vocab, corpus, hidden, init
+        self.reset()
+
+    def initial_model(self):
+        """A fresh model with the initial weights (the same every call: seeded)."""
+        from npyrnn.models import RNNLM
+
+        return RNNLM(len(self.vocab), self.hidden, init=self.init, dtype="float32", seed=self.cfg.seed)
+
+    def reset(self):
+        """Back to the initial weights and a fresh loader: the next measurement is a run from the start."""
+        from npyrnn.optim import SGD
+
+        self.model = self.initial_model()
+        self.loader = make_loader(self.cfg, self.corpus)
+        self.optimizer = SGD(self.model.params, self.cfg.lr)
+
+    def num_batches(self):
+        return num_batches(self.loader, self.cfg)
+
+    def train(self):
+        """Train one measurement, ``cfg.epochs`` epochs; return (seconds, tokens, last perplexity, CPU seconds)."""
+        from npyrnn.train import train_epoch
+
+        cpu, start = time.process_time(), time.perf_counter()
+        for _ in range(self.cfg.epochs):
+            batches = itertools.islice(iter(self.loader), self.num_batches())
+            ppl, _ = train_epoch(self.model, batches, self.optimizer, clip=self.cfg.clip)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return seconds, self.cfg.epochs * self.num_batches() * self.cfg.batch_size * self.cfg.num_steps, ppl, cpu
+
+    def generate(self):
+        """Greedy generation after the prefix; return (seconds, text)."""
+        from npyrnn.train import predict
+
+        start = time.perf_counter()
+        text = predict(self.cfg.prefix, self.cfg.num_preds, self.model, self.vocab)
+        return time.perf_counter() - start, text

@@ -1,0 +1,1 @@
+"""One module per measurement: ``train``, ``generate``, ``memory``, ``floor``; each has ``run(...)``."""

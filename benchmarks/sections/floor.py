@@ -1,0 +1,189 @@
+"""floor: npyrnn's time per training minibatch against the time of its own matrix products.
+
+``products`` describes each product of one minibatch once (name, shape, calls, FLOPs) together
+with the NumPy call that times it; the floor is the sum of their median times.
+"""
+
+import dataclasses
+import itertools
+import math
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+
+from benchmarks.common import pair_order, pause, ratio_summary, summary
+from benchmarks.peers.npyrnn_peer import NpyrnnLM
+
+NOTES = (
+    "floor = sum over the products of the median time of one call (the x T products: one loop of T calls "
+    "into preallocated outputs, the forward ones chained); npyrnn time per minibatch = median over "
+    "one epoch's minibatches of npyrnn.train.train_step (forward, loss, backward, clip, SGD); "
+    "npyrnn_epoch_seconds_per_minibatch = the whole epoch (data slicing included) / minibatches. "
+    "Not counted: the one-hot input gather and its scatter-add gradient (memory-bound, no FLOPs) and the "
+    "elementwise work."
+)
+
+
+@dataclasses.dataclass
+class Product:
+    """One matrix product of a training minibatch, and a callable that performs all its calls."""
+
+    name: str
+    shape: str
+    calls: int
+    flops_per_call: int
+    run: Callable[[], None]
+
+    @property
+    def flops(self):
+        return self.calls * self.flops_per_call
+
+
+def products(B, T, H, V, rng):
+    """The matrix products of one npyrnn training minibatch (one layer, token-id input), torch layout.
+
+    Each runs as npyrnn calls it: float32, ``np.matmul`` into preallocated outputs; the x T products as
+    one loop of T calls, the forward ones chained (``h_{t+1} = h_t W^T`` with ``W ~ N(0, 1/H)``, so the
+    values stay O(1): no inf, no denormals; no tanh).
+    """
+    f32, N = np.float32, T * B
+    W_hh = (rng.standard_normal((H, H)) / math.sqrt(H)).astype(f32)
+    W_out = (rng.standard_normal((V, H)) / math.sqrt(H)).astype(f32)
+    Hs = rng.standard_normal((T + 1, B, H)).astype(f32)
+    dA = rng.standard_normal((T, B, H)).astype(f32)
+    dlogits = rng.standard_normal((N, V)).astype(f32)
+    out2, prev, dA2 = Hs[1:].reshape(N, H), Hs[:T].reshape(N, H), dA.reshape(N, H)
+    Hf = Hs.copy()
+    carry = np.empty((B, H), f32)
+    logits, dout = np.empty((N, V), f32), np.empty((N, H), f32)
+    dW_hh, dW_out = np.empty((H, H), f32), np.empty((V, H), f32)
+
+    def forward():
+        for t in range(T):
+            np.matmul(Hf[t], W_hh.T, out=Hf[t + 1])  # chained, like the recurrence
+
+    def backward():
+        for t in range(T - 1, -1, -1):
+            np.matmul(dA[t], W_hh, out=carry)
+
+    return [
+        Product("forward h_{t-1} W_hh^T", f"({B},{H})@({H},{H}) x{T}", T, 2 * B * H * H, forward),
+        Product("output logits = out W^T", f"({N},{H})@({H},{V})", 1, 2 * N * H * V,
+                lambda: np.matmul(out2, W_out.T, out=logits)),
+        Product("output dout = dlogits W", f"({N},{V})@({V},{H})", 1, 2 * N * V * H,
+                lambda: np.matmul(dlogits, W_out, out=dout)),
+        Product("backward da_t W_hh", f"({B},{H})@({H},{H}) x{T}", T, 2 * B * H * H, backward),
+        Product("grad dW_hh = dA^T H_prev", f"({H},{N})@({N},{H})", 1, 2 * H * N * H,
+                lambda: np.matmul(dA2.T, prev, out=dW_hh)),
+        Product("grad dW_out = dlogits^T out", f"({V},{N})@({N},{H})", 1, 2 * V * N * H,
+                lambda: np.matmul(dlogits.T, out2, out=dW_out)),
+    ]
+
+
+def time_products(prods, reps):
+    """Median seconds of each product over ``reps`` runs (after one warm-up run each), interleaved."""
+    for p in prods:
+        p.run()
+    times = [[] for _ in prods]
+    for _ in range(reps):
+        for p, ts in zip(prods, times):
+            t0 = time.perf_counter()
+            p.run()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def npyrnn_steps(ours):
+    """One epoch of ``npyrnn.train.train_step`` calls, state carried; return (seconds, seconds of each minibatch)."""
+    from npyrnn.train import train_step
+
+    model, cfg, times = ours.model, ours.cfg, []
+    state = None
+    start = time.perf_counter()
+    for X, Y in itertools.islice(iter(ours.loader), ours.num_batches()):
+        t0 = time.perf_counter()
+        if state is None:
+            state = model.begin_state(X.shape[0])
+        loss, state = train_step(model, X, Y, state, ours.optimizer, cfg.clip)
+        float(loss)  # a no-op on NumPy; a sync on CuPy
+        times.append(time.perf_counter() - t0)
+    return time.perf_counter() - start, times
+
+
+def npyrnn_phases(ours):
+    """Time forward / loss / backward / clip / SGD of each minibatch of one epoch, with the public API."""
+    from npyrnn.losses import softmax_cross_entropy
+    from npyrnn.optim import clip_grad_norm
+
+    model, cfg = ours.model, ours.cfg
+    phases = {"zero_grad": [], "forward": [], "loss": [], "backward": [], "clip": [], "sgd": []}
+    state = None
+    for X, Y in itertools.islice(iter(ours.loader), ours.num_batches()):
+        if state is None:
+            state = model.begin_state(X.shape[0])
+        t0 = time.perf_counter()
+        model.zero_grad()
+        t1 = time.perf_counter()
+        logits, state = model.forward(X, state)
+        t2 = time.perf_counter()
+        _, dlogits = softmax_cross_entropy(logits, Y.T.reshape(-1))
+        t3 = time.perf_counter()
+        model.backward(dlogits)
+        t4 = time.perf_counter()
+        clip_grad_norm(model.grads, cfg.clip)
+        t5 = time.perf_counter()
+        ours.optimizer.step(model.grads)
+        t6 = time.perf_counter()
+        for name, a, b in zip(phases, (t0, t1, t2, t3, t4, t5), (t1, t2, t3, t4, t5, t6)):
+            phases[name].append(b - a)
+    return {name: statistics.median(ts) for name, ts in phases.items()}
+
+
+def run(cfg, corpus, vocab, log):
+    B, T, H, V = cfg.batch_size, cfg.num_steps, cfg.hidden_scratch, len(vocab)
+    prods = products(B, T, H, V, np.random.default_rng(cfg.seed))
+    ours = NpyrnnLM(cfg, vocab, corpus, H, init="normal")
+    ours.train()  # warm-up
+    time_products(prods, 1)
+    flops = sum(p.flops for p in prods)
+    floor_s, step_s, epoch_step_s, per_product, phases = [], [], [], [], []
+
+    def measure_floor():
+        pause(cfg)
+        ts = time_products(prods, cfg.floor_reps)
+        per_product.append(ts)
+        floor_s.append(sum(ts))
+
+    def measure_npyrnn():
+        pause(cfg)
+        seconds, times = npyrnn_steps(ours)
+        step_s.append(statistics.median(times))  # robust to preemption, like the floor's medians
+        epoch_step_s.append(seconds / len(times))
+
+    for i in range(cfg.pairs):
+        for measure in pair_order(i, measure_npyrnn, measure_floor):
+            measure()
+        pause(cfg)
+        phases.append(npyrnn_phases(ours))
+        log(f"  floor pair {i + 1}/{cfg.pairs}: floor {floor_s[-1] * 1e3:.2f} ms, "
+            f"npyrnn {step_s[-1] * 1e3:.2f} ms per minibatch")
+    return {
+        "shapes": {"batch_size": B, "num_steps": T, "hidden": H, "vocab_size": V},
+        "products": [
+            {"name": p.name, "shape": p.shape, "calls": p.calls, "flops": p.flops,
+             "seconds": summary([pp[j] for pp in per_product]),
+             "gflops_per_s": p.flops / statistics.median([pp[j] for pp in per_product]) / 1e9}
+            for j, p in enumerate(prods)
+        ],
+        "flops_per_minibatch": flops,
+        "floor_seconds": summary(floor_s),
+        "npyrnn_seconds_per_minibatch": summary(step_s),
+        "npyrnn_epoch_seconds_per_minibatch": summary(epoch_step_s),
+        "ratio_npyrnn_over_floor": ratio_summary(step_s, floor_s),
+        "floor_gflops_per_s": flops / statistics.median(floor_s) / 1e9,
+        "npyrnn_gflops_per_s": flops / statistics.median(step_s) / 1e9,
+        "npyrnn_phase_seconds": {name: statistics.median(p[name] for p in phases) for name in phases[0]},
+        "notes": NOTES,
+    }
