@@ -2,6 +2,7 @@
 
 from npyrnn.nn.linear import Linear
 from npyrnn.nn.module import Module
+from npyrnn.nn.recurrent import Recurrent
 from npyrnn.nn.rnn import RNN
 
-__all__ = ["RNN", "Linear", "Module"]
+__all__ = ["RNN", "Linear", "Module", "Recurrent"]
