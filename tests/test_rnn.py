@@ -1,6 +1,7 @@
 """npyrnn.nn.RNN against torch.nn.RNN: outputs, and every gradient through autograd."""
 
 import itertools
+import zlib
 
 import numpy as np
 import pytest
@@ -70,7 +71,7 @@ def _id(case):
 @pytest.mark.parametrize("case", GRID, ids=[_id(c) for c in GRID])
 def test_gradients_match_autograd_float64(case, xp):
     L, bi, nl, bias, bf, with_h0, T, B, ids = case
-    rng = np.random.default_rng(hash(case) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()))  # the same in every process
     rnn = RNN(I, H, L, nl, bias, bi, bf, dtype="float64", init="uniform", seed=1)
     D = 2 if bi else 1
     x = make_input(rng, ids, T, B, bf, "float64")
