@@ -45,6 +45,9 @@ CHAPTERS = {
     "5": "one-hot.md",
     "6": "clipping-sgd.md",
     "7": "gradcheck.md",
+    "8": "gru.md",
+    "9": "lstm.md",
+    "10": "dropout.md",
 }
 
 
@@ -192,7 +195,7 @@ def test_every_flag_is_documented(command):
 
 # ------------------------------------------------------------------------------------------ (d)
 
-NUMBER = r"[1-7]\.[1-9]\d*[ab]?"
+NUMBER = r"(?:10|[1-9])\.[1-9]\d*[ab]?"
 
 
 def code_citations():
