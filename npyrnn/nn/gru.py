@@ -255,7 +255,7 @@ class GRU(Recurrent):
         """The backward time loop of one (layer, direction); returns (dgx, dh0, None)."""
         xp = self.xp
         T, B, H = rec.T, rec.B, self.hidden_size
-        Hs, o, p, G = rec.Hs, rec.o, rec.p, rec.gx
+        Hs, p, G = rec.Hs, rec.p, rec.gx
         W_hh = self._p("weight_hh", rec.k, rec.suffix)
         r, z, n = G[:, :, :H], G[:, :, H : 2 * H], G[:, :, 2 * H :]
         prev = Hs[p : p + T]  # h_{t-1} for every t, (T, B, H)
@@ -276,7 +276,6 @@ class GRU(Recurrent):
         S_r *= r  # r (1 - r)
         if self.reset_after:
             S_r *= rec.GH[:, :, 2 * H :]  # (h_{t-1} W_hn^T + b_hn) r (1 - r)             (8.9a)
-            W_hn = None
         else:
             S_r *= prev  # h_{t-1} r (1 - r)                                             (8.9b)
             W_hn, W_rz = W_hh[2 * H :], W_hh[: 2 * H]

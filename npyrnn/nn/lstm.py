@@ -230,7 +230,7 @@ class LSTM(Recurrent):
         """The backward time loop of one (layer, direction); returns (dgx, dh0, dc0)."""
         xp = self.xp
         T, B, H, P = rec.T, rec.B, self.hidden_size, self.output_size
-        Hs, C, G, o, p = rec.Hs, rec.C, rec.gx, rec.o, rec.p
+        Hs, C, G, p = rec.Hs, rec.C, rec.gx, rec.p
         W_hh = self._p("weight_hh", rec.k, rec.suffix)  # (4H, P)
         W_hr = self._p("weight_hr", rec.k, rec.suffix) if self.proj_size else None  # (P, H)
         i, f, g, og = G[:, :, :H], G[:, :, H : 2 * H], G[:, :, 2 * H : 3 * H], G[:, :, 3 * H :]

@@ -53,7 +53,8 @@ class Recurrent(Module):
       (T+1, B, P); add `rec.gx` (T, B, G*H), a C-contiguous array where the driver writes
       the input side of every gate, and whatever the time loop keeps for backward;
     - `_input_bias(k, suffix)`: the (G*H,) bias folded into the input side;
-    - `_scan(rec, h0, c0)`: the time loop, filling `rec.Hs[o:o+T]` (and `rec.C`);
+    - `_scan(rec, c0)`: the time loop, filling `rec.Hs[o:o+T]` from `rec.gx` and the initial
+      state the driver put in `rec.Hs[p*T]` (the LSTM also fills `rec.C`, starting from `c0`);
     - `_scan_back(rec, dY, dh_n, dc_n)`: the backward time loop; accumulates the hidden-side
       weight gradients and returns `(dgx, dh0, dc0)`, dgx (T, B, G*H) the gradient of `rec.gx`;
     - `_bias_hh_grad(rec, db_ih)`: the gradient of `bias_hh` given that of `bias_ih`;
