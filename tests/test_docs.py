@@ -45,6 +45,9 @@ CHAPTERS = {
     "5": "one-hot.md",
     "6": "clipping-sgd.md",
     "7": "gradcheck.md",
+    "8": "gru.md",
+    "9": "lstm.md",
+    "10": "dropout.md",
     "11": "optimizers.md",
 }
 

@@ -27,3 +27,14 @@ def init_bias(rng, shape, init, fan):
         return numpy.zeros(shape)
     bound = 1.0 / fan**0.5
     return rng.uniform(-bound, bound, size=shape)
+
+
+def seed_streams(seed):
+    """Two independent host generators from one seed: (parameters, dropout masks).
+
+    The first is exactly `numpy.random.default_rng(seed)`, so a layer draws the
+    same weights for a seed as before dropout existed; the second is a child
+    stream spawned from the same `SeedSequence`.
+    """
+    sequence = numpy.random.SeedSequence(seed)
+    return numpy.random.default_rng(sequence), numpy.random.default_rng(sequence.spawn(1)[0])

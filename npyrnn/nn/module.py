@@ -28,6 +28,13 @@ def check_positive_int(name, value):
     return value
 
 
+def check_probability(name, value):
+    """``value`` as a float in [0, 1), or ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 def check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
@@ -40,12 +47,32 @@ def shape_str(shape):
 
 
 class Module:
-    """Base class: ``params``, ``grads``, ``zero_grad``, ``state_dict``, ``load_state_dict``."""
+    """Base class: `params`, `grads`, `zero_grad`, `state_dict`, `load_state_dict`, `train`, `eval`.
+
+    Attributes
+    ----------
+    training : bool
+        True after construction and `train()`, False after `eval()`. Only dropout
+        looks at it (masks are drawn in training mode only, as in torch).
+    """
 
     def __init__(self):
         self.params = {}
         self.grads = {}
         self._workspace = {}
+        self.training = True
+
+    def train(self, mode=True):
+        """Set training mode (dropout active) on this module and every module it holds; return self."""
+        self.training = bool(mode)
+        for value in vars(self).values():
+            if isinstance(value, Module):
+                value.train(mode)
+        return self
+
+    def eval(self):
+        """Set evaluation mode (no dropout), like `torch.nn.Module.eval`; return self."""
+        return self.train(False)
 
     @property
     def xp(self):
