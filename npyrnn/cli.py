@@ -75,16 +75,24 @@ def _typed(kind, check, what):
 positive_int = _typed(int, lambda v: v >= 1, "a positive integer")
 nonnegative_int = _typed(int, lambda v: v >= 0, "a non-negative integer")
 positive_float = _typed(float, lambda v: v > 0 and v != float("inf"), "a positive number")
+probability = _typed(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 nonnegative_float = _typed(float, lambda v: v >= 0 and v != float("inf"), "a non-negative number")
 probability = _typed(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def _add_model_flags(p, hidden=512, gradcheck=False):
     g = p.add_argument_group("model")
-    g.add_argument("--hidden", type=positive_int, default=hidden, help="hidden units per layer (default %(default)s)")
-    g.add_argument("--layers", type=positive_int, default=1, help="stacked RNN layers (default 1)")
+    g.add_argument("--cell", choices=("rnn", "gru", "lstm"), default="rnn",
+                   help="rnn: Elman (d2l chapter 8); gru, lstm: as torch.nn.GRU / nn.LSTM (d2l chapter 9)")
+    g.add_argument("--hidden", type=positive_int, default=hidden, help="hidden units per layer")
+    g.add_argument("--layers", type=positive_int, default=1, help="stacked recurrent layers")
     g.add_argument("--bidirectional", action="store_true", help="read each window in both directions")
-    g.add_argument("--nonlinearity", choices=("tanh", "relu"), default="tanh")
+    g.add_argument("--nonlinearity", choices=("tanh", "relu"), default="tanh", help="the Elman RNN's activation")
+    g.add_argument("--dropout", type=probability, default=0.0, help="dropout between stacked layers, in [0, 1)")
+    g.add_argument("--gru-reset", choices=("after", "before"), default="after",
+                   help="GRU: reset gate after the hidden product (torch, cuDNN) or before it (d2l's scratch GRU)")
+    g.add_argument("--proj-size", type=nonnegative_int, default=0,
+                   help="LSTM: project h to this size (torch's proj_size; 0: none; below --hidden)")
     g.add_argument("--init", choices=("normal", "uniform"), default="uniform" if gradcheck else "normal",
                    help="normal: N(0, 0.01^2) weights, zero biases (d2l's scratch model); uniform: torch's default "
                         "(default %(default)s)")
@@ -213,13 +221,27 @@ def _default_out(args):
 
 SETTINGS = ("corpus", "token", "raw", "max_tokens", "val_tokens", "hidden", "layers", "bidirectional",
             "nonlinearity", "init", "dtype", "epochs", "lr", "clip", "batch_size", "num_steps", "random_iter",
-            "seed", "prefix", "checkpoint_every", "optimizer", "momentum", "weight_decay", "schedule")
+            "seed", "prefix", "checkpoint_every", "optimizer", "momentum", "weight_decay", "schedule", "cell",
+            "dropout", "gru_reset", "proj_size")
 
 
-def _given_flags(argv):
-    """The train flags that `argv` gives explicitly (dest -> value), whatever their defaults."""
+def _check_cell_flags(args):
+    """Flags that belong to another cell are usage errors, not silently ignored."""
+    given = _given_flags(args.argv, args.command)
+    if args.cell != "rnn" and "nonlinearity" in given:
+        raise UsageError(f"--nonlinearity applies to --cell rnn only; the {args.cell.upper()} has its own gates")
+    if args.cell != "gru" and "gru_reset" in given:
+        raise UsageError("--gru-reset applies to --cell gru only")
+    if args.cell != "lstm" and args.proj_size:
+        raise UsageError("--proj-size applies to --cell lstm only")
+    if args.proj_size >= args.hidden:
+        raise UsageError(f"--proj-size {args.proj_size} must be below --hidden {args.hidden}")
+
+
+def _given_flags(argv, command="train"):
+    """The flags of `command` that `argv` gives explicitly (dest -> value), whatever their defaults."""
     parser = build_parser()
-    for action in _subparsers(parser)["train"]._actions:
+    for action in _subparsers(parser)[command]._actions:
         action.default = argparse.SUPPRESS
     return vars(parser.parse_args(argv))
 
@@ -239,6 +261,7 @@ def cmd_train(args):
         settings = runs.resume_settings(args.resume, given)
         out = args.resume
     else:
+        _check_cell_flags(args)
         settings = {name: getattr(args, name) for name in SETTINGS}
         out = args.out if args.out is not None else _default_out(args)
     from npyrnn.optim import SGD
@@ -318,6 +341,7 @@ def cmd_gradcheck(args):
 
     from npyrnn.runs import load_data
 
+    _check_cell_flags(args)
     _, _, vocab, loader = load_data(vars(args))
     X, Y = next(iter(loader))
     from npyrnn.runs import build_model

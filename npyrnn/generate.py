@@ -31,6 +31,7 @@ of the logits, which can move a draw that falls within rounding of a boundary).
 `seed=None` draws fresh entropy: not reproducible.
 """
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -214,13 +215,27 @@ def _seeds(seed, n):
     return [int(seed) + i for i in range(n)]
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Generate without dropout (`model.eval()`), then restore the model's mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _start(model, ids, batch_size, num_preds):
     """Warm up on the prefix ids; return the stepper and the device array of generated ids."""
     xp = model.xp
     state = model.begin_state(1)
     if len(ids) > 1:  # warm-up: one forward pass over all but the last prefix token, for one sequence
         _, state = model.forward(xp.asarray([ids[:-1]]), state)
-    state = xp.repeat(state, batch_size, axis=1)  # (L*D, B, H): every sample starts from it
+    if isinstance(state, tuple):  # the LSTM's (h, c)
+        state = tuple(xp.repeat(part, batch_size, axis=1) for part in state)
+    else:
+        state = xp.repeat(state, batch_size, axis=1)  # (L*D, B, H): every sample starts from it
     out = xp.empty((num_preds + 1, batch_size), dtype="int64")  # generated ids stay on the device
     out[0] = ids[-1]
     return model.stepper(state), out
@@ -250,6 +265,11 @@ def _cut(text, stop):
 
 def _pieces(prefix, tokens, num_preds, model, vocab, temperature, top_k, top_p, seeds, sep, stop):
     """Yield `(i, piece)`: each sample's prefix, then each generated token's text (host sync per token)."""
+    with _eval_mode(model):  # restored when the generator finishes or is closed
+        yield from _pieces_eval(prefix, tokens, num_preds, model, vocab, temperature, top_k, top_p, seeds, sep, stop)
+
+
+def _pieces_eval(prefix, tokens, num_preds, model, vocab, temperature, top_k, top_p, seeds, sep, stop):
     xp = model.xp
     B = len(seeds)
     step, out = _start(model, vocab[tokens], B, num_preds)
@@ -379,9 +399,10 @@ def predict(prefix, num_preds, model, vocab, temperature=0.0, top_k=None, seed=N
             texts[i].append(piece)
         texts = ["".join(pieces) for pieces in texts]
     else:  # greedy (one sample): the ids stay on the device until the end, no host sync per token
-        step, out = _start(model, vocab[tokens], 1, num_preds)
-        for t in range(num_preds):
-            step(out[t]).argmax(axis=1, out=out[t + 1])
+        with _eval_mode(model):
+            step, out = _start(model, vocab[tokens], 1, num_preds)
+            for t in range(num_preds):
+                step(out[t]).argmax(axis=1, out=out[t + 1])
         generated = vocab.to_tokens(backend.to_numpy(out[1:, 0]))
         texts = [prefix + _cut("".join(sep + g for g in generated), stop)]
     return texts[0] if num_samples is None else texts

@@ -81,7 +81,8 @@ def check_model(model, X, Y, num_directions=2, seed=0, eps=1e-5):
     """The gradient check of `npyrnn gradcheck`: a language model's hand gradient on one minibatch.
 
     The loss is the mean cross-entropy of `model` on `X -> Y`, from a random initial state
-    (N(0, 0.1^2), so that the recurrent weights also act on the first step). The hand
+    (N(0, 0.1^2), so that the recurrent weights also act on the first step), in evaluation
+    mode (no dropout). The hand
     gradient comes from `model.backward`; each parameter is then compared with central
     differences along `num_directions` directions (`directional_check`). Use a float64 model.
 
@@ -102,14 +103,21 @@ def check_model(model, X, Y, num_directions=2, seed=0, eps=1e-5):
     """
     from npyrnn.losses import softmax_cross_entropy
 
+    rng = backend.default_rng(seed)
     state = model.begin_state(X.shape[0])
-    state += 0.1 * backend.asarray(backend.default_rng(seed).standard_normal(state.shape), dtype=state.dtype)
+    for part in state if isinstance(state, tuple) else (state,):  # the LSTM's (h, c)
+        part += 0.1 * backend.asarray(rng.standard_normal(part.shape), dtype=part.dtype)
+    was_training = model.training
+    model.eval()  # dropout would draw new masks on every forward: check the deterministic model
     y = Y.T.reshape(-1)  # time-major targets, matching the logits' rows
 
     def loss():
         return float(softmax_cross_entropy(model.forward(X, state)[0], y)[0])
 
-    model.zero_grad()
-    logits, _ = model.forward(X, state)
-    model.backward(softmax_cross_entropy(logits, y)[1])
-    return directional_check(loss, model.params, model.grads, num_directions=num_directions, eps=eps, seed=seed)
+    try:
+        model.zero_grad()
+        logits, _ = model.forward(X, state)
+        model.backward(softmax_cross_entropy(logits, y)[1])
+        return directional_check(loss, model.params, model.grads, num_directions=num_directions, eps=eps, seed=seed)
+    finally:
+        model.train(was_training)

@@ -113,7 +113,9 @@ def build_model(settings, vocab_size, dtype=None):
 
     return RNNLM(vocab_size, settings["hidden"], num_layers=settings["layers"],
                  bidirectional=settings["bidirectional"], nonlinearity=settings["nonlinearity"],
-                 dtype=dtype or settings["dtype"], init=settings["init"], seed=settings["seed"])
+                 dtype=dtype or settings["dtype"], init=settings["init"], seed=settings["seed"],
+                 cell=settings.get("cell", "rnn"), dropout=settings.get("dropout", 0.0),
+                 reset_after=settings.get("gru_reset", "after") == "after", proj_size=settings.get("proj_size", 0))
 
 
 def load_data(settings):
@@ -151,7 +153,7 @@ def estimate_memory(settings, vocab_size):
     """Bytes a run needs, roughly: weights, gradients and optimiser buffers, activations and logits."""
     H, L, V = settings["hidden"], settings["layers"], vocab_size
     D = 2 if settings["bidirectional"] else 1
-    G = 1  # gates per cell
+    G = {"rnn": 1, "gru": 3, "lstm": 4}[settings.get("cell", "rnn")]  # gates per cell
     B, T = settings["batch_size"], settings["num_steps"]
     itemsize = 8 if settings["dtype"] == "float64" else 4
     params = sum(D * G * H * ((V if k == 0 else D * H) + H + 2) for k in range(L)) + V * (D * H + 1)
@@ -454,6 +456,7 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
         model.load_state_dict(model_ck.state_dict())
         trainer.load_state_dict(tensors, training["trainer"])
         _load_optimizer_state(optimizer, tensors, training["optimizer"])
+        model.set_generator_state(training["model_rng"])  # the dropout masks to come
         if schedule is not None:
             schedule.load_state_dict(training["schedule"])
         best, run_seconds = training["best"], float(training["run_seconds"])
@@ -479,6 +482,7 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
         opt_tensors, opt_meta = _optimizer_state(optimizer)
         meta = {"trainer": meta, "optimizer": opt_meta, "best": best, "run_seconds": run_seconds + elapsed(),
                 "schedule": None if schedule is None else schedule.state_dict(),
+                "model_rng": model.generator_state(),
                 "num_train_tokens": int(len(train_ids))}
         return {**tensors, **opt_tensors}, _finite(meta)
 
@@ -508,7 +512,7 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
         for key, value in extra.items():  # every setting, after the results
             summary.setdefault(key, value)
         kind = "random" if settings["random_iter"] else "sequential"
-        title = (f"{settings['corpus']}: RNN h={settings['hidden']}, {kind}, "
+        title = (f"{settings['corpus']}: {settings.get('cell', 'rnn').upper()} h={settings['hidden']}, {kind}, "
                  f"{settings.get('optimizer', 'sgd')} lr={settings['lr']:g}"
                  + (f", {settings['schedule']}" if settings.get("schedule", "none") != "none" else ""))
         write_files_together(out, {

@@ -130,6 +130,11 @@ class Recurrent(Module):
         return self.proj_size or self.hidden_size
 
     @property
+    def dropout_rng(self):
+        """The host `numpy.random.Generator` that draws the dropout masks (seeded from `seed`)."""
+        return self._dropout_rng
+
+    @property
     def xp(self):
         """The array module (numpy or cupy) that holds the parameters."""
         return backend.get_array_module(self.params["weight_hh_l0"])
