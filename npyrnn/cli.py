@@ -75,7 +75,7 @@ def _typed(kind, check, what):
 positive_int = _typed(int, lambda v: v >= 1, "a positive integer")
 nonnegative_int = _typed(int, lambda v: v >= 0, "a non-negative integer")
 positive_float = _typed(float, lambda v: v > 0 and v != float("inf"), "a positive number")
-probability = _typed(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+dropout_rate = _typed(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 nonnegative_float = _typed(float, lambda v: v >= 0 and v != float("inf"), "a non-negative number")
 probability = _typed(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
@@ -88,7 +88,7 @@ def _add_model_flags(p, hidden=512, gradcheck=False):
     g.add_argument("--layers", type=positive_int, default=1, help="stacked recurrent layers")
     g.add_argument("--bidirectional", action="store_true", help="read each window in both directions")
     g.add_argument("--nonlinearity", choices=("tanh", "relu"), default="tanh", help="the Elman RNN's activation")
-    g.add_argument("--dropout", type=probability, default=0.0, help="dropout between stacked layers, in [0, 1)")
+    g.add_argument("--dropout", type=dropout_rate, default=0.0, help="dropout between stacked layers, in [0, 1)")
     g.add_argument("--gru-reset", choices=("after", "before"), default="after",
                    help="GRU: reset gate after the hidden product (torch, cuDNN) or before it (d2l's scratch GRU)")
     g.add_argument("--proj-size", type=nonnegative_int, default=0,

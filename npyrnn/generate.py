@@ -218,6 +218,9 @@ def _seeds(seed, n):
 @contextlib.contextmanager
 def _eval_mode(model):
     """Generate without dropout (`model.eval()`), then restore the model's mode."""
+    if not hasattr(model, "eval"):  # a stand-in model without modes
+        yield
+        return
     was_training = model.training
     model.eval()
     try:
