@@ -49,6 +49,7 @@ __all__ = [
     "cache_dir",
     "timemachine_path",
     "read_text",
+    "clean_text",
     "strip_gutenberg",
     "read_lines",
     "read_time_machine",
