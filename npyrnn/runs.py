@@ -283,6 +283,20 @@ def read_metrics(out):
     return [{k: (int(v) if k == "epoch" else float(v) if v != "" else None) for k, v in row.items()} for row in rows]
 
 
+def _ended(out, epoch):
+    """True when `out`'s end files are those of a run that finished at `epoch`.
+
+    `summary.json` is renamed into place last, so a summary that says so means all end files
+    are there; an older run's files (before `--resume --epochs` extended it) are not the end.
+    """
+    try:
+        summary = read_summary(out)
+    except (OSError, ValueError):
+        return False
+    return (isinstance(summary, dict) and summary.get("status") == "finished" and summary.get("epochs") == epoch
+            and all((Path(out) / name).is_file() for name in OUTPUT_FILES))
+
+
 # ----------------------------------------------------------------------------- running
 
 
@@ -311,16 +325,18 @@ class _Signals:
 
 def _optimizer_state(optimizer):
     """The optimiser's tensors (names `optimizer.*`) and JSON-able settings for a checkpoint."""
-    if hasattr(optimizer, "state_dict"):
-        tensors, meta = optimizer.state_dict()
-        return {f"optimizer.{k}": v for k, v in tensors.items()}, meta
-    return {}, {"name": type(optimizer).__name__, "lr": optimizer.lr}
+    from npyrnn.optim import split_state_dict
+
+    tensors, meta = split_state_dict(optimizer.state_dict())
+    return {f"optimizer.{k}": v for k, v in tensors.items()}, meta
 
 
 def _load_optimizer_state(optimizer, tensors, meta):
-    if hasattr(optimizer, "load_state_dict"):
-        prefix = "optimizer."
-        optimizer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta)
+    from npyrnn.optim import join_state_dict
+
+    prefix = "optimizer."
+    optimizer.load_state_dict(join_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                              meta))
 
 
 def train_run(settings, out, resume=False, overwrite=False, quiet=False, progress=None, sample_every=10,
@@ -360,8 +376,8 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
     from npyrnn.optim import SGD
     from npyrnn.train import Diverged, Trainer, evaluate
 
+    check_out_dir(out, resume=resume, overwrite=overwrite)  # before Path(): Path("") is "."
     out = Path(out)
-    check_out_dir(out, resume=resume, overwrite=overwrite)
     if settings.get("prefix") is not None:
         split_prefix(settings["prefix"], settings["token"])  # an empty prefix fails before anything else
     train_ids, val_ids, vocab, loader = load_data(settings)
@@ -386,9 +402,7 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
         _load_optimizer_state(optimizer, tensors, training["optimizer"])
         best, run_seconds = training["best"], float(training["run_seconds"])
         finished = trainer.epoch >= settings["epochs"] and not trainer.in_epoch
-        if finished and not all((out / name).is_file() for name in OUTPUT_FILES):
-            pass  # killed while writing the end files: write them below
-        elif finished:
+        if finished and _ended(out, trainer.epoch):  # else killed while writing the end files: write them below
             raise UsageError(f"the run in {str(out)!r} has finished its {trainer.epoch} epochs; "
                              f"give --epochs above {trainer.epoch} to train it further")
         if trainer.epoch > settings["epochs"]:
