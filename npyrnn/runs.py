@@ -197,6 +197,8 @@ def resume_settings(out, given):
     """
     from npyrnn.checkpoint import load_training_checkpoint
 
+    if str(out).strip() == "":  # Path("") is the current folder
+        raise UsageError("--resume is empty; give the run folder to continue, e.g. --resume runs/tm512")
     path = Path(out) / "checkpoint.safetensors"
     if not path.is_file():
         raise UsageError(f"--resume {str(out)!r}: no checkpoint.safetensors there (not a run folder, or the run "

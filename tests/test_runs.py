@@ -117,6 +117,7 @@ def run_npyrnn(argv, cwd, env_changes=None, timeout=120):
 
 def run(argv, capsys):
     """`npyrnn ARGV` in-process: (exit code, stdout, stderr)."""
+    capsys.readouterr()  # drop what came before (a shared reference run made on first use)
     try:
         code = main([str(a) for a in argv])
     except SystemExit as exc:
@@ -475,6 +476,7 @@ def test_divergence_exits_3_without_saving_the_weights(root, tmp_path, capsys):
 def test_divergence_keeps_the_last_good_checkpoint(root, reference, tmp_path, capsys, monkeypatch):
     import npyrnn.train
 
+    good = reference(2)  # two epochs, made before the patch
     real_clip = npyrnn.train.clip_grad_norm
     calls = [0]
 
@@ -493,9 +495,9 @@ def test_divergence_keeps_the_last_good_checkpoint(root, reference, tmp_path, ca
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
     _, _, _, _, training = load_training_checkpoint(out / "checkpoint.safetensors")
     assert training["trainer"]["epoch"] == 2
-    assert_same_tensors(out / "best.safetensors", reference(2) / "best.safetensors")
+    assert_same_tensors(out / "best.safetensors", good / "best.safetensors")
     model, _, _ = load_checkpoint(out / "checkpoint.safetensors")
-    want = load_file(str(reference(2) / "model.safetensors"))
+    want = load_file(str(good / "model.safetensors"))
     for name, value in model.state_dict().items():
         assert np.array_equal(value, want[name]), name
 
@@ -559,6 +561,19 @@ def test_bad_runs_are_refused_before_anything_is_allocated_or_written(root, tmp_
     assert tree(tmp_path) == before
 
 
+def test_gradcheck_of_a_model_beyond_memory_is_refused_before_allocating(root, capsys, monkeypatch):
+    import npyrnn.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was allocated")
+
+    monkeypatch.setattr(npyrnn.models.RNNLM, "__init__", no_model)
+    code, stdout, err = run(["gradcheck", "--corpus", root / "corpus.txt", "--batch-size", "4", "--num-steps", "8",
+                             "--hidden", "100000000"], capsys)
+    assert code == 2 and stdout == ""
+    one_error_line(err, "GiB", "--hidden")
+
+
 def test_corpus_over_the_size_limit_is_refused(root, tmp_path, capsys, monkeypatch):
     import npyrnn.data.corpus
 
@@ -580,11 +595,29 @@ def test_bad_resumes_are_refused(reference, tmp_path, capsys):
     one_error_line(err, "--resume", "drop --out")
     assert tree(out) == before and not (tmp_path / "other").exists()
 
+    code, stdout, err = run(["train", "--resume", ""], capsys)  # not the current folder
+    assert code == 2
+    one_error_line(err, "--resume is empty")
+
     (tmp_path / "empty").mkdir()
     code, stdout, err = run(["train", "--resume", tmp_path / "empty"], capsys)
     assert code == 2
     one_error_line(err, "no checkpoint.safetensors")
     assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_with_overwrite(root, reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*base_args(root), "--out", out]
+    result = run_child(step(5), argv, tmp_path)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert not (out / "checkpoint.safetensors").exists()
+    code, _, err = run(["train", "--resume", out], capsys)
+    assert code == 2
+    one_error_line(err, "no checkpoint.safetensors", "--overwrite")
+    code, _, err = run([*argv, "--overwrite"], capsys)
+    assert code == 0, err
+    assert_same_run(out, reference())
 
 
 def test_resume_removes_a_leftover_staging_folder(reference, tmp_path, capsys):
@@ -633,6 +666,8 @@ def test_out_of_memory_advises_the_flags_of_the_command(root, reference, tmp_pat
     import npyrnn.checkpoint
     import npyrnn.models
 
+    model_file = reference() / "model.safetensors"  # made before the patches
+
     def oom(*args, **kwargs):
         raise MemoryError("Unable to allocate 7.28 TiB")
 
@@ -641,7 +676,7 @@ def test_out_of_memory_advises_the_flags_of_the_command(root, reference, tmp_pat
     if command == "train":
         argv = [*base_args(root), "--out", tmp_path / "run"]
     else:
-        argv = ["generate", "--checkpoint", reference() / "model.safetensors"]
+        argv = ["generate", "--checkpoint", model_file]
     code, stdout, err = run(argv, capsys)
     assert code == 2 and stdout == ""
     line = one_error_line(err, "out of memory")
