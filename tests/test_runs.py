@@ -210,16 +210,19 @@ def copy_run(src, dst):
 # --------------------------------------------------------------------------- 1. validation
 
 
-def test_validation_metrics_summary_and_best_model(reference):
-    out = reference()
+def test_validation_metrics_summary_and_best_model(root, tmp_path, capsys):
+    out = tmp_path / "run"  # a learning rate at which validation gets worse after epoch 2
+    code, _, err = run([*base_args(root, epochs=4), "--lr", "4", "--out", out], capsys)
+    assert code == 0, err
     rows = read_metrics(out)
-    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert all(r["val_perplexity"] is not None and 1 < r["val_perplexity"] < 100 for r in rows)
     summary = read_summary(out)
     best = min(rows, key=lambda r: r["val_perplexity"])  # the first of equal values, as the run keeps it
     assert summary["val_perplexity"] == rows[-1]["val_perplexity"]
     assert summary["perplexity"] == rows[-1]["perplexity"]
     assert (summary["best_val_perplexity"], summary["best_epoch"]) == (best["val_perplexity"], best["epoch"])
+    assert best["epoch"] < 4, "the best epoch must not be the last for this test to tell them apart"
 
     _, val_ids, _, _ = load_data(summary)  # summary.json holds every setting
     assert len(val_ids) == 100
@@ -604,6 +607,12 @@ def test_bad_resumes_are_refused(reference, tmp_path, capsys):
     assert code == 2
     one_error_line(err, "no checkpoint.safetensors")
     assert list((tmp_path / "empty").iterdir()) == []
+
+    data = (out / "checkpoint.safetensors").read_bytes()
+    (out / "checkpoint.safetensors").write_bytes(data[: len(data) // 2])  # damaged on disk afterwards
+    code, stdout, err = run(["train", "--resume", out, "--epochs", EPOCHS + 1], capsys)
+    assert code == 2
+    one_error_line(err, "checkpoint.safetensors", "truncated")
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_with_overwrite(root, reference, tmp_path, capsys):

@@ -51,6 +51,7 @@ __all__ = [
     "read_text",
     "strip_gutenberg",
     "read_lines",
+    "clean_text",
     "read_time_machine",
     "tokenize",
     "load_corpus",
