@@ -14,10 +14,14 @@ model; `load_training_checkpoint` also returns the rest.
 
 Writing is atomic: the bytes go to a temporary file in the same directory,
 are flushed to disk, and then renamed over the target, so a crash never leaves
-a half-written checkpoint. Loading checks the format, the config, the tensor
-names and shapes, and says exactly what is wrong with a bad file.
+a half-written checkpoint. A `sha256` metadata entry covers every tensor and
+every other metadata entry, so a file damaged later fails to load rather than
+loading different weights. Loading checks the digest (when present: older
+files have none), the format, the config, the tensor names and shapes, and
+says exactly what is wrong with a bad file.
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -36,6 +40,19 @@ FORMAT_VERSION = "1"
 
 
 TRAINING_PREFIXES = ("trainer.", "optimizer.")
+DIGEST_KEY = "sha256"
+
+
+def _digest(tensors, metadata):
+    """sha256 of every tensor (name, dtype, shape, bytes) and every metadata entry but the digest itself."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        array = numpy.ascontiguousarray(tensors[name])
+        h.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode())
+        h.update(array.tobytes())
+    for key in sorted(k for k in metadata if k != DIGEST_KEY):
+        h.update(json.dumps([key, metadata[key]]).encode())
+    return h.hexdigest()
 
 
 def checkpoint_bytes(model, vocab, extra=None, training=None):
@@ -66,6 +83,7 @@ def checkpoint_bytes(model, vocab, extra=None, training=None):
                 raise ValueError(f"checkpoint_bytes: training tensor name {name!r} must start with {TRAINING_PREFIXES}")
             tensors[name] = numpy.ascontiguousarray(backend.to_numpy(value))
         metadata["training"] = json.dumps(meta, allow_nan=False)
+    metadata[DIGEST_KEY] = _digest(tensors, metadata)  # a damaged file fails to load instead of loading wrong
     return save(tensors, metadata=metadata)
 
 
@@ -107,8 +125,9 @@ def load_checkpoint(path):
     ------
     CheckpointError
         One line naming the file and what is wrong: missing, not a safetensors
-        file, not an npyrnn checkpoint, a bad config, tensors whose names or
-        shapes do not match that config, or weights that are not finite.
+        file, content that does not match its stored sha256, not an npyrnn
+        checkpoint, a bad config, tensors whose names or shapes do not match
+        that config, or weights that are not finite.
     """
     model, vocab, extra, _, _ = load_training_checkpoint(path, require_training=False)
     return model, vocab, extra
@@ -141,6 +160,9 @@ def load_training_checkpoint(path, require_training=True):
     except (SafetensorError, OSError, ValueError, TypeError) as exc:  # TypeError: a dtype numpy lacks (bf16)
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         _fail(path, f"not a readable safetensors file ({reason}); was it truncated or overwritten?")
+    if DIGEST_KEY in metadata and metadata[DIGEST_KEY] != _digest(tensors, metadata):  # older files have none
+        _fail(path, "damaged: its content does not match the sha256 stored in it (a changed or corrupted file); "
+                    "use another copy or train again")
     if metadata.get("format") != FORMAT:
         _fail(path, f"not an npyrnn language-model checkpoint (format {metadata.get('format')!r}, expected {FORMAT!r})")
     if metadata.get("format_version") != FORMAT_VERSION:

@@ -344,8 +344,9 @@ def cmd_gradcheck(args):
     _check_cell_flags(args)
     _, _, vocab, loader = load_data(vars(args))
     X, Y = next(iter(loader))
-    from npyrnn.runs import build_model
+    from npyrnn.runs import build_model, check_memory
 
+    check_memory(dict(vars(args), dtype="float64"), len(vocab))  # refuse, before allocating, what cannot fit
     model = build_model(vars(args), len(vocab), dtype="float64")  # finite differences need float64
     errors = check_model(model, X, Y, num_directions=args.directions, seed=args.seed)
     width = max(map(len, errors))

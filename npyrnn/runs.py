@@ -199,6 +199,8 @@ def resume_settings(out, given):
     """
     from npyrnn.checkpoint import load_training_checkpoint
 
+    if str(out).strip() == "":  # Path("") is the current folder
+        raise UsageError("--resume is empty; give the run folder to continue, e.g. --resume runs/tm512")
     path = Path(out) / "checkpoint.safetensors"
     if not path.is_file():
         raise UsageError(f"--resume {str(out)!r}: no checkpoint.safetensors there (not a run folder, or the run "
@@ -283,6 +285,20 @@ def read_metrics(out):
     with open(Path(out) / "metrics.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     return [{k: (int(v) if k == "epoch" else float(v) if v != "" else None) for k, v in row.items()} for row in rows]
+
+
+def _ended(out, epoch):
+    """True when `out`'s end files are those of a run that finished at `epoch`.
+
+    `summary.json` is renamed into place last, so a summary that says so means all end files
+    are there; an older run's files (before `--resume --epochs` extended it) are not the end.
+    """
+    try:
+        summary = read_summary(out)
+    except (OSError, ValueError):
+        return False
+    return (isinstance(summary, dict) and summary.get("status") == "finished" and summary.get("epochs") == epoch
+            and all((Path(out) / name).is_file() for name in OUTPUT_FILES))
 
 
 # ----------------------------------------------------------------------------- running
@@ -431,8 +447,8 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
     from npyrnn.generate import predict, split_prefix
     from npyrnn.train import Diverged, Trainer, evaluate
 
+    check_out_dir(out, resume=resume, overwrite=overwrite)  # before Path(): Path("") is "."
     out = Path(out)
-    check_out_dir(out, resume=resume, overwrite=overwrite)
     if settings.get("prefix") is not None:
         split_prefix(settings["prefix"], settings["token"])  # an empty prefix fails before anything else
     train_ids, val_ids, vocab, loader = load_data(settings)
@@ -461,9 +477,7 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
             schedule.load_state_dict(training["schedule"])
         best, run_seconds = training["best"], float(training["run_seconds"])
         finished = trainer.epoch >= settings["epochs"] and not trainer.in_epoch
-        if finished and not all((out / name).is_file() for name in OUTPUT_FILES):
-            pass  # killed while writing the end files: write them below
-        elif finished:
+        if finished and _ended(out, trainer.epoch):  # else killed while writing the end files: write them below
             raise UsageError(f"the run in {str(out)!r} has finished its {trainer.epoch} epochs; "
                              f"give --epochs above {trainer.epoch} to train it further")
         if trainer.epoch > settings["epochs"]:

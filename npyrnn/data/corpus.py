@@ -52,6 +52,7 @@ __all__ = [
     "clean_text",
     "strip_gutenberg",
     "read_lines",
+    "clean_text",
     "read_time_machine",
     "tokenize",
     "load_corpus",
