@@ -50,6 +50,13 @@ nonnegative_float = _typed(float, lambda v: 0 <= v < float("inf"), "a non-negati
 probability = _typed(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
+def folder(text):
+    """A folder to write into, as a Path; an empty name (which Path reads as the current folder) is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder name; give one, e.g. runs/mine")
+    return Path(text)
+
+
 def check_memory(hidden, batch_size, num_steps, vocab_size):
     """Refuse, with `UsageError`, a model and batch far beyond the machine's memory (as `npyrnn train` does).
 

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 import _entry  # this folder is on sys.path when the script runs
-from _entry import nonnegative_int, positive_float, positive_int
+from _entry import folder, nonnegative_int, positive_float, positive_int
 
 
 def parse_args(argv, default_out):
@@ -41,7 +41,7 @@ def parse_args(argv, default_out):
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--num-steps", type=positive_int, default=35)
     p.add_argument("--seed", type=nonnegative_int, default=0)
-    p.add_argument("--out", type=Path, default=Path(default_out), help="folder for model.safetensors")
+    p.add_argument("--out", type=folder, default=Path(default_out), help="folder for model.safetensors")
     return p.parse_args(argv)
 
 

@@ -137,6 +137,7 @@ BAD_FLAGS = [
     ("train_sequential.py", ["--epochs", "ten"], "argument --epochs: 'ten' is not a positive integer"),
     ("train_sequential.py", ["--lr", "-1"], "argument --lr: '-1' is not a positive number"),
     ("train_sequential.py", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("train_sequential.py", ["--out", ""], "argument --out: '' is not a folder name; give one"),
     ("train_random.py", ["--batch-size", "0"], "argument --batch-size: '0' is not a positive integer"),
     ("switch_backend.py", ["--max-tokens", "-5"], "argument --max-tokens: '-5' is not a positive integer"),
     ("generate.py", ["--length", "-1"], "argument --length: '-1' is not a non-negative integer"),
