@@ -16,31 +16,28 @@ Run it:
     python examples/switch_backend.py --epochs 2 --hidden 8 --max-tokens 1000
 
 Where cupy cannot import or sees no GPU, the CuPy run stops with one line
-that says what to install or to use NPYRNN_BACKEND=numpy.
+that says what to install or to use NPYRNN_BACKEND=numpy (exit code 2); so does
+an unknown NPYRNN_BACKEND, a bad flag value or a missing corpus.
 """
 
-import argparse
 import os
 import sys
 
-from npyrnn.errors import BackendError
+import _entry  # this folder is on sys.path when the script runs
+from _entry import positive_int
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = _entry.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", default="timemachine")
-    p.add_argument("--max-tokens", type=int, default=5000)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-steps", type=int, default=35)
+    p.add_argument("--max-tokens", type=positive_int, default=5000)
+    p.add_argument("--hidden", type=positive_int, default=64)
+    p.add_argument("--epochs", type=positive_int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--num-steps", type=positive_int, default=35)
     args = p.parse_args(argv)
 
-    try:
-        from npyrnn import backend  # reads NPYRNN_BACKEND here, once
-    except BackendError as exc:
-        print(f"switch_backend.py: {exc}", file=sys.stderr)
-        return 2
+    from npyrnn import backend  # reads NPYRNN_BACKEND here, once; an unusable one raises BackendError (_entry.run)
     import numpy
 
     from npyrnn.data import SeqDataLoader, load_corpus
@@ -51,6 +48,7 @@ def main(argv=None):
           f"backend.xp = {backend.xp.__name__}")
 
     corpus, vocab = load_corpus(args.corpus, max_tokens=args.max_tokens)
+    _entry.check_memory(args.hidden, args.batch_size, args.num_steps, len(vocab))  # one line, not an OOM kill
     loader = SeqDataLoader(corpus, args.batch_size, args.num_steps, rng=numpy.random.default_rng(0))
     model = RNNLM(len(vocab), args.hidden, seed=0)
     X, _ = next(iter(loader))
@@ -81,4 +79,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_entry.run(main))

@@ -19,7 +19,8 @@ It writes ``OUT/model.safetensors`` (default ``runs/example-random``).
 
 import sys
 
-from train_sequential import run  # this folder is on sys.path when the script runs
+import _entry  # this folder is on sys.path when the script runs
+from train_sequential import run
 
 if __name__ == "__main__":
-    sys.exit(run(use_random_iter=True))
+    sys.exit(_entry.run(run, use_random_iter=True))

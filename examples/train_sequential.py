@@ -18,43 +18,49 @@ Run it (about two minutes on a 2-core CPU: the same settings took 107 s through
 It writes ``OUT/model.safetensors`` (default ``runs/example-sequential``); read
 it back with ``python examples/generate.py --checkpoint OUT/model.safetensors``.
 The Time Machine is looked up in ``$NPYRNN_DATA_DIR``, then in the cache, then
-downloaded; ``--corpus PATH`` trains on any UTF-8 text file instead.
+downloaded; ``--corpus PATH`` trains on any UTF-8 text file instead. Bad input (a
+flag value, a missing corpus, an unusable ``NPYRNN_BACKEND``) ends in one line on
+stderr and exit code 2, as with ``npyrnn train``.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
+import _entry  # this folder is on sys.path when the script runs
+from _entry import folder, nonnegative_int, positive_float, positive_int
+
 
 def parse_args(argv, default_out):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = _entry.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", default="timemachine", help="'timemachine' or a UTF-8 text file")
-    p.add_argument("--max-tokens", type=int, default=10000, help="first N characters (default 10000, as d2l)")
-    p.add_argument("--hidden", type=int, default=512, help="hidden units (default 512, d2l's scratch RNN)")
-    p.add_argument("--epochs", type=int, default=500)
-    p.add_argument("--lr", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-steps", type=int, default=35)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path(default_out), help="folder for model.safetensors")
+    p.add_argument("--max-tokens", type=nonnegative_int, default=10000,
+                   help="first N characters, 0 for all (default 10000, as d2l)")
+    p.add_argument("--hidden", type=positive_int, default=512, help="hidden units (default 512, d2l's scratch RNN)")
+    p.add_argument("--epochs", type=positive_int, default=500)
+    p.add_argument("--lr", type=positive_float, default=1.0)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--num-steps", type=positive_int, default=35)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--out", type=folder, default=Path(default_out), help="folder for model.safetensors")
     return p.parse_args(argv)
 
 
 def run(argv=None, use_random_iter=False):
     """Train with the given flags; ``use_random_iter`` picks d2l's random sampling."""
+    kind = "random" if use_random_iter else "sequential"
+    args = parse_args(argv, f"runs/example-{kind}")  # flags first: --help works whatever NPYRNN_BACKEND says
+
     import numpy
 
-    from npyrnn import backend
+    from npyrnn import backend  # chooses NPYRNN_BACKEND here; an unusable one raises BackendError
     from npyrnn.checkpoint import save_checkpoint
     from npyrnn.data import SeqDataLoader, load_corpus
     from npyrnn.models import RNNLM
     from npyrnn.train import predict, train
 
-    kind = "random" if use_random_iter else "sequential"
-    args = parse_args(argv, f"runs/example-{kind}")
-
     # text -> ids: lower-case letters and spaces, vocabulary of 28 ('<unk>', ' ', a-z)
     corpus, vocab = load_corpus(args.corpus, token="char", max_tokens=args.max_tokens)
+    _entry.check_memory(args.hidden, args.batch_size, args.num_steps, len(vocab))  # one line, not an OOM kill
     # one generator for the whole run: every epoch draws a new offset (and order), the run repeats
     rng = numpy.random.default_rng(args.seed)
     train_iter = SeqDataLoader(corpus, args.batch_size, args.num_steps, use_random_iter=use_random_iter, rng=rng)
@@ -86,4 +92,4 @@ def run(argv=None, use_random_iter=False):
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(_entry.run(run))
