@@ -20,8 +20,6 @@ that is stopped and resumed computes exactly what an uninterrupted run computes.
 import math
 import time
 
-from tqdm.auto import tqdm
-
 from npyrnn import backend
 from npyrnn.errors import DataError, NpyrnnError
 from npyrnn.generate import predict
@@ -371,6 +369,8 @@ def train(
     history : list of dict
         ``{'epoch', 'perplexity', 'tokens_per_s'}`` per epoch.
     """
+    from tqdm.auto import tqdm  # only here: importing it in a kernel without ipywidgets warns
+
     trainer = Trainer(model, data_iter, SGD(model.params, lr), clip, use_random_iter)
     bar = tqdm(range(1, num_epochs + 1), disable=(None if progress is None else not progress), unit="epoch",
                dynamic_ncols=True, leave=False)
