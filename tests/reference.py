@@ -6,20 +6,21 @@ benchmarks/ (``from tests.reference import ...`` after putting the repository ro
 dropped. Sections:
 
 1. Layers: ``torch.nn.RNN`` holding an ``npyrnn.nn.RNN``'s weights.
-2. d2l chapter 8, concise: ``RNNModel`` (a torch recurrent layer + ``nn.Linear``, one-hot input).
+2. d2l chapters 8 and 9, concise: ``RNNModel`` (a torch recurrent layer + ``nn.Linear``, one-hot
+   input) and ``concise_twin`` (any cell).
 3. d2l chapter 8, scratch: ``get_params``, ``init_rnn_state``, ``rnn``, ``RNNModelScratch``.
 4. d2l chapter 8, training and generation: ``grad_clipping``, ``sgd``, ``train_epoch_ch8``,
    ``predict_ch8``.
-6. d2l chapter 9, scratch: ``get_gru_params`` (d2l 9.1's ``get_params``), ``init_gru_state``, ``gru``;
-   ``get_lstm_params``, ``init_lstm_state``, ``lstm`` (9.2); ``scratch_cell_twin(model)`` loads an
-   ``RNNLM(cell='gru', reset_after=False)`` or ``RNNLM(cell='lstm')`` into d2l's ``RNNModelScratch``.
-   The concise models of chapter 9 are ``RNNModel(nn.GRU(...))`` / ``RNNModel(nn.LSTM(...))``:
-   ``concise_twin`` builds them for any cell.
 5. Every cell: ``torch_layer(layer)``, a ``torch.nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` holding an
    npyrnn layer's weights (loaded by name, so names and order are checked too), and
    ``scratch_stack(layer, x, state, masks)``, the same stack written step by step in torch
    autograd as d2l's chapter 9 scratch models are, with dropout masks between layers; it also
    covers the GRU with the reset gate before the product (``reset_after=False``).
+6. d2l chapter 9, scratch: ``get_gru_params`` (d2l 9.1's ``get_params``), ``init_gru_state``, ``gru``;
+   ``get_lstm_params``, ``init_lstm_state``, ``lstm`` (9.2); ``scratch_cell_twin(model)`` loads an
+   ``RNNLM(cell='gru', reset_after=False)`` or ``RNNLM(cell='lstm')`` into d2l's ``RNNModelScratch``.
+   The concise models of chapter 9 are ``RNNModel(nn.GRU(...))`` / ``RNNModel(nn.LSTM(...))``:
+   ``concise_twin`` builds them for any cell.
 
 A twin built from an npyrnn model holds copies of its weights, in the model's dtype, so that
 both sides do the same arithmetic.
@@ -94,7 +95,7 @@ class RNNModel(nn.Module):
         return output, state
 
     def begin_state(self, batch_size=1):
-        """Zeros of shape (num_directions * num_layers, batch_size, num_hiddens); a pair (h, c) for nn.LSTM (d2l 9.2)."""
+        """Zeros (num_directions * num_layers, batch_size, num_hiddens); a pair (h, c) for nn.LSTM (d2l 9.2)."""
         shape = (self.num_directions * self.rnn.num_layers, batch_size)
         dtype = self.linear.weight.dtype
         if not isinstance(self.rnn, nn.LSTM):
@@ -475,7 +476,10 @@ def gru(inputs, state, params):
 
 
 def get_lstm_params(vocab_size, num_hiddens):
-    """d2l 9.2's ``get_lstm_params``: ``[W_xi, W_hi, b_i, W_xf, W_hf, b_f, W_xo, W_ho, b_o, W_xc, W_hc, b_c, W_hq, b_q]``."""
+    """d2l 9.2's ``get_lstm_params``, one (W_x*, W_h*, b_*) triple per gate.
+
+    Returns ``[W_xi, W_hi, b_i, W_xf, W_hf, b_f, W_xo, W_ho, b_o, W_xc, W_hc, b_c, W_hq, b_q]``.
+    """
     num_inputs = num_outputs = vocab_size
 
     def three():

@@ -251,7 +251,8 @@ def test_cli_train_generate_info_gradcheck(flags, cell, gates, corpus, tmp_path,
 
 @pytest.mark.parametrize("command", ["train", "gradcheck"])
 @pytest.mark.parametrize("flags, message", [
-    (["--nonlinearity", "relu", "--cell", "gru"], "--nonlinearity applies to --cell rnn only; the GRU has its own gates"),
+    (["--nonlinearity", "relu", "--cell", "gru"],
+     "--nonlinearity applies to --cell rnn only; the GRU has its own gates"),
     (["--nonlinearity", "tanh", "--cell", "lstm"], "--nonlinearity applies to --cell rnn only; the LSTM has its own"),
     (["--gru-reset", "before", "--cell", "rnn"], "--gru-reset applies to --cell gru only"),
     (["--gru-reset", "after", "--cell", "lstm"], "--gru-reset applies to --cell gru only"),

@@ -178,7 +178,8 @@ def test_concise_model_logits_and_gradients(cfg, timemachine, xp):
         record("RNNLM(gru/lstm) gradients vs d2l's RNNModel (float64)", err)
         assert err <= 1e-10, name
     assert set(model.grads) == set(dict(net.named_parameters()))
-    for ours, theirs in zip(dstate0 if isinstance(state, tuple) else (dstate0,), st if isinstance(st, tuple) else (st,)):
+    pairs = zip(dstate0 if isinstance(state, tuple) else (dstate0,), st if isinstance(st, tuple) else (st,))
+    for ours, theirs in pairs:
         assert rel_err(ours, theirs.grad.numpy()) <= 1e-10
 
 
