@@ -1,17 +1,23 @@
 #!/usr/bin/env python
-"""npyrnn against d2l's two PyTorch versions of chapter 8, in one run.
+"""npyrnn against d2l's PyTorch versions of chapters 8 and 9 (RNN, GRU, LSTM), in one run.
 
-Sections (``--only`` picks one; each is a module of ``benchmarks/sections/``):
+Sections (``--only`` picks one; each is a module of ``benchmarks/sections/``); ``--cells`` picks
+the cells (default all three):
 
 train     training tokens/s, float32, same thread count, same data:
           ``scratch``: d2l's scratch model under autograd (hidden 512) vs npyrnn RNNLM(512, init='normal');
-          ``concise``: d2l's RNNModel, nn.RNN + nn.Linear (hidden 256) vs npyrnn RNNLM(256, init='uniform').
+          ``concise``: d2l's RNNModel, nn.RNN + nn.Linear (hidden 256) vs npyrnn RNNLM(256, init='uniform');
+          ``gru-scratch``, ``lstm-scratch``: d2l's scratch gru / lstm under autograd (hidden 256) vs
+          RNNLM(256, cell='gru', reset_after=False) / RNNLM(256, cell='lstm'), init='normal';
+          ``gru-concise``, ``lstm-concise``: RNNModel(nn.GRU / nn.LSTM) (hidden 256) vs
+          RNNLM(256, cell='gru' / 'lstm', init='uniform').
 generate  greedy generation at batch 1 after ``'time traveller '``: npyrnn ``predict`` vs d2l's
-          ``predict_ch8`` loop (one step at a time, under ``torch.no_grad``), for both models.
+          ``predict_ch8`` loop (one step at a time, under ``torch.no_grad``), for every model.
 memory    peak resident memory of each implementation's training, one subprocess each: the rise of
           VmHWM (Linux peak RSS) over the RSS after imports and corpus loading.
-floor     the matrix-product floor of one npyrnn training minibatch at the scratch size: NumPy matmul
-          at exactly the shapes one step uses, summed, against npyrnn's measured time per minibatch.
+floor     the matrix-product floor of one npyrnn training minibatch, per cell (the RNN at the scratch
+          size, the GRU and LSTM at 256): NumPy matmul at exactly the shapes one step uses, summed,
+          against npyrnn's measured time per minibatch.
 
 The torch models are the ones the tests check npyrnn against (``tests/reference.py``); each starts
 from the npyrnn model's initial weights, so both sides do the same arithmetic on the same minibatches
@@ -24,6 +30,7 @@ Usage:
     NPYRNN_DATA_DIR=../shared/data python benchmarks/bench_train.py            # 5 pairs, all sections
     python benchmarks/bench_train.py --quick --json /tmp/bench.json            # smoke test, seconds
     python benchmarks/bench_train.py --only floor --pairs 3 --threads 1
+    python benchmarks/bench_train.py --only train --cells gru,lstm --pairs 5 --threads 2
 """
 
 import argparse
@@ -40,6 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import QUICK, Config, limit_threads, load_data  # noqa: E402
+from benchmarks.peers import CELLS  # noqa: E402
 from benchmarks.report import metadata, render  # noqa: E402
 from benchmarks.sections import floor, generate, memory, train  # noqa: E402
 
@@ -55,6 +63,8 @@ def parse_args(argv):
                    help="threads for NumPy's BLAS and torch (default os.cpu_count())")
     p.add_argument("--quick", action="store_true", help="tiny sizes for smoke tests (hidden 16, 200 tokens, 1 pair)")
     p.add_argument("--only", choices=SECTIONS, action="append", help="run only this section (repeatable)")
+    p.add_argument("--cells", type=parse_cells, help="comma-separated cells whose rows to measure: rnn, gru, "
+                   "lstm (default all)")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON,
                    help=f"where to write the results (default {DEFAULT_JSON.relative_to(ROOT)})")
     p.add_argument("--batches", type=int, help="minibatches per epoch of a training measurement (default: all)")
@@ -74,6 +84,15 @@ def parse_args(argv):
     p.add_argument("--_memory-child", dest="memory_child", choices=memory.CHILDREN, help=argparse.SUPPRESS)
     p.add_argument("--_config", dest="config", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def parse_cells(text):
+    """'gru,lstm' -> ('gru', 'lstm'), in CELLS' order; an unknown or missing cell is an argparse error."""
+    cells = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in cells if c not in CELLS]
+    if bad or not cells:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(CELLS)}, got {text!r}")
+    return tuple(c for c in CELLS if c in cells)
 
 
 def make_config(args):

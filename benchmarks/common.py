@@ -32,6 +32,7 @@ class Config:
     load: int = 0  # busy processes competing during a second round of training pairs; 0 = no loaded round
     floor_reps: int = 20
     gap_s: float = 0.1  # pause (and gc) before each measurement, so the other side's worker threads go idle
+    cells: tuple = ("rnn", "gru", "lstm")  # which cells' rows every section measures (--cells)
 
 
 QUICK = dict(max_tokens=200, batch_size=4, num_steps=5, hidden_scratch=16, hidden_concise=16, num_preds=20,

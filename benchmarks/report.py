@@ -7,6 +7,7 @@ import platform
 import sys
 
 from benchmarks.common import cpu_model, git_commit
+from benchmarks.peers import KINDS
 
 ENV_VARS = (
     "OPENBLAS_CORETYPE",
@@ -147,7 +148,7 @@ def render(results):
     if "memory" in results:
         m = results["memory"]
         rows = []
-        for kind in ("scratch", "concise"):
+        for kind in [k for k in KINDS if f"npyrnn-{k}" in m]:
             a, b = m[f"npyrnn-{kind}"], m[f"torch-{kind}"]
             ratio = m[f"ratio_{kind}_npyrnn_over_torch"]
             rows.append([kind, a["hidden"], f"{a['increase_kb'] / 1024:.1f}", f"{b['increase_kb'] / 1024:.1f}",
@@ -155,15 +156,14 @@ def render(results):
                          f"{a['baseline_rss_kb'] / 1024:.0f} / {b['baseline_rss_kb'] / 1024:.0f}"])
         out += ["", "MEMORY peak RSS increase over baseline during training, MiB (lower is better)",
                 fmt_table(rows, ["model", "hidden", "npyrnn", "torch", "npyrnn/torch", "baseline npyrnn/torch"])]
-    if "floor" in results:
-        f = results["floor"]
+    for f in results.get("floor", {}).values():
         rows = [[p["name"], p["shape"], f"{p['seconds']['median'] * 1e3:.3f}", f"{p['gflops_per_s']:.1f}"]
                 for p in f["products"]]
         rows.append(["floor (sum)", "", f"{f['floor_seconds']['median'] * 1e3:.3f}", f"{f['floor_gflops_per_s']:.1f}"])
         rows.append(["npyrnn minibatch", "", f"{f['npyrnn_seconds_per_minibatch']['median'] * 1e3:.3f}",
                      f"{f['npyrnn_gflops_per_s']:.1f}"])
         ph = f["npyrnn_phase_seconds"]
-        out += ["", f"FLOOR at hidden {f['shapes']['hidden']} (NumPy matmul, float32; "
+        out += ["", f"FLOOR {f['cell'].upper()} at hidden {f['shapes']['hidden']} (NumPy matmul, float32; "
                 f"{f['flops_per_minibatch'] / 1e9:.3f} GFLOP per minibatch)",
                 fmt_table(rows, ["product", "shape", "ms", "GFLOP/s"]),
                 f"npyrnn / floor: {r3(f['ratio_npyrnn_over_floor'])}",

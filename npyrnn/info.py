@@ -48,7 +48,8 @@ def checkpoint_info(path):
     -------
     dict
         `checkpoint` (the path), `cell` (`'rnn'` unless the config names another),
-        `nonlinearity`, `dtype`, `vocab_size`, `hidden`, `layers`, `directions`,
+        `nonlinearity` (the RNN's; None for the GRU and LSTM), `reset_after` (the GRU's;
+        else None), `proj_size` (the LSTM's; else None), `dtype`, `vocab_size`, `hidden`, `layers`, `directions`,
         `parameters` (how many numbers), `token` (`'char'` or `'word'`), `vocabulary` (the
         first `VOCAB_SHOWN` tokens), `settings` (the training settings stored in the
         checkpoint), `metrics` (results found in the checkpoint or in `summary.json` beside
@@ -68,10 +69,13 @@ def checkpoint_info(path):
     summary = _summary_beside(path)
     if summary is not None:
         metrics.update({k: summary[k] for k in METRICS if k in summary})
+    cell = config.get("cell", "rnn")
     return {
         "checkpoint": str(path),
-        "cell": config.get("cell", "rnn"),
-        "nonlinearity": config.get("nonlinearity"),
+        "cell": cell,
+        "nonlinearity": config.get("nonlinearity") if cell == "rnn" else None,
+        "reset_after": config.get("reset_after", True) if cell == "gru" else None,
+        "proj_size": config.get("proj_size", 0) if cell == "lstm" else None,
         "dtype": str(config.get("dtype")),
         "vocab_size": len(vocab),
         "hidden": config["num_hiddens"],
@@ -92,13 +96,24 @@ def _value(v):
     return str(v)
 
 
+def _cell(info):
+    """'rnn (tanh)', 'gru (reset after)', 'lstm', 'lstm (proj_size 4)'."""
+    if info.get("nonlinearity"):
+        return f"{info['cell']} ({info['nonlinearity']})"
+    if info.get("reset_after") is not None:
+        return f"{info['cell']} (reset {'after' if info['reset_after'] else 'before'})"
+    if info.get("proj_size"):
+        return f"{info['cell']} (proj_size {info['proj_size']})"
+    return info["cell"]
+
+
 def format_info(info):
     """`checkpoint_info`'s dict as the text `npyrnn info` prints: one `name  value` pair a line."""
     shown = ", ".join(map(repr, info["vocabulary"]))
     more = info["vocab_size"] - len(info["vocabulary"])
     lines = [
         ("checkpoint", info["checkpoint"]),
-        ("cell", info["cell"] if info["nonlinearity"] is None else f"{info['cell']} ({info['nonlinearity']})"),
+        ("cell", _cell(info)),
         ("vocabulary", f"{info['vocab_size']} {info['token']} tokens: {shown}{f', ... ({more} more)' if more else ''}"),
         ("hidden", info["hidden"]),
         ("layers", info["layers"]),

@@ -6,7 +6,8 @@ benchmarks/ (``from tests.reference import ...`` after putting the repository ro
 dropped. Sections:
 
 1. Layers: ``torch.nn.RNN`` holding an ``npyrnn.nn.RNN``'s weights.
-2. d2l chapter 8, concise: ``RNNModel`` (a torch recurrent layer + ``nn.Linear``, one-hot input).
+2. d2l chapters 8 and 9, concise: ``RNNModel`` (a torch recurrent layer + ``nn.Linear``, one-hot
+   input) and ``concise_twin`` (any cell).
 3. d2l chapter 8, scratch: ``get_params``, ``init_rnn_state``, ``rnn``, ``RNNModelScratch``.
 4. d2l chapter 8, training and generation: ``grad_clipping``, ``sgd``, ``train_epoch_ch8``,
    ``predict_ch8``.
@@ -15,6 +16,11 @@ dropped. Sections:
    ``scratch_stack(layer, x, state, masks)``, the same stack written step by step in torch
    autograd as d2l's chapter 9 scratch models are, with dropout masks between layers; it also
    covers the GRU with the reset gate before the product (``reset_after=False``).
+6. d2l chapter 9, scratch: ``get_gru_params`` (d2l 9.1's ``get_params``), ``init_gru_state``, ``gru``;
+   ``get_lstm_params``, ``init_lstm_state``, ``lstm`` (9.2); ``scratch_cell_twin(model)`` loads an
+   ``RNNLM(cell='gru', reset_after=False)`` or ``RNNLM(cell='lstm')`` into d2l's ``RNNModelScratch``.
+   The concise models of chapter 9 are ``RNNModel(nn.GRU(...))`` / ``RNNModel(nn.LSTM(...))``:
+   ``concise_twin`` builds them for any cell.
 
 A twin built from an npyrnn model holds copies of its weights, in the model's dtype, so that
 both sides do the same arithmetic.
@@ -78,7 +84,9 @@ class RNNModel(nn.Module):
         self.vocab_size = vocab_size
         self.num_hiddens = self.rnn.hidden_size
         self.num_directions = 2 if self.rnn.bidirectional else 1
-        self.linear = nn.Linear(self.num_hiddens * self.num_directions, self.vocab_size)
+        # npyrnn's generalisation: with nn.LSTM(proj_size=P) the output layer reads h of size P
+        self.linear = nn.Linear((getattr(self.rnn, "proj_size", 0) or self.num_hiddens) * self.num_directions,
+                                self.vocab_size)
 
     def forward(self, inputs, state):
         X = F.one_hot(inputs.T.long(), self.vocab_size).to(self.linear.weight.dtype)
@@ -87,19 +95,34 @@ class RNNModel(nn.Module):
         return output, state
 
     def begin_state(self, batch_size=1):
-        """Zeros of shape (num_directions * num_layers, batch_size, num_hiddens) (d2l; not for LSTM)."""
-        return torch.zeros((self.num_directions * self.rnn.num_layers, batch_size, self.num_hiddens),
-                           dtype=self.linear.weight.dtype)
+        """Zeros (num_directions * num_layers, batch_size, num_hiddens); a pair (h, c) for nn.LSTM (d2l 9.2)."""
+        shape = (self.num_directions * self.rnn.num_layers, batch_size)
+        dtype = self.linear.weight.dtype
+        if not isinstance(self.rnn, nn.LSTM):
+            return torch.zeros(shape + (self.num_hiddens,), dtype=dtype)
+        P = getattr(self.rnn, "proj_size", 0) or self.num_hiddens
+        return torch.zeros(shape + (P,), dtype=dtype), torch.zeros(shape + (self.num_hiddens,), dtype=dtype)
 
 
 def concise_twin(model):
     """d2l's ``RNNModel`` holding an ``npyrnn.models.RNNLM``'s weights, loaded through its state dict.
 
-    npyrnn uses torch's parameter names, so the state dicts match key for key (``strict=True``).
+    Any cell: ``nn.RNN``, ``nn.GRU`` (``reset_after=True`` only: torch has no other) or ``nn.LSTM``
+    (with ``proj_size``), with the model's layers, directions and dropout (torch applies it in
+    training mode only, as npyrnn). npyrnn uses torch's parameter names, so the state dicts
+    match key for key (``strict=True``).
     """
     dtype = getattr(torch, model.dtype)
-    layer = nn.RNN(model.vocab_size, model.num_hiddens, num_layers=model.rnn.num_layers,
-                   nonlinearity=model.rnn.nonlinearity, bidirectional=model.rnn.bidirectional, dtype=dtype)
+    rnn = model.rnn
+    kwargs = dict(num_layers=rnn.num_layers, bidirectional=rnn.bidirectional, dropout=rnn.dropout, dtype=dtype)
+    if model.cell == "rnn":
+        layer = nn.RNN(model.vocab_size, model.num_hiddens, nonlinearity=rnn.nonlinearity, **kwargs)
+    elif model.cell == "gru":
+        if not rnn.reset_after:
+            raise ValueError("torch.nn.GRU has only reset_after=True; use scratch_cell_twin for d2l's scratch GRU")
+        layer = nn.GRU(model.vocab_size, model.num_hiddens, **kwargs)
+    else:
+        layer = nn.LSTM(model.vocab_size, model.num_hiddens, proj_size=rnn.proj_size, **kwargs)
     net = RNNModel(layer, model.vocab_size).to(dtype)
     net.load_state_dict({k: _tensor(v) for k, v in model.state_dict().items()}, strict=True)
     return net
@@ -219,7 +242,7 @@ def sgd(params, lr, batch_size):
             param.grad.zero_()
 
 
-def train_epoch_ch8(net, train_iter, updater, clip=1.0, use_random_iter=False):
+def train_epoch_ch8(net, train_iter, updater, clip=1.0, use_random_iter=False, on_step=None):
     """d2l's ``train_epoch_ch8`` without its timer: one pass, truncated BPTT; returns (perplexity, tokens).
 
     ``train_iter`` yields host (NumPy) integer arrays X, Y of shape (B, T). ``updater`` is a
@@ -227,6 +250,7 @@ def train_epoch_ch8(net, train_iter, updater, clip=1.0, use_random_iter=False):
     ``lambda batch_size: sgd(net.params, lr, batch_size)``, called with 1 as d2l does). The state
     is carried across minibatches with its gradient cut (``detach_``) unless ``use_random_iter``.
     The loss is cross-entropy averaged over the T*B tokens; clipping is d2l's ``grad_clipping``.
+    ``on_step(loss)``, when given, receives each minibatch's loss as a float (not d2l's: for the tests).
     """
     state, loss_sum, num_tokens = None, 0.0, 0
     for X, Y in train_iter:
@@ -249,6 +273,8 @@ def train_epoch_ch8(net, train_iter, updater, clip=1.0, use_random_iter=False):
             grad_clipping(net, clip)
             updater(batch_size=1)
         loss_sum += float(loss.detach()) * y.numel()  # d2l's Accumulator: metric.add(l * y.numel(), y.numel())
+        if on_step is not None:
+            on_step(float(loss.detach()))
         num_tokens += y.numel()
     return math.exp(loss_sum / num_tokens), num_tokens
 
@@ -398,3 +424,174 @@ def scratch_stack(layer, x, h0=None, c0=None, masks=None):
         inp = torch.cat(outs, dim=2)
     out = inp.transpose(0, 1) if layer.batch_first else inp
     return out, torch.stack(h_n), (torch.stack(c_n) if kind == "LSTM" else None), params
+
+
+# ------------------------------------------------------------------------ 6. d2l chapter 9, scratch GRU and LSTM
+
+
+def _normal(shape):
+    return torch.randn(size=shape) * 0.01
+
+
+def get_gru_params(vocab_size, num_hiddens):
+    """d2l 9.1's ``get_params`` (renamed beside chapter 8's): one (W_x*, W_h*, b_*) triple per gate.
+
+    Returns ``[W_xz, W_hz, b_z, W_xr, W_hr, b_r, W_xh, W_hh, b_h, W_hq, b_q]``, weights N(0, 0.01^2)
+    in d2l's (in, out) layout, biases zero, all requiring grad.
+    """
+    num_inputs = num_outputs = vocab_size
+
+    def three():
+        return (_normal((num_inputs, num_hiddens)), _normal((num_hiddens, num_hiddens)), torch.zeros(num_hiddens))
+
+    W_xz, W_hz, b_z = three()  # Update gate parameters
+    W_xr, W_hr, b_r = three()  # Reset gate parameters
+    W_xh, W_hh, b_h = three()  # Candidate hidden state parameters
+    W_hq = _normal((num_hiddens, num_outputs))
+    b_q = torch.zeros(num_outputs)
+    params = [W_xz, W_hz, b_z, W_xr, W_hr, b_r, W_xh, W_hh, b_h, W_hq, b_q]
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+def init_gru_state(batch_size, num_hiddens, dtype=torch.float32):
+    """d2l 9.1's ``init_gru_state``: a one-tuple holding zeros (batch_size, num_hiddens)."""
+    return (torch.zeros((batch_size, num_hiddens), dtype=dtype),)
+
+
+def gru(inputs, state, params):
+    """d2l 9.1's ``gru``: the reset gate multiplies h before the recurrent product (``reset_after=False``)."""
+    W_xz, W_hz, b_z, W_xr, W_hr, b_r, W_xh, W_hh, b_h, W_hq, b_q = params
+    (H,) = state
+    outputs = []
+    for X in inputs:
+        Z = torch.sigmoid((X @ W_xz) + (H @ W_hz) + b_z)
+        R = torch.sigmoid((X @ W_xr) + (H @ W_hr) + b_r)
+        H_tilda = torch.tanh((X @ W_xh) + ((R * H) @ W_hh) + b_h)
+        H = Z * H + (1 - Z) * H_tilda
+        Y = H @ W_hq + b_q
+        outputs.append(Y)
+    return torch.cat(outputs, dim=0), (H,)
+
+
+def get_lstm_params(vocab_size, num_hiddens):
+    """d2l 9.2's ``get_lstm_params``, one (W_x*, W_h*, b_*) triple per gate.
+
+    Returns ``[W_xi, W_hi, b_i, W_xf, W_hf, b_f, W_xo, W_ho, b_o, W_xc, W_hc, b_c, W_hq, b_q]``.
+    """
+    num_inputs = num_outputs = vocab_size
+
+    def three():
+        return (_normal((num_inputs, num_hiddens)), _normal((num_hiddens, num_hiddens)), torch.zeros(num_hiddens))
+
+    W_xi, W_hi, b_i = three()  # Input gate parameters
+    W_xf, W_hf, b_f = three()  # Forget gate parameters
+    W_xo, W_ho, b_o = three()  # Output gate parameters
+    W_xc, W_hc, b_c = three()  # Candidate memory cell parameters
+    W_hq = _normal((num_hiddens, num_outputs))
+    b_q = torch.zeros(num_outputs)
+    params = [W_xi, W_hi, b_i, W_xf, W_hf, b_f, W_xo, W_ho, b_o, W_xc, W_hc, b_c, W_hq, b_q]
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+def init_lstm_state(batch_size, num_hiddens, dtype=torch.float32):
+    """d2l 9.2's ``init_lstm_state``: (H, C), zeros of shape (batch_size, num_hiddens) each."""
+    return (torch.zeros((batch_size, num_hiddens), dtype=dtype), torch.zeros((batch_size, num_hiddens), dtype=dtype))
+
+
+def lstm(inputs, state, params):
+    """d2l 9.2's ``lstm``."""
+    [W_xi, W_hi, b_i, W_xf, W_hf, b_f, W_xo, W_ho, b_o, W_xc, W_hc, b_c, W_hq, b_q] = params
+    (H, C) = state
+    outputs = []
+    for X in inputs:
+        I = torch.sigmoid((X @ W_xi) + (H @ W_hi) + b_i)  # noqa: E741 (d2l's name)
+        F = torch.sigmoid((X @ W_xf) + (H @ W_hf) + b_f)
+        O = torch.sigmoid((X @ W_xo) + (H @ W_ho) + b_o)  # noqa: E741
+        C_tilda = torch.tanh((X @ W_xc) + (H @ W_hc) + b_c)
+        C = F * C + I * C_tilda
+        H = O * torch.tanh(C)
+        Y = (H @ W_hq) + b_q
+        outputs.append(Y)
+    return torch.cat(outputs, dim=0), (H, C)
+
+
+# npyrnn's gate rows (torch's order) for each of d2l's gates, in d2l's parameter order
+D2L_GATES = {"gru": ("z", "r", "n"), "lstm": ("i", "f", "o", "g")}
+TORCH_ROWS = {"gru": "rzn", "lstm": "ifgo"}
+
+
+def scratch_cell_twin(model, biases="two"):
+    """d2l's ``RNNModelScratch`` with ``gru`` or ``lstm`` holding an RNNLM's weights.
+
+    For ``RNNLM(cell='gru', reset_after=False)`` (d2l's GRU) or ``RNNLM(cell='lstm')``, one layer,
+    one direction, no projection. Each gate's rows of ``weight_ih_l0`` / ``weight_hh_l0`` become
+    d2l's ``W_x*`` / ``W_h*`` (transposed to d2l's (in, out) layout); ``linear`` becomes ``W_hq``, ``b_q``.
+
+    d2l has one bias per gate where npyrnn (torch's layout) has two, ``b_ih`` and ``b_hh``:
+
+    - ``biases='one'``: d2l's bias is a leaf holding ``b_ih + b_hh``. The same function and the
+      same gradient (d2l's bias gradient is the gradient of each of npyrnn's two biases), but SGD
+      moves that one leaf half as far as npyrnn moves the sum of its two, and ``grad_clipping``
+      counts its gradient once instead of twice: for one forward/backward only.
+    - ``biases='two'`` (training): ``net.params`` is d2l's list with ``b_ih``'s part in each bias
+      place, followed by the ``b_hh`` parts as leaves of their own; the forward function adds them
+      into d2l's bias before calling d2l's ``gru`` / ``lstm`` unchanged. d2l's ``sgd`` and
+      ``grad_clipping`` then see exactly npyrnn's parameters, so training follows npyrnn step for step.
+    """
+    rnn_ = model.rnn
+    if model.cell not in D2L_GATES or rnn_.num_layers != 1 or rnn_.bidirectional or getattr(rnn_, "proj_size", 0) \
+            or (model.cell == "gru" and rnn_.reset_after) or not rnn_.bias:
+        raise ValueError("d2l's scratch GRU/LSTM has one layer, one direction, biases, no projection and (GRU) the "
+                         "reset gate before the product; build RNNLM(cell='gru', reset_after=False) or cell='lstm' so")
+    if biases not in ("one", "two"):
+        raise ValueError(f"biases must be 'one' or 'two', got {biases!r}")
+    p = {k: _tensor(v) for k, v in model.state_dict().items()}
+    rows = TORCH_ROWS[model.cell]
+    W_ih, W_hh = (dict(zip(rows, p[f"rnn.{n}_l0"].chunk(len(rows)))) for n in ("weight_ih", "weight_hh"))
+    b_ih, b_hh = (dict(zip(rows, p[f"rnn.{n}_l0"].chunk(len(rows)))) for n in ("bias_ih", "bias_hh"))
+    params, extra = [], []
+    for gate in D2L_GATES[model.cell]:
+        params += [W_ih[gate].T, W_hh[gate].T, b_ih[gate] + b_hh[gate] if biases == "one" else b_ih[gate]]
+        if biases == "two":
+            extra.append(b_hh[gate])
+    params += [p["linear.weight"].T, p["linear.bias"]]
+    params = [t.contiguous().clone().requires_grad_(True) for t in params + extra]
+    cell_fn, init_state = (gru, init_gru_state) if model.cell == "gru" else (lstm, init_lstm_state)
+    n = 3 * len(D2L_GATES[model.cell]) + 2  # d2l's list
+
+    if biases == "one":
+        forward_fn = cell_fn
+    else:
+        def forward_fn(inputs, state, params):
+            d2l = list(params[:n])
+            for j, b in enumerate(params[n:]):
+                d2l[3 * j + 2] = d2l[3 * j + 2] + b  # d2l's one bias per gate = b_ih + b_hh
+            return cell_fn(inputs, state, d2l)
+
+    return RNNModelScratch(model.vocab_size, model.num_hiddens, init_state=init_state, forward_fn=forward_fn,
+                           params=params)
+
+
+def scratch_cell_as_npyrnn(model, arrays, biases="two"):
+    """``scratch_cell_twin``'s parameters (or their gradients), a list of host arrays in ``net.params``'
+    order, under npyrnn's names and layouts.
+
+    With ``biases='one'`` d2l's bias stands for each of npyrnn's two (its gradient is theirs).
+    """
+    rows = TORCH_ROWS[model.cell]
+    gates = D2L_GATES[model.cell]
+    n = 3 * len(gates) + 2
+    by_gate = {g: arrays[3 * j: 3 * j + 3] for j, g in enumerate(gates)}
+    hh = dict(zip(gates, arrays[n:])) if biases == "two" else {g: by_gate[g][2] for g in gates}
+    return {
+        "rnn.weight_ih_l0": np.concatenate([by_gate[g][0].T for g in rows]),
+        "rnn.weight_hh_l0": np.concatenate([by_gate[g][1].T for g in rows]),
+        "rnn.bias_ih_l0": np.concatenate([by_gate[g][2] for g in rows]),
+        "rnn.bias_hh_l0": np.concatenate([hh[g] for g in rows]),
+        "linear.weight": arrays[n - 2].T,
+        "linear.bias": arrays[n - 1],
+    }

@@ -6,6 +6,7 @@ The benchmark imports as the package ``benchmarks`` from the repository root (wh
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,16 @@ def assert_summary(s, n):
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    return run_bench(tmp_path_factory.mktemp("bench"))
+    """Every cell, the sections that run in this process (the memory section is in ``loaded``: each of its
+    children imports torch anew, seconds each on a busy machine)."""
+    return run_bench(tmp_path_factory.mktemp("bench"), "--only", "train", "--only", "generate", "--only", "floor")
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    """The GRU's rows only: the train section with one busy process competing, and the memory section."""
+    return run_bench(tmp_path_factory.mktemp("bench"), "--only", "train", "--only", "memory", "--load", "1",
+                     "--cells", "gru")
 
 
 def test_meta(quick):
@@ -58,51 +68,85 @@ def test_meta(quick):
         assert key in meta, key
     assert meta["threads"] == 1 and meta["config"]["pairs"] == 1
     assert "OPENBLAS_CORETYPE" in meta["env"] and "OPENBLAS_L2_SIZE" in meta["env"]
-    assert set(meta["sections"]) == {"train", "generate", "memory", "floor"}
+    assert set(meta["sections"]) == {"train", "generate", "floor"}
+    assert meta["config"]["cells"] == ["rnn", "gru", "lstm"]  # the default
+
+
+KINDS = ("scratch", "concise", "gru-scratch", "gru-concise", "lstm-scratch", "lstm-concise")
 
 
 def test_train_and_generate(quick):
     results, stdout = quick
-    for kind in ("scratch", "concise"):
+    assert list(results["train"]) == list(KINDS) and list(results["generate"]) == list(KINDS)
+    for kind in KINDS:
         train = results["train"][kind]
         assert train["hidden"] == 16
+        assert train["cell"] == ("rnn" if kind in ("scratch", "concise") else kind.split("-")[0])
         for impl in ("npyrnn", "torch"):
             assert_summary(train["tokens_per_s"][impl], 1)
             assert len(train["perplexity"][impl]) == 1
+        # the same initial weights and minibatches on both sides (float32; d2l's scratch models hold one
+        # bias per gate where npyrnn holds two, so their perplexities part slightly)
+        ppl = train["perplexity"]
+        assert abs(ppl["npyrnn"][0] - ppl["torch"][0]) <= 1e-3 * ppl["torch"][0], (kind, ppl)
         assert_summary(train["ratio_npyrnn_over_torch"], 1)
         assert train["epochs_per_measurement"] == 1
         gen = results["generate"][kind]
+        assert gen["cell"] == train["cell"]
         for impl in ("npyrnn", "torch"):
             assert_summary(gen["chars_per_s"][impl], 1)
         assert_summary(gen["ratio_npyrnn_over_torch"], 1)
-        assert isinstance(gen["same_text"], bool)
+        assert gen["same_text"] is True, kind  # same untrained weights, greedy
+        assert re.search(rf"^{kind} ", stdout, re.MULTILINE), kind
     assert "TRAIN tokens/s" in stdout and "GENERATE chars/s" in stdout
 
 
-def test_memory(quick):
-    memory = quick[0]["memory"]
-    for which in ("npyrnn-scratch", "torch-scratch", "npyrnn-concise", "torch-concise"):
-        r = memory[which]
-        assert r["baseline_rss_kb"] > 0 and r["peak_rss_kb"] >= r["baseline_rss_kb"]
-        assert isinstance(r["increase_kb"], int)
-    assert "method" in memory
+def test_memory(loaded):
+    memory, stdout = loaded[0]["memory"], loaded[1]
+    assert [k for k in memory if k.startswith(("npyrnn-", "torch-"))] == [
+        "npyrnn-gru-scratch", "torch-gru-scratch", "npyrnn-gru-concise", "torch-gru-concise"]
+    for kind in ("gru-scratch", "gru-concise"):
+        for lib in ("npyrnn", "torch"):
+            r = memory[f"{lib}-{kind}"]
+            assert r["baseline_rss_kb"] > 0 and r["peak_rss_kb"] >= r["baseline_rss_kb"]
+            assert isinstance(r["increase_kb"], int) and r["hidden"] == 16
+        assert memory[f"ratio_{kind}_npyrnn_over_torch"] > 0
+    assert "method" in memory and memory["children_at_once"] >= 1
+    assert "MEMORY peak RSS" in stdout and re.search(r"^gru-concise ", stdout, re.MULTILINE)
+
+
+def test_memory_children_cover_every_kind():
+    from benchmarks.sections.memory import CHILDREN, children
+
+    assert children(("rnn", "gru", "lstm")) == list(CHILDREN)
+    assert children(("rnn",)) == ["npyrnn-scratch", "torch-scratch", "npyrnn-concise", "torch-concise"]
+    assert len(CHILDREN) == 2 * len(KINDS) and all(f"npyrnn-{k}" in CHILDREN for k in KINDS)
 
 
 def test_floor(quick):
-    floor = quick[0]["floor"]
-    assert [p["calls"] for p in floor["products"]] == [5, 1, 1, 5, 1, 1]  # --quick: T = 5
-    assert floor["flops_per_minibatch"] == sum(p["flops"] for p in floor["products"])
-    assert_summary(floor["floor_seconds"], 1)
-    assert_summary(floor["ratio_npyrnn_over_floor"], 1)
-    assert set(floor["npyrnn_phase_seconds"]) == {"zero_grad", "forward", "loss", "backward", "clip", "sgd"}
+    results, stdout = quick
+    assert list(results["floor"]) == ["rnn", "gru", "lstm"]
+    for cell, gates in (("rnn", 1), ("gru", 3), ("lstm", 4)):
+        floor = results["floor"][cell]
+        assert floor["cell"] == cell and floor["shapes"]["gates"] == gates
+        assert [p["calls"] for p in floor["products"]] == [5, 1, 1, 5, 1, 1]  # --quick: T = 5
+        assert floor["products"][0]["shape"] == f"(4,16)@(16,{16 * gates}) x5"
+        assert floor["flops_per_minibatch"] == sum(p["flops"] for p in floor["products"])
+        assert_summary(floor["floor_seconds"], 1)
+        assert_summary(floor["ratio_npyrnn_over_floor"], 1)
+        assert set(floor["npyrnn_phase_seconds"]) == {"zero_grad", "forward", "loss", "backward", "clip", "sgd"}
+        assert f"FLOOR {cell.upper()} at hidden 16" in stdout
 
 
-def test_only_one_section_with_load(tmp_path):
-    results, stdout = run_bench(tmp_path, "--only", "train", "--load", "1")
-    assert set(results) == {"meta", "train"}
+def test_load_and_some_cells(loaded):
+    results, stdout = loaded
+    assert set(results) == {"meta", "train", "memory"}
+    assert results["meta"]["config"]["cells"] == ["gru"]
+    assert list(results["train"]) == ["gru-scratch", "gru-concise"]
     assert "TRAIN" in stdout and "FLOOR" not in stdout and "GENERATE" not in stdout
     assert results["meta"]["config"]["load"] == 1
     for kind, train in results["train"].items():
+        assert "jax" not in train["tokens_per_s"], "the JAX peer is chapter 8's RNN only"
         loaded = train["loaded"]
         assert loaded["busy_processes"] == 1
         assert set(loaded["throughput_kept"]) == set(train["tokens_per_s"]), kind
@@ -111,6 +155,21 @@ def test_only_one_section_with_load(tmp_path):
             assert_summary(loaded["tokens_per_s"][impl], 1)
         assert_summary(loaded["ratio_npyrnn_over_torch"], 1)
     assert "busy process(es) competing" in stdout
+
+
+def test_cells_flag():
+    import argparse
+
+    from benchmarks.bench_train import parse_cells
+
+    assert parse_cells("lstm, rnn") == ("rnn", "lstm")
+    for bad in ("", "gru,cnn", ","):
+        with pytest.raises(argparse.ArgumentTypeError, match="comma-separated list of rnn, gru, lstm"):
+            parse_cells(bad)
+    assert parse_cells("gru,lstm,gru") == ("gru", "lstm")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--cells", "tcn"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "argument --cells" in proc.stderr
 
 
 def test_busy_processes_end_on_exit():
@@ -130,17 +189,18 @@ def test_pairs_rotate_the_order():
     assert all(sorted(o[k] for o in orders) == ["a", "b", "c"] for k in range(3))  # each place once each
 
 
-def test_floor_products_are_one_minibatchs_products():
+@pytest.mark.parametrize("gates", [1, 3, 4], ids=["rnn", "gru", "lstm"])
+def test_floor_products_are_one_minibatchs_products(gates):
     import numpy as np
 
     from benchmarks.sections.floor import products
 
-    B, T, H, V = 3, 4, 5, 7
-    prods = products(B, T, H, V, np.random.default_rng(0))
+    B, T, H, V, G = 3, 4, 5, 7, gates
+    prods = products(B, T, H, V, np.random.default_rng(0), gates=G)
     assert [p.calls for p in prods] == [T, 1, 1, T, 1, 1]
-    # forward and backward recurrences, the output layer both ways, the two weight gradients
-    assert sum(p.flops for p in prods) == 2 * (2 * B * H * H * T) + 2 * (2 * T * B * H * V) + 2 * T * B * H * H \
-        + 2 * V * T * B * H
+    # forward and backward recurrences over all G gates, the output layer both ways, the two weight gradients
+    assert sum(p.flops for p in prods) == 2 * (2 * B * H * G * H * T) + 2 * (2 * T * B * H * V) \
+        + 2 * G * H * T * B * H + 2 * V * T * B * H
     for p in prods:
         p.run()
 

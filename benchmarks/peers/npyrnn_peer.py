@@ -20,19 +20,23 @@ def make_loader(cfg, corpus):
 
 
 class NpyrnnLM:
-    """npyrnn's ``RNNLM(V, hidden, init=init, dtype='float32', seed=cfg.seed)`` with ``npyrnn.optim.SGD``."""
+    """npyrnn's ``RNNLM(V, hidden, init=init, dtype='float32', seed=cfg.seed, cell=cell, reset_after=...)``
+    with ``npyrnn.optim.SGD``."""
 
     name = "npyrnn"
 
-    def __init__(self, cfg, vocab, corpus, hidden, init):
+    def __init__(self, cfg, vocab, corpus, hidden, init, cell="rnn", reset_after=True):
         self.cfg, self.vocab, self.corpus, self.hidden, self.init = cfg, vocab, corpus, hidden, init
+        self.cell, self.reset_after = cell, reset_after
         self.reset()
 
     def initial_model(self):
         """A fresh model with the initial weights (the same every call: seeded)."""
         from npyrnn.models import RNNLM
 
-        return RNNLM(len(self.vocab), self.hidden, init=self.init, dtype="float32", seed=self.cfg.seed)
+        extra = {"reset_after": self.reset_after} if self.cell == "gru" else {}
+        return RNNLM(len(self.vocab), self.hidden, init=self.init, dtype="float32", seed=self.cfg.seed,
+                     cell=self.cell, **extra)
 
     def reset(self):
         """Back to the initial weights and a fresh loader: the next measurement is a run from the start."""

@@ -1,4 +1,4 @@
-"""d2l chapter 8 in PyTorch, from ``tests/reference.py``: the scratch model and the concise ``RNNModel``.
+"""d2l chapters 8 and 9 in PyTorch, from ``tests/reference.py``: the scratch models and the concise ``RNNModel``.
 
 Training is d2l's ``train_epoch_ch8`` (state carried, its gradient cut with ``detach_``;
 d2l's ``grad_clipping``), generation d2l's ``predict_ch8`` under ``torch.no_grad``.
@@ -15,8 +15,8 @@ class _TorchLM:
 
     name = "torch"
 
-    def __init__(self, cfg, vocab, corpus, initial):
-        self.cfg, self.vocab, self.corpus, self.initial = cfg, vocab, corpus, initial
+    def __init__(self, cfg, vocab, corpus, initial, cell="rnn"):
+        self.cfg, self.vocab, self.corpus, self.initial, self.cell = cfg, vocab, corpus, initial, cell
         self.reset()
 
     def reset(self):
@@ -51,33 +51,43 @@ class _TorchLM:
 
 
 class TorchScratch(_TorchLM):
-    """d2l's ``RNNModelScratch`` under autograd with d2l's ``sgd``.
+    """d2l's ``RNNModelScratch`` under autograd with d2l's ``sgd``: chapter 8's ``rnn``, or chapter 9's
+    ``gru`` or ``lstm`` (``cell``).
 
     ``initial``: a callable returning the npyrnn model whose weights to start from
-    (``scratch_twin``); None: d2l's ``get_params``.
+    (``scratch_twin``, or ``scratch_cell_twin`` with d2l's one bias per gate); None: d2l's
+    ``get_params`` / ``get_lstm_params``.
     """
 
-    def __init__(self, cfg, vocab, corpus, hidden, initial=None):
+    def __init__(self, cfg, vocab, corpus, hidden, initial=None, cell="rnn"):
         self.hidden = hidden
-        super().__init__(cfg, vocab, corpus, initial)
+        super().__init__(cfg, vocab, corpus, initial, cell)
 
     def build(self, model):
-        from tests.reference import RNNModelScratch, scratch_twin, sgd
+        from tests import reference as ref
 
-        net = RNNModelScratch(len(self.vocab), self.hidden) if model is None else scratch_twin(model)
-        return net, lambda batch_size: sgd(net.params, self.cfg.lr, batch_size)
+        if model is not None:
+            net = ref.scratch_twin(model) if self.cell == "rnn" else ref.scratch_cell_twin(model, biases="one")
+        else:
+            get_params, init_state, forward_fn = {
+                "rnn": (ref.get_params, ref.init_rnn_state, ref.rnn),
+                "gru": (ref.get_gru_params, ref.init_gru_state, ref.gru),
+                "lstm": (ref.get_lstm_params, ref.init_lstm_state, ref.lstm),
+            }[self.cell]
+            net = ref.RNNModelScratch(len(self.vocab), self.hidden, get_params, init_state, forward_fn)
+        return net, lambda batch_size: ref.sgd(net.params, self.cfg.lr, batch_size)
 
 
 class TorchConcise(_TorchLM):
-    """d2l's ``RNNModel(nn.RNN(V, H), V)`` with ``torch.optim.SGD``.
+    """d2l's ``RNNModel(nn.RNN(V, H), V)`` (or ``nn.GRU``, ``nn.LSTM``: ``cell``) with ``torch.optim.SGD``.
 
     ``initial``: a callable returning the npyrnn model whose weights to start from
     (``concise_twin``); None: torch's initialisation.
     """
 
-    def __init__(self, cfg, vocab, corpus, hidden, initial=None):
+    def __init__(self, cfg, vocab, corpus, hidden, initial=None, cell="rnn"):
         self.hidden = hidden
-        super().__init__(cfg, vocab, corpus, initial)
+        super().__init__(cfg, vocab, corpus, initial, cell)
 
     def build(self, model):
         import torch
@@ -85,5 +95,6 @@ class TorchConcise(_TorchLM):
 
         from tests.reference import RNNModel, concise_twin
 
-        net = RNNModel(nn.RNN(len(self.vocab), self.hidden), len(self.vocab)) if model is None else concise_twin(model)
+        layer = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[self.cell]
+        net = RNNModel(layer(len(self.vocab), self.hidden), len(self.vocab)) if model is None else concise_twin(model)
         return net, torch.optim.SGD(net.parameters(), lr=self.cfg.lr)

@@ -1,7 +1,11 @@
 """floor: npyrnn's time per training minibatch against the time of its own matrix products.
 
 ``products`` describes each product of one minibatch once (name, shape, calls, FLOPs) together
-with the NumPy call that times it; the floor is the sum of their median times.
+with the NumPy call that times it; the floor is the sum of their median times. One floor per
+cell in ``cfg.cells``: the Elman RNN at ``hidden_scratch`` (d2l's chapter 8 scratch size), the GRU
+and LSTM at ``hidden_concise`` (chapter 9's 256), with G = 1, 3, 4 gates stacked in every
+hidden-side product as npyrnn (and cuDNN) fuse them; the GRU is torch's variant
+(``reset_after=True``), whose hidden product is one GEMM for all three gates.
 """
 
 import dataclasses
@@ -15,6 +19,8 @@ import numpy as np
 
 from benchmarks.common import pair_order, pause, ratio_summary, summary
 from benchmarks.peers.npyrnn_peer import NpyrnnLM
+
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 
 NOTES = (
     "floor = sum over the products of the median time of one call (the x T products: one loop of T calls "
@@ -41,41 +47,47 @@ class Product:
         return self.calls * self.flops_per_call
 
 
-def products(B, T, H, V, rng):
+def products(B, T, H, V, rng, gates=1):
     """The matrix products of one npyrnn training minibatch (one layer, token-id input), torch layout.
 
-    Each runs as npyrnn calls it: float32, ``np.matmul`` into preallocated outputs; the x T products as
-    one loop of T calls, the forward ones chained (``h_{t+1} = h_t W^T`` with ``W ~ N(0, 1/H)``, so the
-    values stay O(1): no inf, no denormals; no tanh).
+    ``gates`` is G: 1 (RNN), 3 (GRU), 4 (LSTM); ``W_hh`` is (G*H, H) with the gates stacked, so each
+    step's hidden product is one (B, H) @ (H, G*H) GEMM forward and one (B, G*H) @ (G*H, H) backward,
+    and the weight gradient one (G*H, T*B) @ (T*B, H) GEMM after the loop. The input side is a gather
+    (token ids): no product. Each runs as npyrnn calls it: float32, ``np.matmul`` into preallocated
+    outputs; the x T products as one loop of T calls, the forward ones chained (``h_{t+1}`` = the
+    first H columns of ``h_t W^T``, with ``W ~ N(0, 1/H)`` so that the values stay O(1): no inf, no
+    denormals; no non-linearity).
     """
-    f32, N = np.float32, T * B
-    W_hh = (rng.standard_normal((H, H)) / math.sqrt(H)).astype(f32)
+    f32, N, G = np.float32, T * B, gates
+    W_hh = (rng.standard_normal((G * H, H)) / math.sqrt(H)).astype(f32)
     W_out = (rng.standard_normal((V, H)) / math.sqrt(H)).astype(f32)
     Hs = rng.standard_normal((T + 1, B, H)).astype(f32)
-    dA = rng.standard_normal((T, B, H)).astype(f32)
+    dA = rng.standard_normal((T, B, G * H)).astype(f32)
     dlogits = rng.standard_normal((N, V)).astype(f32)
-    out2, prev, dA2 = Hs[1:].reshape(N, H), Hs[:T].reshape(N, H), dA.reshape(N, H)
-    Hf = Hs.copy()
+    out2, prev, dA2 = Hs[1:].reshape(N, H), Hs[:T].reshape(N, H), dA.reshape(N, G * H)
+    Gf = np.zeros((T + 1, B, G * H), f32)  # forward: step t+1's gates; their first H columns feed step t+2
+    Gf[0, :, :H] = Hs[0]
     carry = np.empty((B, H), f32)
     logits, dout = np.empty((N, V), f32), np.empty((N, H), f32)
-    dW_hh, dW_out = np.empty((H, H), f32), np.empty((V, H), f32)
+    dW_hh, dW_out = np.empty((G * H, H), f32), np.empty((V, H), f32)
 
     def forward():
-        for t in range(T):
-            np.matmul(Hf[t], W_hh.T, out=Hf[t + 1])  # chained, like the recurrence
+        for t in range(T):  # all G gates in one product, chained like the recurrence (a strided view: no copy)
+            np.matmul(Gf[t, :, :H], W_hh.T, out=Gf[t + 1])
 
     def backward():
         for t in range(T - 1, -1, -1):
             np.matmul(dA[t], W_hh, out=carry)
 
+    GH = G * H
     return [
-        Product("forward h_{t-1} W_hh^T", f"({B},{H})@({H},{H}) x{T}", T, 2 * B * H * H, forward),
+        Product("forward h_{t-1} W_hh^T", f"({B},{H})@({H},{GH}) x{T}", T, 2 * B * H * GH, forward),
         Product("output logits = out W^T", f"({N},{H})@({H},{V})", 1, 2 * N * H * V,
                 lambda: np.matmul(out2, W_out.T, out=logits)),
         Product("output dout = dlogits W", f"({N},{V})@({V},{H})", 1, 2 * N * V * H,
                 lambda: np.matmul(dlogits, W_out, out=dout)),
-        Product("backward da_t W_hh", f"({B},{H})@({H},{H}) x{T}", T, 2 * B * H * H, backward),
-        Product("grad dW_hh = dA^T H_prev", f"({H},{N})@({N},{H})", 1, 2 * H * N * H,
+        Product("backward da_t W_hh", f"({B},{GH})@({GH},{H}) x{T}", T, 2 * B * GH * H, backward),
+        Product("grad dW_hh = dA^T H_prev", f"({GH},{N})@({N},{H})", 1, 2 * GH * N * H,
                 lambda: np.matmul(dA2.T, prev, out=dW_hh)),
         Product("grad dW_out = dlogits^T out", f"({V},{N})@({N},{H})", 1, 2 * V * N * H,
                 lambda: np.matmul(dlogits.T, out2, out=dW_out)),
@@ -142,9 +154,16 @@ def npyrnn_phases(ours):
 
 
 def run(cfg, corpus, vocab, log):
-    B, T, H, V = cfg.batch_size, cfg.num_steps, cfg.hidden_scratch, len(vocab)
-    prods = products(B, T, H, V, np.random.default_rng(cfg.seed))
-    ours = NpyrnnLM(cfg, vocab, corpus, H, init="normal")
+    """``{cell: floor results}`` for the cells in ``cfg.cells``."""
+    return {cell: run_cell(cfg, corpus, vocab, log, cell) for cell in cfg.cells}
+
+
+def run_cell(cfg, corpus, vocab, log, cell):
+    B, T, V = cfg.batch_size, cfg.num_steps, len(vocab)
+    H = cfg.hidden_scratch if cell == "rnn" else cfg.hidden_concise
+    prods = products(B, T, H, V, np.random.default_rng(cfg.seed), gates=GATES[cell])
+    # the RNN as d2l's scratch model (normal init); the GRU and LSTM as torch's (uniform init, reset after)
+    ours = NpyrnnLM(cfg, vocab, corpus, H, init="normal" if cell == "rnn" else "uniform", cell=cell)
     ours.train()  # warm-up
     time_products(prods, 1)
     flops = sum(p.flops for p in prods)
@@ -167,10 +186,11 @@ def run(cfg, corpus, vocab, log):
             measure()
         pause(cfg)
         phases.append(npyrnn_phases(ours))
-        log(f"  floor pair {i + 1}/{cfg.pairs}: floor {floor_s[-1] * 1e3:.2f} ms, "
+        log(f"  floor {cell} pair {i + 1}/{cfg.pairs}: floor {floor_s[-1] * 1e3:.2f} ms, "
             f"npyrnn {step_s[-1] * 1e3:.2f} ms per minibatch")
     return {
-        "shapes": {"batch_size": B, "num_steps": T, "hidden": H, "vocab_size": V},
+        "cell": cell,
+        "shapes": {"batch_size": B, "num_steps": T, "hidden": H, "vocab_size": V, "gates": GATES[cell]},
         "products": [
             {"name": p.name, "shape": p.shape, "calls": p.calls, "flops": p.flops,
              "seconds": summary([pp[j] for pp in per_product]),

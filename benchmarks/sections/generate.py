@@ -1,13 +1,15 @@
-"""generate: greedy generation at batch 1, characters/s, npyrnn's ``predict`` against d2l's ``predict_ch8``."""
+"""generate: greedy generation at batch 1, characters/s, npyrnn's ``predict`` against d2l's ``predict_ch8``.
+
+One row per kind of ``benchmarks.peers`` whose cell is in ``cfg.cells``.
+"""
 
 from benchmarks.common import pair_order, pause, ratio_summary, summary
-from benchmarks.peers import make_pair
-from benchmarks.sections.train import KINDS
+from benchmarks.peers import KINDS, hidden, kinds, make_pair
 
 
 def run(cfg, corpus, vocab, log):
     results = {}
-    impls = {kind: make_pair(cfg, vocab, corpus, kind) for kind in KINDS}
+    impls = {kind: make_pair(cfg, vocab, corpus, kind) for kind in kinds(cfg.cells)}
     texts = {}
     for kind, pair in impls.items():
         for impl in pair:  # warm-up
@@ -23,7 +25,8 @@ def run(cfg, corpus, vocab, log):
             f"{kind} npyrnn {r['npyrnn'][-1]:,.0f} / torch {r['torch'][-1]:,.0f} chars/s" for kind, r in rec.items()))
     for kind, r in rec.items():
         results[kind] = {
-            "hidden": cfg.hidden_scratch if kind == "scratch" else cfg.hidden_concise,
+            "cell": KINDS[kind][0],
+            "hidden": hidden(cfg, kind),
             "num_preds": cfg.num_preds,
             "prefix": cfg.prefix,
             "chars_per_s": {"npyrnn": summary(r["npyrnn"]), "torch": summary(r["torch"])},

@@ -6,27 +6,27 @@ go into ``<kind>.loaded``.
 
 Each measurement is a whole run: ``cfg.epochs`` epochs from the initial weights with a fresh loader
 (every peer is reset before it is timed), tokens/s over all of them. Peers: d2l's scratch model
-in torch and, where jax imports, in JAX (``scratch``); d2l's concise model in torch (``concise``).
+in torch and, where jax imports, in JAX (``scratch``); d2l's concise model in torch (``concise``);
+chapter 9's scratch and concise GRU and LSTM in torch (``gru-scratch``, ``gru-concise``,
+``lstm-scratch``, ``lstm-concise``; see ``benchmarks.peers``), for the cells in ``cfg.cells``.
 """
 
 import statistics
 
 from benchmarks.common import busy_processes, pair_order, pause, ratio_summary, summary
-from benchmarks.peers import jax_rnn, make_pair
-
-KINDS = ("scratch", "concise")
+from benchmarks.peers import KINDS, hidden, jax_rnn, kinds, make_pair
 
 
 def peers(cfg, corpus, vocab, threads, with_jax):
     """``{kind: [npyrnn, torch(, jax)]}``, all starting from the same initial weights."""
-    impls = {kind: list(make_pair(cfg, vocab, corpus, kind)) for kind in KINDS}
+    impls = {kind: list(make_pair(cfg, vocab, corpus, kind)) for kind in kinds(cfg.cells)}
     if with_jax:
         impls["scratch"].append(jax_rnn.JaxPeer(cfg, cfg.hidden_scratch, threads))
     return impls
 
 
 def run(cfg, corpus, vocab, log, threads=1):
-    with_jax = jax_rnn.available()
+    with_jax = jax_rnn.available() and "rnn" in cfg.cells  # the JAX peer is chapter 8's scratch job
     results = {}
     impls = peers(cfg, corpus, vocab, threads, with_jax)
     for kind, group in impls.items():
@@ -35,7 +35,9 @@ def run(cfg, corpus, vocab, log, threads=1):
             if not getattr(impl, "warm_up_in_child", False):
                 impl.train()
         results[kind] = {
-            "hidden": cfg.hidden_scratch if kind == "scratch" else cfg.hidden_concise,
+            "cell": KINDS[kind][0],
+            "style": KINDS[kind][1],
+            "hidden": hidden(cfg, kind),
             "minibatches_per_measurement": cfg.epochs * ours.num_batches(),
             "tokens_per_measurement": cfg.epochs * ours.num_batches() * cfg.batch_size * cfg.num_steps,
             "epochs_per_measurement": cfg.epochs,
@@ -48,7 +50,7 @@ def run(cfg, corpus, vocab, log, threads=1):
         results["scratch"]["jax_trajectory"] = check
         log(f"  jax: {check['epochs']} epochs, largest relative perplexity difference from npyrnn "
             f"{check['max_rel_diff']:.1e} ({'agree' if check['agree'] else 'DISAGREE'})")
-    else:
+    elif "rnn" in cfg.cells:
         log("  jax is not installed: no JAX peer (pip install -e '.[bench]')")
     rec = measure_pairs(cfg, impls, log, "train")
     for kind, r in rec.items():
