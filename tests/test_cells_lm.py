@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 from safetensors import safe_open
 
 from npyrnn import backend
-from npyrnn.checkpoint import load_checkpoint, save_checkpoint
+from npyrnn.checkpoint import DIGEST_KEY, load_checkpoint, save_checkpoint
 from npyrnn.cli import main
 from npyrnn.data import Vocab
 from npyrnn.generate import generate_stream
@@ -199,6 +199,7 @@ def test_a_checkpoint_from_before_the_cells_still_loads(vocab, tmp_path):
                                          "nonlinearity", "dtype")}
     assert set(config) - set(old_config) == {"cell", "dropout"}
     old = tmp_path / "old.safetensors"
+    metadata = {k: v for k, v in metadata.items() if k != DIGEST_KEY}  # files of that time had no digest
     save_file(load_file(str(new)), str(old), metadata={**metadata, "config": json.dumps(old_config)})
     loaded, _, _ = load_checkpoint(old)
     assert loaded.cell == "rnn" and loaded.rnn.dropout == 0.0 and loaded.rnn.nonlinearity == "relu"
