@@ -126,7 +126,15 @@ def build_parser():
     _add_model_flags(t)
     g = t.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int, default=500)
-    g.add_argument("--lr", type=positive_float, default=1.0, help="SGD learning rate (default %(default)s)")
+    g.add_argument("--lr", type=positive_float, default=1.0, help="learning rate")
+    g.add_argument("--optimizer", choices=("sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw"), default="sgd",
+                   help="sgd: plain SGD (d2l); momentum: SGD with --momentum; the others as torch.optim's")
+    g.add_argument("--momentum", type=nonnegative_float, default=0.9, help="momentum of --optimizer momentum")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=None,
+                   help="L2 penalty (decoupled for adamw); default 0, and 0.01 for adamw as torch")
+    g.add_argument("--schedule", default="none",
+                   help="learning-rate schedule: none, step:K:GAMMA, multistep:E1,E2:GAMMA, exp:GAMMA, "
+                        "cosine[:ETA_MIN], warmup:K[:START], decay:AFTER:FACTOR (char-rnn)")
     g.add_argument("--clip", type=positive_float, default=1.0, help="global gradient-norm threshold (default 1)")
     g.add_argument("--val-tokens", type=nonnegative_int, default=5000,
                    help="validate on the N tokens after the training tokens; 0: no validation (default %(default)s)")
@@ -205,7 +213,7 @@ def _default_out(args):
 
 SETTINGS = ("corpus", "token", "raw", "max_tokens", "val_tokens", "hidden", "layers", "bidirectional",
             "nonlinearity", "init", "dtype", "epochs", "lr", "clip", "batch_size", "num_steps", "random_iter",
-            "seed", "prefix", "checkpoint_every")
+            "seed", "prefix", "checkpoint_every", "optimizer", "momentum", "weight_decay", "schedule")
 
 
 def _given_flags(argv):
@@ -233,6 +241,10 @@ def cmd_train(args):
     else:
         settings = {name: getattr(args, name) for name in SETTINGS}
         out = args.out if args.out is not None else _default_out(args)
+    from npyrnn.optim import SGD
+
+    probe = SGD({"probe": backend.xp.zeros(1)}, 1.0)
+    runs.build_schedule(settings["schedule"], probe, settings["epochs"])  # a bad spec fails before any work
     return runs.train_run(settings, out, resume=args.resume is not None, overwrite=args.overwrite,
                           quiet=args.quiet, progress=False if args.quiet else None,
                           sample_every=0 if args.quiet else args.sample_every,

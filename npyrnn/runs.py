@@ -55,7 +55,7 @@ __all__ = [
 
 OUTPUT_FILES = ("model.safetensors", "metrics.csv", "perplexity.png", "summary.json")
 RUN_FILES = OUTPUT_FILES + ("checkpoint.safetensors", "best.safetensors")
-METRICS_FIELDS = ("epoch", "perplexity", "val_perplexity", "tokens_per_s")
+METRICS_FIELDS = ("epoch", "perplexity", "val_perplexity", "tokens_per_s", "lr")
 EXIT_DIVERGED = 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -310,17 +310,87 @@ class _Signals:
 
 
 def _optimizer_state(optimizer):
-    """The optimiser's tensors (names `optimizer.*`) and JSON-able settings for a checkpoint."""
-    if hasattr(optimizer, "state_dict"):
-        tensors, meta = optimizer.state_dict()
-        return {f"optimizer.{k}": v for k, v in tensors.items()}, meta
-    return {}, {"name": type(optimizer).__name__, "lr": optimizer.lr}
+    """The optimiser's buffers (tensors named `optimizer.state.<param>.<buffer>`) and JSON-able rest."""
+    from npyrnn.optim import split_state_dict
+
+    tensors, meta = split_state_dict(optimizer.state_dict())
+    return {f"optimizer.{k}": v for k, v in tensors.items()}, meta
 
 
 def _load_optimizer_state(optimizer, tensors, meta):
-    if hasattr(optimizer, "load_state_dict"):
-        prefix = "optimizer."
-        optimizer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta)
+    from npyrnn.optim import join_state_dict
+
+    prefix = "optimizer."
+    optimizer.load_state_dict(join_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                               if k.startswith(prefix)}, meta))
+
+
+OPTIMIZERS = ("sgd", "momentum", "adagrad", "rmsprop", "adam", "adamw")
+SCHEDULES = {
+    "none": "constant learning rate",
+    "step:K:GAMMA": "multiply by GAMMA every K epochs (StepLR)",
+    "multistep:E1,E2,...:GAMMA": "multiply by GAMMA at each listed epoch (MultiStepLR)",
+    "exp:GAMMA": "multiply by GAMMA every epoch (ExponentialLR)",
+    "cosine[:ETA_MIN]": "cosine annealing from lr to ETA_MIN over the run's epochs (CosineAnnealingLR)",
+    "warmup:K[:START]": "linear warm-up from START*lr (default 1/3) to lr over K epochs (LinearLR)",
+    "decay:AFTER:FACTOR": "char-rnn's decay: multiply by FACTOR after every epoch from AFTER on (MultiStepLR)",
+}
+
+
+def build_optimizer(settings, params):
+    """The optimiser that a run's settings name, with torch's defaults for what they leave out.
+
+    `sgd` is plain SGD (d2l); `momentum` is SGD with `momentum` (default 0.9); `adagrad`,
+    `rmsprop`, `adam` and `adamw` are torch's. `weight_decay` applies to each (AdamW's is
+    decoupled).
+    """
+    from npyrnn import optim
+
+    name, lr, wd = settings.get("optimizer", "sgd"), settings["lr"], settings.get("weight_decay", 0.0) or 0.0
+    if name == "sgd":
+        return optim.SGD(params, lr, weight_decay=wd)
+    if name == "momentum":
+        return optim.SGD(params, lr, momentum=settings.get("momentum", 0.9), weight_decay=wd)
+    kinds = {"adagrad": optim.Adagrad, "rmsprop": optim.RMSprop, "adam": optim.Adam, "adamw": optim.AdamW}
+    if name not in kinds:
+        raise UsageError(f"--optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+    if name == "adamw" and settings.get("weight_decay") is None:
+        return optim.AdamW(params, lr)  # torch's default decoupled decay, 0.01
+    return kinds[name](params, lr, weight_decay=wd)
+
+
+def build_schedule(spec, optimizer, epochs):
+    """The learning-rate schedule that `--schedule SPEC` names (see `SCHEDULES`), or None for 'none'."""
+    from npyrnn import optim
+
+    spec = (spec or "none").strip()
+    kind, _, rest = spec.partition(":")
+    args = rest.split(":") if rest else []
+
+    def bad(why=""):
+        forms = "; ".join(SCHEDULES)
+        return UsageError(f"--schedule {spec!r} cannot be read{why}; use one of: {forms}")
+
+    try:
+        if kind == "none" and not args:
+            return None
+        if kind == "step" and len(args) == 2:
+            return optim.StepLR(optimizer, int(args[0]), float(args[1]))
+        if kind == "multistep" and len(args) == 2:
+            return optim.MultiStepLR(optimizer, [int(e) for e in args[0].split(",")], float(args[1]))
+        if kind == "exp" and len(args) == 1:
+            return optim.ExponentialLR(optimizer, float(args[0]))
+        if kind == "cosine" and len(args) <= 1:
+            return optim.CosineAnnealingLR(optimizer, epochs, float(args[0]) if args else 0.0)
+        if kind == "warmup" and 1 <= len(args) <= 2:
+            start = float(args[1]) if len(args) == 2 else 1.0 / 3
+            return optim.LinearLR(optimizer, start_factor=start, total_iters=int(args[0]))
+        if kind == "decay" and len(args) == 2:
+            after = int(args[0])
+            return optim.MultiStepLR(optimizer, list(range(max(after, 1), epochs + 1)), float(args[1]))
+    except ValueError as exc:  # a number that does not parse, or one out of its range
+        raise bad(f" ({exc})") from None
+    raise bad()
 
 
 def train_run(settings, out, resume=False, overwrite=False, quiet=False, progress=None, sample_every=10,
@@ -357,7 +427,6 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
     from npyrnn import backend
     from npyrnn.checkpoint import checkpoint_bytes, load_training_checkpoint
     from npyrnn.generate import predict, split_prefix
-    from npyrnn.optim import SGD
     from npyrnn.train import Diverged, Trainer, evaluate
 
     out = Path(out)
@@ -369,7 +438,8 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
     split_prefix(prefix, settings["token"])  # an empty prefix fails now, not after training
     check_memory(settings, len(vocab))
     model = build_model(settings, len(vocab))
-    optimizer = SGD(model.params, settings["lr"])
+    optimizer = build_optimizer(settings, model.params)
+    schedule = build_schedule(settings.get("schedule"), optimizer, settings["epochs"])
     trainer = Trainer(model, loader, optimizer, settings["clip"], settings["random_iter"])
     extra = dict(settings, num_tokens=int(len(train_ids)), vocab_size=len(vocab))
     best = {"val_perplexity": None, "epoch": None}
@@ -384,6 +454,8 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
         model.load_state_dict(model_ck.state_dict())
         trainer.load_state_dict(tensors, training["trainer"])
         _load_optimizer_state(optimizer, tensors, training["optimizer"])
+        if schedule is not None:
+            schedule.load_state_dict(training["schedule"])
         best, run_seconds = training["best"], float(training["run_seconds"])
         finished = trainer.epoch >= settings["epochs"] and not trainer.in_epoch
         if finished and not all((out / name).is_file() for name in OUTPUT_FILES):
@@ -406,6 +478,7 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
         tensors, meta = trainer.state_dict()
         opt_tensors, opt_meta = _optimizer_state(optimizer)
         meta = {"trainer": meta, "optimizer": opt_meta, "best": best, "run_seconds": run_seconds + elapsed(),
+                "schedule": None if schedule is None else schedule.state_dict(),
                 "num_train_tokens": int(len(train_ids))}
         return {**tensors, **opt_tensors}, _finite(meta)
 
@@ -435,7 +508,9 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
         for key, value in extra.items():  # every setting, after the results
             summary.setdefault(key, value)
         kind = "random" if settings["random_iter"] else "sequential"
-        title = f"{settings['corpus']}: RNN h={settings['hidden']}, {kind}"
+        title = (f"{settings['corpus']}: RNN h={settings['hidden']}, {kind}, "
+                 f"{settings.get('optimizer', 'sgd')} lr={settings['lr']:g}"
+                 + (f", {settings['schedule']}" if settings.get("schedule", "none") != "none" else ""))
         write_files_together(out, {
             "model.safetensors": checkpoint_bytes(model, vocab, extra=extra),
             "checkpoint.safetensors": checkpoint_bytes(model, vocab, extra, training_state()),
@@ -452,9 +527,13 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
         warnings.simplefilter("ignore")  # an unknown character in the prefix is reported once, at the end
         try:
             while trainer.epoch < settings["epochs"] or trainer.in_epoch:
+                lr = optimizer.lr
                 record = trainer.run_epoch(should_stop=lambda: signals.received is not None)
                 if record is None:
                     break
+                record["lr"] = lr
+                if schedule is not None:
+                    schedule.step()  # the next epoch's learning rate
                 if val_ids is not None:
                     record["val_perplexity"] = evaluate(model, val_ids, settings["batch_size"], settings["num_steps"])
                     if best["val_perplexity"] is None or record["val_perplexity"] < best["val_perplexity"]:

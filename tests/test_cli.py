@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from npyrnn import backend
@@ -90,7 +91,8 @@ def test_train_writes_the_four_files(tmp_path, corpus, capsys):
     assert last, lines[-1]
 
     rows = list(csv.reader((out / "metrics.csv").read_text().splitlines()))
-    assert rows[0] == ["epoch", "perplexity", "val_perplexity", "tokens_per_s"]
+    assert rows[0] == ["epoch", "perplexity", "val_perplexity", "tokens_per_s", "lr"]
+    assert all(float(r[4]) == 0.5 for r in rows[1:])
     assert [int(r[0]) for r in rows[1:]] == [1, 2, 3]
     assert all(1 < float(r[1]) < 100 and 1 < float(r[2]) < 100 and float(r[3]) > 0 for r in rows[1:])
 
@@ -677,3 +679,50 @@ def test_every_bad_input_error_is_one_family():
     import npyrnn.data
 
     assert npyrnn.data.DataError is errors.DataError and npyrnn.checkpoint.CheckpointError is errors.CheckpointError
+
+
+@pytest.mark.parametrize("flags", [["--optimizer", "adam", "--lr", "0.01", "--schedule", "cosine"],
+                                   ["--optimizer", "momentum", "--lr", "0.3", "--weight-decay", "0.001",
+                                    "--schedule", "step:2:0.5"],
+                                   ["--optimizer", "rmsprop", "--lr", "0.003", "--schedule", "warmup:2"],
+                                   ["--optimizer", "adagrad", "--lr", "0.05", "--schedule", "decay:2:0.9"],
+                                   ["--optimizer", "adamw", "--lr", "0.01", "--schedule", "exp:0.9"]],
+                         ids=["adam-cosine", "momentum-step", "rmsprop-warmup", "adagrad-decay", "adamw-exp"])
+def test_optimizers_and_schedules_resume_bit_exactly(tmp_path, corpus, capsys, monkeypatch, flags):
+    """Optimiser buffers and the schedule are in the checkpoint: a run stopped by SIGINT in its third
+    epoch and resumed equals the uninterrupted run, bit for bit."""
+    import signal
+
+    import npyrnn.train
+    from safetensors.numpy import load_file
+
+    base = ["train", "--corpus", str(corpus), *SMALL, *flags, "--epochs", "4", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "whole")]) == 0
+    real_step, calls = npyrnn.train._step, []
+
+    def step_then_interrupt(*args):
+        calls.append(1)
+        if len(calls) == 2 * 12 + 3:  # 12 minibatches per epoch: stop inside epoch 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args)
+
+    monkeypatch.setattr(npyrnn.train, "_step", step_then_interrupt)
+    assert main([*base, "--out", str(tmp_path / "split")]) == 130
+    monkeypatch.setattr(npyrnn.train, "_step", real_step)
+    assert main(["train", "--resume", str(tmp_path / "split"), "--quiet"]) == 0
+    whole, split = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "split"))
+    assert whole.keys() == split.keys() and all(np.array_equal(whole[k], split[k]) for k in whole)
+    rows = [r for r in csv.DictReader((tmp_path / "split" / "metrics.csv").open())]
+    lrs = [float(r["lr"]) for r in rows]
+    assert len(rows) == 4 and lrs == [float(r["lr"]) for r in csv.DictReader((tmp_path / "whole" / "metrics.csv").open())]
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert summary["optimizer"] == flags[1] and summary["schedule"] == flags[flags.index("--schedule") + 1]
+
+
+@pytest.mark.parametrize("spec", ["bogus", "step:0:0.5", "step:2", "exp:x", "cosine:1:2", "multistep:a:0.1",
+                                  "warmup:0"])
+def test_bad_schedule_is_one_line(tmp_path, corpus, capsys, spec):
+    code, stdout, stderr = run(["train", "--corpus", corpus, *SMALL, "--epochs", "1", "--schedule", spec,
+                                "--out", tmp_path / "run"], capsys)
+    assert_clean_failure(code, stdout, stderr, "--schedule", "use one of")
+    assert not (tmp_path / "run").exists()
