@@ -125,7 +125,7 @@ def test_optimizer_matches_torch_every_step(name, kw, xp):
             assert rel_err(arr, tstate[b].numpy()) <= 1e-12, f"{k}.{b}"
 
 
-def test_real_gradients_from_the_model_match_torch():
+def test_real_gradients_from_the_model_match_torch(xp):
     """Gradients from npyrnn's own forward/backward, fed to Adam and to torch's Adam."""
     model = RNNLM(28, 16, seed=0, dtype="float64")
     tensors, topt = torch_twin("Adam", {"lr": 1e-2, "amsgrad": True}, model.params)
@@ -134,7 +134,7 @@ def test_real_gradients_from_the_model_match_torch():
     from npyrnn.losses import softmax_cross_entropy
 
     for i in range(STEPS):
-        X, Y = rng.integers(0, 28, size=(4, 6)), rng.integers(0, 28, size=(4, 6))
+        X, Y = xp.asarray(rng.integers(0, 28, size=(4, 6))), xp.asarray(rng.integers(0, 28, size=(4, 6)))
         model.zero_grad()
         logits, _ = model.forward(X, model.begin_state(4))
         _, dlogits = softmax_cross_entropy(logits, Y.T.reshape(-1))

@@ -52,6 +52,7 @@ __all__ = [
     "strip_gutenberg",
     "read_lines",
     "read_time_machine",
+    "clean_text",
     "tokenize",
     "load_corpus",
 ]
