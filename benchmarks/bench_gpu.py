@@ -439,6 +439,14 @@ def main(argv=None):
     if args.pairs < 1 or args.batches < 1:
         print("bench_gpu: --pairs and --batches must be at least 1", file=sys.stderr)
         return 2
+    settings = QUICK_SETTINGS if args.quick else SETTINGS
+    if args.only:
+        known = {s.name: s for s in SETTINGS + QUICK_SETTINGS}
+        unknown = [n for n in args.only if n not in known]
+        if unknown:
+            print(f"bench_gpu: unknown setting {unknown[0]!r}; choose from {', '.join(known)}", file=sys.stderr)
+            return 2
+        settings = [known[n] for n in args.only]
     if args.tf32:
         os.environ.setdefault("CUPY_TF32", "1")  # read when cupy is imported
     reason = why_not(args.stand_in)
@@ -455,14 +463,6 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
     device = Device(args.stand_in)
-    settings = QUICK_SETTINGS if args.quick else SETTINGS
-    if args.only:
-        known = {s.name: s for s in SETTINGS + QUICK_SETTINGS}
-        unknown = [n for n in args.only if n not in known]
-        if unknown:
-            print(f"bench_gpu: unknown setting {unknown[0]!r}; choose from {', '.join(known)}", file=sys.stderr)
-            return 2
-        settings = [known[n] for n in args.only]
     wanted = [c.strip() for c in args.cells.split(",") if c.strip()]
     available = npyrnn_cells()
     cells = [c for c in wanted if c in available]
@@ -478,8 +478,9 @@ def main(argv=None):
     for setting in settings:
         log(f"{setting.name} ...")
         results["settings"].append(run_setting(setting, cells, args, device, log))
-    results["meta"]["seconds"] = time.perf_counter() - start
-    write_json(args.json, results)
+        results["meta"]["complete"] = len(results["settings"]) == len(settings)
+        results["meta"]["seconds"] = time.perf_counter() - start
+        write_json(args.json, results)  # after each setting: a run stopped by a time limit keeps what it measured
     print(render(results))
     print(f"\n{results['meta']['seconds']:.0f} s; JSON: {args.json}")
     return 0
