@@ -26,12 +26,10 @@ import json
 from pathlib import Path
 
 import numpy
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save
 
 from npyrnn import backend
 from npyrnn.data import Vocab
-from npyrnn.errors import CheckpointError
+from npyrnn.errors import CheckpointError, UsageError
 from npyrnn.files import atomic_write_bytes
 from npyrnn.models import RNNLM
 
@@ -53,6 +51,21 @@ def _digest(tensors, metadata):
     for key in sorted(k for k in metadata if k != DIGEST_KEY):
         h.update(json.dumps([key, metadata[key]]).encode())
     return h.hexdigest()
+
+
+def require_safetensors(what):
+    """Raise a one-line `UsageError` when the optional-at-import safetensors package is missing.
+
+    Parameters
+    ----------
+    what : str
+        What needs it, for the message (e.g. ``'npyrnn train writes its checkpoints'``).
+    """
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        raise UsageError(f"{what} in the safetensors format, but safetensors is not installed; "
+                         "pip install safetensors") from None
 
 
 def checkpoint_bytes(model, vocab, extra=None, training=None):
@@ -84,6 +97,9 @@ def checkpoint_bytes(model, vocab, extra=None, training=None):
             tensors[name] = numpy.ascontiguousarray(backend.to_numpy(value))
         metadata["training"] = json.dumps(meta, allow_nan=False)
     metadata[DIGEST_KEY] = _digest(tensors, metadata)  # a damaged file fails to load instead of loading wrong
+    require_safetensors("checkpoint_bytes")
+    from safetensors.numpy import save
+
     return save(tensors, metadata=metadata)
 
 
@@ -153,6 +169,10 @@ def load_training_checkpoint(path, require_training=True):
         _fail(path, "no such file; pass the model.safetensors written by `npyrnn train --out DIR`")
     if not path.is_file():
         _fail(path, "not a regular file; pass the model.safetensors written by `npyrnn train --out DIR`")
+    require_safetensors(f"reading {str(path)!r}")
+    from safetensors import SafetensorError, safe_open
+    from safetensors.numpy import load_file
+
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}

@@ -241,8 +241,14 @@ def metrics_csv(history, header=True):
 
 
 def plot_png(history, title):
-    """`perplexity.png` as bytes: training and validation perplexity against epochs, log scale (headless)."""
-    import matplotlib
+    """`perplexity.png` as bytes: training and validation perplexity against epochs, log scale (headless).
+
+    None where matplotlib is not installed (it is optional).
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -440,13 +446,12 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
         0 when done, `EXIT_DIVERGED` (3) when training diverged, 130 or 143 when SIGINT or
         SIGTERM stopped it (a resumable checkpoint written).
     """
-    from tqdm.auto import tqdm
-
     from npyrnn import backend
-    from npyrnn.checkpoint import checkpoint_bytes, load_training_checkpoint
+    from npyrnn.checkpoint import checkpoint_bytes, load_training_checkpoint, require_safetensors
     from npyrnn.generate import predict, split_prefix
-    from npyrnn.train import Diverged, Trainer, evaluate
+    from npyrnn.train import Diverged, Trainer, evaluate, progress_bar
 
+    require_safetensors("npyrnn train writes its checkpoints")
     check_out_dir(out, resume=resume, overwrite=overwrite)  # before Path(): Path("") is "."
     out = Path(out)
     if settings.get("prefix") is not None:
@@ -529,16 +534,21 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
         title = (f"{settings['corpus']}: {settings.get('cell', 'rnn').upper()} h={settings['hidden']}, {kind}, "
                  f"{settings.get('optimizer', 'sgd')} lr={settings['lr']:g}"
                  + (f", {settings['schedule']}" if settings.get("schedule", "none") != "none" else ""))
-        write_files_together(out, {
+        files = {
             "model.safetensors": checkpoint_bytes(model, vocab, extra=extra),
             "checkpoint.safetensors": checkpoint_bytes(model, vocab, extra, training_state()),
             "metrics.csv": metrics_csv(trainer.history),
             "perplexity.png": plot_png(trainer.history, title),
             "summary.json": summary_json(summary),
-        })
+        }
+        if files["perplexity.png"] is None:  # matplotlib is optional
+            del files["perplexity.png"]
+            print("npyrnn: note: perplexity.png not written: matplotlib is not installed (pip install matplotlib)",
+                  file=sys.stderr)
+        write_files_together(out, files)
         return samples, caught
 
-    bar = tqdm(total=settings["epochs"], initial=trainer.epoch, disable=(None if progress is None else not progress),
+    bar = progress_bar(total=settings["epochs"], initial=trainer.epoch, disable=(None if progress is None else not progress),
                unit="epoch", dynamic_ncols=True, leave=False)
     every = settings.get("checkpoint_every", 10)
     with _Signals() as signals, warnings.catch_warnings():
@@ -588,7 +598,7 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
     if not quiet:
         for text in samples.values():
             echo(text)
-        echo(f"wrote {', '.join(OUTPUT_FILES)} to {out}")
+        echo(f"wrote {', '.join(f for f in OUTPUT_FILES if (out / f).exists())} to {out}")
     if not quiet and last.get("val_perplexity") is not None:
         echo(f"validation perplexity {last['val_perplexity']:.1f} (best {best['val_perplexity']:.1f} "
              f"at epoch {best['epoch']})")

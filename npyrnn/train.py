@@ -18,6 +18,7 @@ that is stopped and resumed computes exactly what an uninterrupted run computes.
 """
 
 import math
+import sys
 import time
 
 from npyrnn import backend
@@ -30,6 +31,40 @@ __all__ = ["train", "train_epoch", "train_step", "evaluate", "Trainer", "Diverge
 
 #: An epoch whose mean loss exceeds this many times the run's first minibatch loss has diverged.
 DIVERGENCE_FACTOR = 2.0
+
+
+class _PlainBar:
+    """What `progress_bar` gives without tqdm: no bar; `write` prints, everything else does nothing."""
+
+    def __init__(self, iterable=None):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def write(self, text):
+        print(text, file=sys.stdout, flush=True)
+
+    def close(self):
+        pass
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm bar (`tqdm.auto.tqdm(iterable, **kwargs)`), or a plain stand-in where tqdm is not installed.
+
+    tqdm is optional: training runs without it, with no bar (samples are still printed).
+    """
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _PlainBar(iterable)
+    return tqdm(iterable, **kwargs)
 
 
 class Diverged(NpyrnnError):
@@ -369,10 +404,8 @@ def train(
     history : list of dict
         ``{'epoch', 'perplexity', 'tokens_per_s'}`` per epoch.
     """
-    from tqdm.auto import tqdm  # only here: importing it in a kernel without ipywidgets warns
-
     trainer = Trainer(model, data_iter, SGD(model.params, lr), clip, use_random_iter)
-    bar = tqdm(range(1, num_epochs + 1), disable=(None if progress is None else not progress), unit="epoch",
+    bar = progress_bar(range(1, num_epochs + 1), disable=(None if progress is None else not progress), unit="epoch",
                dynamic_ncols=True, leave=False)
     for epoch in bar:
         record = trainer.run_epoch()

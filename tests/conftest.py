@@ -70,6 +70,21 @@ def no_internet(monkeypatch, tmp_path):
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 
 
+def skip_unless_installed(*names):
+    """Skip the calling test (or fixture) where an optional package it needs is not installed."""
+    import importlib
+
+    missing = []
+    for n in names:
+        try:
+            importlib.import_module(n)
+        except ImportError:
+            missing.append(n)
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (optional; needed only to download the corpus): "
+                    f"pip install {' '.join(missing)}")
+
+
 def one_line(exc_info):
     """The error's message, after checking that it is a single line."""
     msg = str(exc_info.value)

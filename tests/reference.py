@@ -245,7 +245,7 @@ def sgd(params, lr, batch_size):
 def train_epoch_ch8(net, train_iter, updater, clip=1.0, use_random_iter=False, on_step=None):
     """d2l's ``train_epoch_ch8`` without its timer: one pass, truncated BPTT; returns (perplexity, tokens).
 
-    ``train_iter`` yields host (NumPy) integer arrays X, Y of shape (B, T). ``updater`` is a
+    ``train_iter`` yields integer arrays X, Y of shape (B, T) on either backend (copied to the host). ``updater`` is a
     ``torch.optim.Optimizer`` (concise model) or ``updater(batch_size)`` (d2l's scratch model:
     ``lambda batch_size: sgd(net.params, lr, batch_size)``, called with 1 as d2l does). The state
     is carried across minibatches with its gradient cut (``detach_``) unless ``use_random_iter``.
@@ -254,7 +254,7 @@ def train_epoch_ch8(net, train_iter, updater, clip=1.0, use_random_iter=False, o
     """
     state, loss_sum, num_tokens = None, 0.0, 0
     for X, Y in train_iter:
-        X, Y = torch.from_numpy(X), torch.from_numpy(Y)
+        X, Y = torch.from_numpy(backend.to_numpy(X)), torch.from_numpy(backend.to_numpy(Y))  # any backend
         if state is None or use_random_iter:
             state = net.begin_state(batch_size=X.shape[0])
         else:

@@ -34,9 +34,10 @@ def test_numpy_is_the_default():
 
 
 def test_unknown_backend_is_one_clear_error():
+    previous = backend.name
     with pytest.raises(backend.BackendError, match=r"unknown backend 'tensorflow'; choose one of numpy, cupy"):
         backend.set_backend("tensorflow")
-    assert backend.name == "numpy"
+    assert backend.name == previous
 
 
 def test_unknown_backend_from_environment():
@@ -49,10 +50,11 @@ def test_unknown_backend_from_environment():
 
 
 def test_cupy_that_cannot_import(monkeypatch):
+    previous = backend.set_backend("numpy")  # a failed switch must leave this backend in place
     monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
     with pytest.raises(backend.BackendError, match=r"cupy cannot be imported.*pip install npyrnn\[gpu\]"):
         backend.set_backend("cupy")
-    assert backend.name == "numpy" and backend.xp is np
+    assert backend.name == "numpy" and backend.xp is previous is np
     assert not backend.is_cupy_available()
 
 
@@ -63,6 +65,7 @@ def test_cupy_without_a_device(monkeypatch, count, match):
             raise count
         return count
 
+    backend.set_backend("numpy")  # a failed switch must leave this backend in place
     fake = types.ModuleType("cupy")
     fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=get_device_count))
     monkeypatch.setitem(sys.modules, "cupy", fake)

@@ -253,3 +253,84 @@ def test_jax_child_is_pinned_for_fewer_threads_than_cores():
     assert pinning(cores) == []
     if cores > 1 and shutil.which("taskset"):
         assert pinning(1) == ["taskset", "-c", "0"]
+
+
+# --------------------------------------------------------------------------- bench_gpu.py and gpu_check.sh
+
+GPU_SCRIPT = ROOT / "benchmarks" / "bench_gpu.py"
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
+FAKECUPY = ROOT.parent / "shared" / "tools" / "fakecupy"
+
+
+def real_gpu():
+    """True where real CuPy sees a device and torch has CUDA (then the scripts measure instead of skipping)."""
+    from benchmarks.bench_gpu import why_not
+
+    return why_not(stand_in=False) is None
+
+
+def run_gpu_bench(tmp_path, *flags, env=None):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(GPU_SCRIPT), "--json", str(out), *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env or dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc
+
+
+@pytest.mark.skipif(real_gpu(), reason="a GPU is here: bench_gpu.py measures instead of skipping")
+def test_bench_gpu_skips_cleanly_without_a_gpu(tmp_path):
+    results, proc = run_gpu_bench(tmp_path, "--quick")
+    assert set(results) == {"skipped"} and results["skipped"]
+    assert proc.stderr.startswith("bench_gpu: SKIPPED: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def check_gpu_results(results, stand_in):
+    assert results["meta"]["stand_in"] is stand_in and results["meta"]["complete"]
+    assert [s["name"] for s in results["settings"]] == ["quick-16", "quick-32"]
+    for s in results["settings"]:
+        rnn = s["cells"]["rnn"]
+        for impl in ("npyrnn", "cudnn", "scratch"):
+            assert_summary(rnn["tokens_per_s"][impl], 1)
+        assert_summary(rnn["ratio_npyrnn_over_cudnn"], 1)
+        assert_summary(rnn["ratio_npyrnn_over_scratch"], 1)
+        # the same initial weights and minibatches: npyrnn and torch's nn.RNN compute the same first losses
+        first = rnn["first_loss"]
+        assert abs(first["npyrnn"] - first["cudnn"]) <= 1e-4 * first["cudnn"], first
+        assert abs(first["npyrnn"] - first["scratch"]) <= 2e-2 * first["scratch"], first  # d2l's one bias: see README
+
+
+@pytest.mark.skipif(not (FAKECUPY / "cupy").is_dir(), reason="the CPU stand-in ../shared/tools/fakecupy is not here")
+def test_bench_gpu_logic_on_the_cpu_stand_in(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(FAKECUPY), str(ROOT)]))
+    results, proc = run_gpu_bench(tmp_path, "--quick", "--stand-in", env=env)
+    check_gpu_results(results, stand_in=True)
+    assert "| quick-16 (B 4, T 5, H 16) | rnn |" in proc.stdout
+
+
+def test_bench_gpu_bad_flags(tmp_path):
+    for flags, message in ((["--pairs", "0"], "at least 1"), (["--only", "nope"], "unknown setting 'nope'")):
+        proc = subprocess.run([sys.executable, str(GPU_SCRIPT), "--stand-in", "--json", str(tmp_path / "x.json"),
+                               *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.skipif(real_gpu(), reason="a GPU is here: gpu_check.sh would run for minutes")
+def test_gpu_check_reports_no_gpu_and_dry_run(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(GPU_CHECK), str(tmp_path / "out")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.startswith("gpu_check: no GPU: ") and "Traceback" not in proc.stderr
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "## no GPU" in summary and "Nothing was run." in summary and "- numpy " in summary
+
+    proc = subprocess.run(["bash", str(GPU_CHECK), "--dry-run", str(tmp_path / "dry")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if "| dry run: `" in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["parity", "suite", "cli_train", "cli_generate", "bench"]
+    assert "NPYRNN_BACKEND" not in rows[1] and "bench_gpu.py --json" in rows[-1]
+
+    proc = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: bash benchmarks/gpu_check.sh")

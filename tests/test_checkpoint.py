@@ -7,15 +7,18 @@ import struct
 
 import numpy as np
 import pytest
-from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
 
-from npyrnn import backend
-from npyrnn import files as npyrnn_files
-from npyrnn.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
-from npyrnn.data import Vocab
-from npyrnn.models import RNNLM
-from npyrnn.train import predict
+pytest.importorskip("safetensors", reason="safetensors is not installed: checkpoints need it (pip install safetensors)")
+
+from safetensors import safe_open  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from npyrnn import backend  # noqa: E402
+from npyrnn import files as npyrnn_files  # noqa: E402
+from npyrnn.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from npyrnn.data import Vocab  # noqa: E402
+from npyrnn.models import RNNLM  # noqa: E402
+from npyrnn.train import predict  # noqa: E402
 
 TEXT = "the quick brown fox jumps over the lazy dog "  # every letter: vocabulary of 28
 H = 8

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import closed_port_url, one_line
+from conftest import closed_port_url, one_line, skip_unless_installed
 
 from npyrnn import data
 from npyrnn.data import DataError
@@ -44,6 +44,7 @@ def good_bytes():
 @pytest.fixture
 def cache(tmp_path):
     """The cache dir that conftest's no_internet set (not created yet)."""
+    skip_unless_installed("pooch", "requests", "platformdirs")
     return tmp_path / "cache"
 
 
@@ -95,6 +96,7 @@ class _Server:
 @pytest.fixture
 def server(good_bytes):
     """A local server with the good file at /good and a one-byte-corrupted copy at /corrupt."""
+    skip_unless_installed("pooch", "requests", "platformdirs")
     srv = _Server()
     srv.routes["/good"] = good_bytes
     srv.routes["/corrupt"] = good_bytes[:100] + b"X" + good_bytes[101:]
@@ -246,6 +248,7 @@ def test_wrong_file_in_data_dir_is_an_error(tmp_path, monkeypatch, server):
 
 
 def test_cache_dir_from_env_and_platformdirs(monkeypatch, tmp_path):
+    skip_unless_installed("platformdirs")
     import platformdirs
 
     assert data.cache_dir() == tmp_path / "cache"

@@ -66,7 +66,7 @@ def test_split_prefix_words_and_chars():
 
 # --------------------------------------------------------------------------- sampling filters
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from optional_hypothesis import given, settings, st  # noqa: E402  (hypothesis, or skips without it)
 
 from npyrnn.generate import _cut, _Stop, choose, generate_stream, sampling_probs  # noqa: E402
 

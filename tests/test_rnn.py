@@ -159,15 +159,15 @@ def test_finite_differences_without_torch(bi, nl, xp):
     assert worst < 1e-6, errors
 
 
-def test_finite_difference_check_catches_a_wrong_gradient():
+def test_finite_difference_check_catches_a_wrong_gradient(xp):
     rnn = RNN(I, H, dtype="float64", init="uniform", seed=0)
-    x = np.random.default_rng(0).standard_normal((4, 2, I))
+    x = xp.asarray(np.random.default_rng(0).standard_normal((4, 2, I)))
 
     def loss():
         return float(rnn.forward(x)[0].sum())
 
     out, _ = rnn.forward(x)
-    rnn.backward(np.ones_like(out))
+    rnn.backward(xp.ones_like(out))
     rnn.grads["weight_hh_l0"] *= 1.001  # a 0.1% error must show up
     errors = directional_check(loss, rnn.params, rnn.grads)
     assert errors["weight_hh_l0"] > 1e-4
@@ -195,17 +195,17 @@ def test_token_ids_equal_dense_one_hot(L, bi, bf, xp):
     assert rel_err(dh0_a, backend.to_numpy(dh0_b)) <= 1e-13
 
 
-def test_backward_accumulates_and_zero_grad_clears():
+def test_backward_accumulates_and_zero_grad_clears(xp):
     rnn = RNN(I, H, dtype="float64", init="uniform", seed=0)
-    x = np.random.default_rng(0).standard_normal((3, 2, I))
+    x = xp.asarray(np.random.default_rng(0).standard_normal((3, 2, I)))
     out, _ = rnn.forward(x)
-    rnn.backward(np.ones_like(out))
-    once = {k: g.copy() for k, g in rnn.grads.items()}
-    rnn.backward(np.ones_like(out))
+    rnn.backward(xp.ones_like(out))
+    once = {k: backend.to_numpy(g).copy() for k, g in rnn.grads.items()}
+    rnn.backward(xp.ones_like(out))
     for k in once:
-        np.testing.assert_allclose(rnn.grads[k], 2 * once[k], rtol=1e-14, atol=0)
+        np.testing.assert_allclose(backend.to_numpy(rnn.grads[k]), 2 * once[k], rtol=1e-14, atol=0)
     rnn.zero_grad()
-    assert all(not g.any() for g in rnn.grads.values())
+    assert all(not backend.to_numpy(g).any() for g in rnn.grads.values())
     assert set(rnn.grads) == set(rnn.params)
 
 
@@ -220,7 +220,7 @@ def test_init_schemes():
         assert p.min() >= -k and p.max() <= k, name
         assert p.max() > 0.9 * k, name
     again = RNN(20, 400, dtype="float64", init="uniform", seed=0)
-    assert all(np.array_equal(uni.params[n], again.params[n]) for n in uni.params)
+    assert all(np.array_equal(backend.to_numpy(uni.params[n]), backend.to_numpy(again.params[n])) for n in uni.params)
     assert RNN(20, 8).params["weight_ih_l0"].dtype == np.float32
 
 
@@ -228,7 +228,7 @@ def test_state_dict_round_trip_and_errors():
     a = RNN(I, H, num_layers=2, seed=0)
     b = RNN(I, H, num_layers=2, seed=1)
     b.load_state_dict(a.state_dict())
-    assert all(np.array_equal(a.params[n], b.params[n]) for n in a.params)
+    assert all(np.array_equal(backend.to_numpy(a.params[n]), backend.to_numpy(b.params[n])) for n in a.params)
     bad = dict(a.state_dict())
     bad.pop("bias_hh_l1")
     bad["weight_hh_l0"] = np.zeros((H, H + 1))
@@ -251,29 +251,30 @@ def test_state_dict_round_trip_and_errors():
         ({}, np.full((3, 2), I, "int64"), r"token ids must lie in \[0, 5\).*got values in \[5, 5\]"),
         ({}, np.full((3, 2), -1, "int64"), r"token ids must lie in \[0, 5\).*got values in \[-1, -1\]"),
         ({}, np.zeros((0, 2), "int64"), r"at least one step"),
-        ({}, [[1, 2]], r"must be a numpy array"),
+        ({}, [[1, 2]], r"must be a {backend} array"),
     ],
 )
-def test_bad_input_raises_value_error(kwargs, x, match):
+def test_bad_input_raises_value_error(kwargs, x, match, xp):
     rnn = RNN(I, H, **kwargs)
-    with pytest.raises(ValueError, match=match):
+    x = xp.asarray(x) if isinstance(x, np.ndarray) else x  # the list stays a list: not an array at all
+    with pytest.raises(ValueError, match=match.replace("{backend}", xp.__name__)):
         rnn.forward(x)
 
 
-def test_bad_states_and_gradients_raise_value_error():
+def test_bad_states_and_gradients_raise_value_error(xp):
     rnn = RNN(I, H, num_layers=2, bidirectional=True)
-    x = np.zeros((3, 2, I), "float32")
+    x = xp.zeros((3, 2, I), "float32")
     with pytest.raises(ValueError, match=r"expected h0 of shape \(4, 2, 6\).*got \(2, 2, 6\)"):
-        rnn.forward(x, np.zeros((2, 2, H), "float32"))
+        rnn.forward(x, xp.zeros((2, 2, H), "float32"))
     with pytest.raises(ValueError, match=r"expected h0 of dtype float32, got float64"):
-        rnn.forward(x, np.zeros((4, 2, H)))
+        rnn.forward(x, xp.zeros((4, 2, H)))
     with pytest.raises(RuntimeError, match="before forward"):
-        RNN(I, H).backward(np.zeros((3, 2, H), "float32"))
+        RNN(I, H).backward(xp.zeros((3, 2, H), "float32"))
     out, _ = rnn.forward(x)
     with pytest.raises(ValueError, match=r"expected dout of shape \(3, 2, 12\).*got \(3, 2, 6\)"):
-        rnn.backward(np.zeros((3, 2, H), "float32"))
+        rnn.backward(xp.zeros((3, 2, H), "float32"))
     with pytest.raises(ValueError, match=r"expected dh_n of shape \(4, 2, 6\)"):
-        rnn.backward(np.zeros_like(out), np.zeros((1, 2, H), "float32"))
+        rnn.backward(xp.zeros_like(out), xp.zeros((1, 2, H), "float32"))
 
 
 @pytest.mark.parametrize(
@@ -333,8 +334,8 @@ def test_stepper_equals_forward(L, nl, ids, bias, B, xp):
     np.testing.assert_allclose(backend.to_numpy(h), backend.to_numpy(h_n), rtol=1e-12, atol=1e-13)
 
 
-def test_stepper_rejects_bidirectional_and_bad_state():
+def test_stepper_rejects_bidirectional_and_bad_state(xp):
     with pytest.raises(ValueError, match="bidirectional RNN cannot run one step at a time"):
-        RNN(I, H, bidirectional=True).stepper(np.zeros((2, 1, H), "float32"))
+        RNN(I, H, bidirectional=True).stepper(xp.zeros((2, 1, H), "float32"))
     with pytest.raises(ValueError, match=r"expected h of shape \(2, 1, 6\)"):
-        RNN(I, H, num_layers=2).stepper(np.zeros((1, 1, H), "float32"))
+        RNN(I, H, num_layers=2).stepper(xp.zeros((1, 1, H), "float32"))

@@ -139,8 +139,11 @@ class JaxRNN:
     def _batches(self, loader=None):
         import jax.numpy as jnp
 
+        from npyrnn import backend
+
         loader = self.loader if loader is None else loader
         for X, Y in itertools.islice(iter(loader), num_batches(loader, self.cfg)):
+            X, Y = backend.to_numpy(X), backend.to_numpy(Y)  # the loader's arrays may be on the GPU
             yield jnp.asarray(X.astype(np.int32)), jnp.asarray(Y.astype(np.int32))
 
     def warm_up(self):

@@ -54,6 +54,7 @@ __all__ = [
     "read_lines",
     "clean_text",
     "read_time_machine",
+    "clean_text",
     "tokenize",
     "load_corpus",
 ]
