@@ -220,7 +220,10 @@ class _Failing:
         return kernel
 
 
-@pytest.mark.parametrize("exc", [NotImplementedError("fakecupy: cupy.ElementwiseKernel ..."), RuntimeError("nvrtc: not found")])
+LAUNCH_ERRORS = [NotImplementedError("fakecupy: cupy.ElementwiseKernel ..."), RuntimeError("nvrtc: not found")]
+
+
+@pytest.mark.parametrize("exc", LAUNCH_ERRORS)
 def test_probe_falls_back_silently_when_a_kernel_cannot_launch(exc, monkeypatch):
     factory = _Failing(exc)
     monkeypatch.setattr(kernels, "_on_device", lambda xp: True)
@@ -319,3 +322,84 @@ def test_prepare_probes_every_kernel_on_gpu():
         status = kernels.prepare(cupy, dtype)
         assert status.startswith("on (probed"), status
     assert len(kernels._ready) == 2 * len(kernels.SPECS)
+
+
+# ------------------------------------------------------------------ the CUDA bodies, on the CPU
+def _source(dtypes, cuda=False):
+    """Each kernel's CUDA body inside a loop shaped like CuPy's (a reference per parameter).
+
+    `cuda=False`: C++ for the host compiler, one `extern "C"` function per kernel and dtype;
+    `cuda=True`: `__global__` kernels for nvcc.
+    """
+    lines = [kernels.PREAMBLE]
+    if not cuda:
+        lines[:0] = ["#include <cmath>", "using std::tanh; using std::isnan;", "#define __device__",
+                     "#define __forceinline__ inline"]
+    for ctype in dtypes:
+        lines.append(f"namespace ns_{ctype} {{ typedef {ctype} T;")
+        for spec in kernels.SPECS.values():
+            ins = [p.split()[-1] for p in spec.inputs.split(",")]
+            outs = [p.split()[-1] for p in spec.outputs.split(",")]
+            params = ", ".join([f"const T* _raw_{n}" for n in ins] + [f"T* _raw_{n}" for n in outs])
+            refs = " ".join([f"const T& {n} = _raw_{n}[_i];" for n in ins] + [f"T& {n} = _raw_{n}[_i];" for n in outs])
+            if cuda:
+                head = f"__global__ void {spec.name}(long _n, {params})"
+                loop = "for (long _i = blockIdx.x * blockDim.x + threadIdx.x; _i < _n; _i += blockDim.x * gridDim.x)"
+            else:
+                head = f'extern "C" void {spec.name}_{ctype}(long _n, {params})'
+                loop = "for (long _i = 0; _i < _n; ++_i)"
+            lines.append(f"{head} {{ {loop} {{ {refs}\n{spec.body}\n}} }}")
+        lines.append("}")
+    return "\n".join(lines)
+
+
+def test_cuda_bodies_compile_with_nvcc(tmp_path):
+    """The kernels' CUDA text compiles as CUDA, warnings as errors, with CuPy's options here."""
+    import shutil
+    import subprocess
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc on PATH")
+    src = tmp_path / "kernels.cu"
+    src.write_text(_source(("float", "double"), cuda=True))
+    result = subprocess.run([nvcc, "-c", *kernels.OPTIONS, "-Werror", "all-warnings", str(src), "-o", str(tmp_path / "k.o")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_cuda_bodies_compiled_on_the_cpu_match_their_twins(tmp_path):
+    """The kernels' CUDA C++ (not only their twins) computes the array operations' numbers.
+
+    Compiled with the host C++ compiler and `-ffp-contract=off` (the CPU's `--fmad=false`), run
+    on contiguous NumPy arrays; this checks the formulas and the operation order of the CUDA
+    text itself, everything but NVRTC and the GPU's `tanh`.
+    """
+    import ctypes
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("no C++ compiler (g++ or clang++) on PATH")
+    src, lib = tmp_path / "kernels.cpp", tmp_path / "kernels.so"
+    src.write_text(_source(("float", "double")))
+    subprocess.run([compiler, "-O0", "-ffp-contract=off", "-shared", "-fPIC", str(src), "-o", str(lib)],
+                   check=True, capture_output=True)
+    so = ctypes.CDLL(str(lib))
+    B, Hk = 4, 9
+    for dtype, ctype, tol in (("float64", "double", 1e-13), ("float32", "float", 1e-6)):
+        for spec in kernels.SPECS.values():
+            names = [p.split()[-1] for p in (spec.inputs + "," + spec.outputs).split(",")]
+            rng = np.random.default_rng(len(spec.name))
+            args = [rng.uniform(-1.5, 1.5, size=(Hk,) if n.startswith("b_") else (B, Hk)).astype(dtype) for n in names]
+            ref = [a.copy() for a in args]
+            spec.reference(np, *ref)
+            flat = [np.ascontiguousarray(np.broadcast_to(a, (B, Hk))) for a in args]
+            fn = getattr(so, f"{spec.name}_{ctype}")
+            fn(ctypes.c_long(B * Hk), *[a.ctypes.data_as(ctypes.c_void_p) for a in flat])
+            n_in = len(spec.inputs.split(","))
+            for name, got, want in zip(names[n_in:], flat[n_in:], ref[n_in:]):
+                err = rel_err(got, want)
+                record(f"CUDA bodies as C++ on the CPU, {dtype}", err)
+                assert err <= tol, f"{spec.name} ({dtype}) output {name}: relative error {err:.2e}"

@@ -398,8 +398,8 @@ class GRU(Recurrent):
         zdh[...] = 0
         if self.reset_after:
             for t in range(T) if rec.reverse else range(T - 1, -1, -1):
-                fused[0](dY[t], carry, r[t], z[t], n[t], prev[t], rec.GH[t, :, 2 * H :],
-                         dGH[t, :, :H], dGH[t, :, H : 2 * H], dgx[t, :, 2 * H :], dGH[t, :, 2 * H :], zdh)  # (8.5)-(8.9a)
+                fused[0](dY[t], carry, r[t], z[t], n[t], prev[t], rec.GH[t, :, 2 * H :],  # (8.5)-(8.9a)
+                         dGH[t, :, :H], dGH[t, :, H : 2 * H], dgx[t, :, 2 * H :], dGH[t, :, 2 * H :], zdh)
                 xp.matmul(dGH[t], W_hh, out=carry)  # via all three hidden products      (8.10a)
             carry += zdh  # via z * h_{t-1}                                               (8.10a)
         else:
@@ -408,7 +408,8 @@ class GRU(Recurrent):
             rdh = self._buffer("rdh", (B, H), xp)  # drh_t * r_t of the step before
             rdh[...] = 0
             for t in range(T) if rec.reverse else range(T - 1, -1, -1):
-                fused[0](dY[t], carry, rdh, z[t], n[t], prev[t], dgx[t, :, H : 2 * H], dgx[t, :, 2 * H :], zdh)  # (8.5)-(8.7)
+                da_z, da_n = dgx[t, :, H : 2 * H], dgx[t, :, 2 * H :]
+                fused[0](dY[t], carry, rdh, z[t], n[t], prev[t], da_z, da_n, zdh)  # (8.5)-(8.7)
                 xp.matmul(dgx[t, :, 2 * H :], W_hn, out=drh)  # dL/d(r * h_{t-1})        (8.8b)
                 fused[1](drh, r[t], prev[t], dgx[t, :, :H], rdh)  # dL/da_r               (8.9b)
                 xp.matmul(dgx[t, :, : 2 * H], W_rz, out=carry)  # via r's and z's products (8.10b)

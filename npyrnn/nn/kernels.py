@@ -167,7 +167,8 @@ def _probe(xp, name, dtype):
             kernel = _built[name] = _build(spec)
         kernel(*fused_args)
     except Exception as exc:  # NotImplementedError from a CPU stand-in, no NVRTC, a compile error
-        _failure = f"{name} could not be built or launched: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        first_line = (str(exc).splitlines() or [""])[0]
+        _failure = f"{name} could not be built or launched: {type(exc).__name__}: {first_line}"
         return None
     spec.reference(xp, *ref_args)
     errors = []
