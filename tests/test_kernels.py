@@ -14,6 +14,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import one_line, record, rel_err
 from npyrnn import backend
@@ -62,8 +64,9 @@ def _fresh_kernels(monkeypatch):
     kernels.set_enabled(None)
 
 
-def _run(cls, kwargs, dtype, with_final_grads):
+def _run(cls, kwargs, dtype, with_final_grads, sizes=(T, B, I, H)):
     """Forward, backward and 3 stepper steps of a fresh layer on the active backend; host copies of everything."""
+    T, B, I, H = sizes
     xp = backend.xp
     rng = np.random.default_rng(7)
     layer = cls(I, H, dtype=dtype, init="uniform", seed=3, **kwargs)
@@ -143,6 +146,35 @@ def test_fused_loops_match_array_ops(cfg, with_final_grads, dtype, emulated):
     assert kernels.status().startswith("on (probed"), kernels.status()
     # the same operations in the same order: equal up to a few roundings of tanh on other memory layouts
     _compare(fused, plain, 1e-13 if dtype == "float64" else 1e-5, f"fused loops (array-op kernels), {dtype}")
+
+
+@st.composite
+def _configs(draw):
+    cls = draw(st.sampled_from([RNN, GRU, LSTM]))
+    H = draw(st.integers(1, 5))
+    kwargs = {"num_layers": draw(st.integers(1, 2)), "bidirectional": draw(st.booleans()), "bias": draw(st.booleans())}
+    if cls is RNN:
+        kwargs["nonlinearity"] = draw(st.sampled_from(["tanh", "relu"]))
+    if cls is GRU:
+        kwargs["reset_after"] = draw(st.booleans())
+    if cls is LSTM:
+        kwargs["proj_size"] = draw(st.integers(0, H - 1))
+    sizes = (draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 4)), H)
+    return cls, kwargs, sizes, draw(st.booleans())
+
+
+@settings(derandomize=True, max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cfg=_configs())
+def test_fused_loops_match_array_ops_property(cfg, emulated):
+    """Random cells and sizes (T, B, H = 1 included): the fused loops give the plain loops' numbers."""
+    cls, kwargs, sizes, with_final_grads = cfg
+    kernels._reset()
+    kernels.set_enabled(False)
+    plain = _run(cls, kwargs, "float64", with_final_grads, sizes)
+    kernels.set_enabled(True)
+    fused = _run(cls, kwargs, "float64", with_final_grads, sizes)
+    assert emulated.calls, "the fused loops did not run"
+    _compare(fused, plain, 1e-13, "fused loops (array-op kernels), float64")
 
 
 def test_every_kernel_is_used_by_some_cell():
