@@ -363,7 +363,7 @@ def _source(dtypes, cuda=False):
     `cuda=False`: C++ for the host compiler, one `extern "C"` function per kernel and dtype;
     `cuda=True`: `__global__` kernels for nvcc.
     """
-    lines = [kernels.PREAMBLE]
+    lines = ["typedef float T;", kernels.PREAMBLE]  # CuPy may emit its typedef of T before the preamble
     if not cuda:
         lines[:0] = ["#include <cmath>", "using std::tanh; using std::isnan;", "#define __device__",
                      "#define __forceinline__ inline"]

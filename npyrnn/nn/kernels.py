@@ -42,11 +42,11 @@ OPTIONS = ("--fmad=false",)  # every * and + rounded on its own, as in the array
 TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
 
 PREAMBLE = r"""
-template <typename T> __device__ __forceinline__ T sigmoid_(T a) {  // (8.13), as recurrent.sigmoid_
-    a = a * T(0.5);
+template <typename U> __device__ __forceinline__ U sigmoid_(U a) {  // (8.13), as recurrent.sigmoid_
+    a = a * U(0.5);
     a = tanh(a);
-    a = a * T(0.5);
-    return a + T(0.5);
+    a = a * U(0.5);
+    return a + U(0.5);
 }
 """
 
