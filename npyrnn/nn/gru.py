@@ -16,6 +16,7 @@ Per step one matrix product serves all three gates, as in cuDNN (reset_after), o
 r and z and one for n (reset before: r_t must be known before the product for n).
 """
 
+from npyrnn.nn import kernels
 from npyrnn.nn.recurrent import Recurrent, hidden_product, sigmoid_
 
 
@@ -148,9 +149,23 @@ class GRU(Recurrent):
         else:
             W_rzT, W_hnT = W_hh[: 2 * H].T, W_hh[2 * H :].T
             ghrz = self._buffer("ghrz", (rec.B, 2 * H), xp)
+        fused = self._fused_forward(xp)  # None on NumPy
+        bias = (b_hn,) if self.reset_after and b_hn is not None else ()
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):
             h_prev = Hs[p + t]
             rz, n = G[t, :, : 2 * H], G[t, :, 2 * H :]
+            if fused is not None:  # the element-wise work below in one or two CuPy kernels
+                r, z = rz[:, :H], rz[:, H:]
+                if self.reset_after:
+                    gh = rec.GH[t]
+                    xp.matmul(h_prev, W_hhT, out=gh)  # (8.1)-(8.3a)
+                    fused[0](gh[:, :H], gh[:, H : 2 * H], h_prev, *bias, r, z, n, gh[:, 2 * H :], Hs[o + t])  # (8.4)
+                else:
+                    xp.matmul(h_prev, W_rzT, out=ghrz)  # (8.1, 8.2)
+                    fused[0](ghrz[:, :H], ghrz[:, H:], h_prev, r, z, rec.RH[t])
+                    xp.matmul(rec.RH[t], W_hnT, out=tmp)  # (8.3b)
+                    fused[1](tmp, z, h_prev, n, Hs[o + t])  # (8.4)
+                continue
             if self.reset_after:
                 gh = rec.GH[t]
                 xp.matmul(h_prev, W_hhT, out=gh)  # h_{t-1} W_hh^T, all three gates      (8.1)-(8.3a)
@@ -173,6 +188,14 @@ class GRU(Recurrent):
             xp.subtract(h_prev, n, out=tmp)
             tmp *= rz[:, H:]
             xp.add(n, tmp, out=Hs[o + t])  # h_t = n_t + z_t * (h_{t-1} - n_t)           (8.4)
+
+    def _fused_forward(self, xp):
+        """The CuPy kernels of one forward step (one with reset_after, else two), or None."""
+        if self.reset_after:
+            kernel = kernels.get(xp, "gru_after_fwd" if self.bias else "gru_after_fwd_nobias", self.dtype)
+            return None if kernel is None else (kernel,)
+        rz, n = kernels.get(xp, "gru_before_rz", self.dtype), kernels.get(xp, "gru_before_n", self.dtype)
+        return None if rz is None or n is None else (rz, n)
 
     def stepper(self, h):
         """A function that advances the GRU by one time step, for generation.
@@ -206,8 +229,21 @@ class GRU(Recurrent):
             rh = xp.empty((B, H), dtype=self.dtype)
             recur_rz = hidden_product(W_hh[: 2 * H], B, xp)
             recur_n = hidden_product(W_hh[2 * H :], B, xp)
+        fused = self._fused_forward(xp)  # None on NumPy
+        r, z = rz[:, :H], rz[:, H:]
 
         def step():  # names from the enclosing function are updated with out=, never rebound
+            if fused is not None:  # the element-wise work below in one or two CuPy kernels
+                if self.reset_after:
+                    recur(h[k], gh)  # (8.1)-(8.3a)
+                    bias = () if b_hn is None else (b_hn,)
+                    fused[0](gh[:, :H], gh[:, H : 2 * H], h[k], *bias, r, z, n, hn, h[k])  # (8.4)
+                else:
+                    recur_rz(h[k], ghrz)  # (8.1, 8.2)
+                    fused[0](ghrz[:, :H], ghrz[:, H:], h[k], r, z, rh)
+                    recur_n(rh, tmp)  # (8.3b)
+                    fused[1](tmp, z, h[k], n, h[k])  # (8.4)
+                return
             if self.reset_after:
                 recur(h[k], gh)  # h_{t-1} W_hh^T                                         (8.1)-(8.3a)
                 xp.add(rz, gh[:, : 2 * H], out=rz)
@@ -259,6 +295,9 @@ class GRU(Recurrent):
         W_hh = self._p("weight_hh", rec.k, rec.suffix)
         r, z, n = G[:, :, :H], G[:, :, H : 2 * H], G[:, :, 2 * H :]
         prev = Hs[p : p + T]  # h_{t-1} for every t, (T, B, H)
+        fused = self._fused_backward(xp)  # None on NumPy
+        if fused is not None:
+            return self._scan_back_fused(rec, dY, dh_n, fused)
 
         # the slopes of every step at once, from the cached gates: dh_t times these is
         # dL/da_n (8.6), dL/da_z (8.7); dL/da_n times S_r is dL/da_r (8.9a, 8.9b)
@@ -311,6 +350,14 @@ class GRU(Recurrent):
             xp.multiply(dh, z[t], out=step_tmp)
             carry += step_tmp  # via z * h_{t-1}                                         (8.10a, 8.10b)
             has_carry = True
+        return self._hidden_grads(rec, dgx, dGH, carry)
+
+    def _hidden_grads(self, rec, dgx, dGH, carry):
+        """After the backward loop: dW_hh (and dgx's r, z columns); returns (dgx, dh0, None)."""
+        xp = self.xp
+        T, B, H = rec.T, rec.B, self.hidden_size
+        prev = rec.Hs[rec.p : rec.p + T]
+        W_hh = self._p("weight_hh", rec.k, rec.suffix)
         g = self._g("weight_hh", rec.k, rec.suffix)
         if self.reset_after:
             dgx[:, :, : 2 * H] = dGH[:, :, : 2 * H]  # r and z: the same on both sides  (8.12)
@@ -321,3 +368,51 @@ class GRU(Recurrent):
             g[: 2 * H] += dG2[:, : 2 * H].T @ prev.reshape(T * B, H)  # (8.11b)
             g[2 * H :] += dG2[:, 2 * H :].T @ rec.RH.reshape(T * B, H)  # (8.11b)
         return dgx, carry, None
+
+    def _fused_backward(self, xp):
+        """The CuPy kernels of one backward step (one with reset_after, else two), or None."""
+        if self.reset_after:
+            kernel = kernels.get(xp, "gru_after_bwd", self.dtype)
+            return None if kernel is None else (kernel,)
+        a, b = kernels.get(xp, "gru_before_bwd_a", self.dtype), kernels.get(xp, "gru_before_bwd_b", self.dtype)
+        return None if a is None or b is None else (a, b)
+
+    def _scan_back_fused(self, rec, dY, dh_n, fused):
+        """`_scan_back` with each step's element-wise work in CuPy kernels.
+
+        The same arithmetic: the slopes (8.6), (8.7), (8.9a, 8.9b) are computed per step from the
+        cached gates instead of for all steps at once, and the last additions to the carry,
+        (8.10a, 8.10b), are done by the next step's kernel (and once after the loop).
+        """
+        xp = self.xp
+        T, B, H = rec.T, rec.B, self.hidden_size
+        Hs, p, G = rec.Hs, rec.p, rec.gx
+        W_hh = self._p("weight_hh", rec.k, rec.suffix)
+        r, z, n = G[:, :, :H], G[:, :, H : 2 * H], G[:, :, 2 * H :]
+        prev = Hs[p : p + T]
+        dgx = self._buffer("dgx", (T, B, 3 * H), xp)
+        dGH = rec.dGH = self._buffer("dGH", (T, B, 3 * H), xp) if self.reset_after else dgx
+        carry = self._buffer("carry", (B, H), xp)
+        carry[...] = 0 if dh_n is None else dh_n  # dL/dh_T from outside, or 0
+        zdh = self._buffer("step_tmp", (B, H), xp)  # dh_t * z_t of the step before
+        zdh[...] = 0
+        if self.reset_after:
+            for t in range(T) if rec.reverse else range(T - 1, -1, -1):
+                fused[0](dY[t], carry, r[t], z[t], n[t], prev[t], rec.GH[t, :, 2 * H :],  # (8.5)-(8.9a)
+                         dGH[t, :, :H], dGH[t, :, H : 2 * H], dgx[t, :, 2 * H :], dGH[t, :, 2 * H :], zdh)
+                xp.matmul(dGH[t], W_hh, out=carry)  # via all three hidden products      (8.10a)
+            carry += zdh  # via z * h_{t-1}                                               (8.10a)
+        else:
+            W_hn, W_rz = W_hh[2 * H :], W_hh[: 2 * H]
+            drh = self._buffer("drh", (B, H), xp)
+            rdh = self._buffer("rdh", (B, H), xp)  # drh_t * r_t of the step before
+            rdh[...] = 0
+            for t in range(T) if rec.reverse else range(T - 1, -1, -1):
+                da_z, da_n = dgx[t, :, H : 2 * H], dgx[t, :, 2 * H :]
+                fused[0](dY[t], carry, rdh, z[t], n[t], prev[t], da_z, da_n, zdh)  # (8.5)-(8.7)
+                xp.matmul(dgx[t, :, 2 * H :], W_hn, out=drh)  # dL/d(r * h_{t-1})        (8.8b)
+                fused[1](drh, r[t], prev[t], dgx[t, :, :H], rdh)  # dL/da_r               (8.9b)
+                xp.matmul(dgx[t, :, : 2 * H], W_rz, out=carry)  # via r's and z's products (8.10b)
+            carry += rdh  # via r * h_{t-1}                                               (8.10b)
+            carry += zdh  # via z * h_{t-1}                                               (8.10b)
+        return self._hidden_grads(rec, dgx, dGH, carry)

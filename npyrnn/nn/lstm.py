@@ -15,6 +15,7 @@ h_t = m_t W_hr^T  (proj_size > 0), else h_t = m_t                           (9.5
 One matrix product per step serves all four gates, as in cuDNN.
 """
 
+from npyrnn.nn import kernels
 from npyrnn.nn.recurrent import Recurrent, hidden_product
 
 
@@ -138,9 +139,15 @@ class LSTM(Recurrent):
         s, u = self._activation_constants(xp)
         gh = self._buffer("gh", (rec.B, 4 * H), xp)
         tmp = self._buffer("tmp", (rec.B, H), xp)
+        fused = kernels.get(xp, "lstm_fwd", self.dtype)  # None on NumPy
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):
             a = G[t]
             xp.matmul(Hs[p + t], W_hhT, out=gh)  # h_{t-1} W_hh^T, all four gates         (9.1)
+            if fused is not None:  # the element-wise lines below in one CuPy kernel      (9.1)-(9.4)
+                fused(*_gates(gh, H), C[p + t], *_gates(a, H), C[o + t], rec.TC[t], rec.M[t])
+                if W_hrT is not None:
+                    xp.matmul(rec.M[t], W_hrT, out=Hs[o + t])  # h_t = m_t W_hr^T         (9.5)
+                continue
             a += gh  # a_t                                                                 (9.1)
             a *= s  # sigma for i, f, o and tanh for g in four passes over all gates       (9.2)
             xp.tanh(a, out=a)
@@ -184,9 +191,15 @@ class LSTM(Recurrent):
         recur = hidden_product(self._p("weight_hh", k, ""), B, xp)
         project = hidden_product(self._p("weight_hr", k, ""), B, xp) if self.proj_size else None
         i, f, g, og = xw[:, :H], xw[:, H : 2 * H], xw[:, 2 * H : 3 * H], xw[:, 3 * H :]
+        fused = kernels.get(xp, "lstm_fwd", self.dtype)  # None on NumPy
 
         def step():  # names from the enclosing function are updated with out=, never rebound
             recur(h[k], gh)  # (9.1)
+            if fused is not None:  # the element-wise lines below in one CuPy kernel       (9.2)-(9.4)
+                fused(*_gates(gh, H), c[k], i, f, g, og, c[k], tmp, h[k] if project is None else m)
+                if project is not None:
+                    project(m, h[k])  # (9.5)
+                return
             xp.add(xw, gh, out=xw)
             xp.multiply(xw, s, out=xw)  # (9.2)
             xp.tanh(xw, out=xw)
@@ -235,28 +248,16 @@ class LSTM(Recurrent):
         W_hr = self._p("weight_hr", rec.k, rec.suffix) if self.proj_size else None  # (P, H)
         i, f, g, og = G[:, :, :H], G[:, :, H : 2 * H], G[:, :, 2 * H : 3 * H], G[:, :, 3 * H :]
         TC = rec.TC
+        fused = kernels.get(xp, "lstm_bwd" if W_hr is not None else "lstm_bwd_noproj", self.dtype)  # None on NumPy
 
         # the slopes of every step at once, from the cached gates and cell states:
         # dc_t times S_i, S_f, S_g gives dL/da_i, da_f, da_g (9.11); dm_t times S_o gives
         # dL/da_o (9.9); dm_t times K is the part of dc_t that comes through m_t (9.10)
-        S = self._buffer("slopes", (T, B, 4 * H), xp)
-        S4 = S.reshape(T, B, 4, H)
-        K = self._buffer("K", (T, B, H), xp)
-        xp.subtract(1, i, out=S[:, :, :H])
-        S[:, :, :H] *= i
-        S[:, :, :H] *= g  # g i (1 - i)                                                   (9.11)
-        xp.subtract(1, f, out=S[:, :, H : 2 * H])
-        S[:, :, H : 2 * H] *= f
-        S[:, :, H : 2 * H] *= C[p : p + T]  # c_{t-1} f (1 - f)                            (9.11)
-        xp.multiply(g, g, out=S[:, :, 2 * H : 3 * H])
-        xp.subtract(1, S[:, :, 2 * H : 3 * H], out=S[:, :, 2 * H : 3 * H])
-        S[:, :, 2 * H : 3 * H] *= i  # i (1 - g^2)                                        (9.11)
-        xp.subtract(1, og, out=S[:, :, 3 * H :])
-        S[:, :, 3 * H :] *= og
-        S[:, :, 3 * H :] *= TC  # tanh(c_t) o (1 - o)                                      (9.9)
-        xp.multiply(TC, TC, out=K)
-        xp.subtract(1, K, out=K)
-        K *= og  # o (1 - tanh^2(c_t))                                                     (9.10)
+        if fused is None:  # (with fused kernels each step computes its own slopes)
+            S = self._buffer("slopes", (T, B, 4 * H), xp)
+            S4 = S.reshape(T, B, 4, H)
+            K = self._buffer("K", (T, B, H), xp)
+            self._slopes(S, K, G, C[p : p + T], TC)
 
         dG = self._buffer("dG", (T, B, 4 * H), xp)  # dL/da_t for every t: [da_i, da_f, da_g, da_o]
         dG4 = dG.reshape(T, B, 4, H)
@@ -272,7 +273,17 @@ class LSTM(Recurrent):
             carry_h[...] = dh_n  # dL/dh_T from outside
         if has_c:
             carry_c[...] = dc_n  # dL/dc_T from outside
+        if fused is not None:  # the kernels always add the carries: 0 at the last step
+            if not has_h:
+                carry_h[...] = 0
+            if not has_c:
+                carry_c[...] = 0
+            has_h = has_c = True
         for t in range(T) if rec.reverse else range(T - 1, -1, -1):
+            if fused is not None and W_hr is None:  # (9.6), (9.9)-(9.12) in one CuPy kernel
+                fused(dY[t], carry_h, *_gates(G[t], H), TC[t], C[p + t], *_gates(dG[t], H), carry_c)
+                xp.matmul(dG[t], W_hh, out=carry_h)  # c^h_{t-1} = da_t W_hh              (9.13)
+                continue
             dh = dh_step if dHs is None else dHs[t]
             if has_h:
                 xp.add(dY[t], carry_h, out=dh)  # dh_t = dout_t + c^h_t                       (9.6)
@@ -283,6 +294,10 @@ class LSTM(Recurrent):
                 dm_t = dm
             else:
                 dm_t = dh  # h_t = m_t
+            if fused is not None:  # (9.9)-(9.12) in one CuPy kernel
+                fused(dm_t, *_gates(G[t], H), TC[t], C[p + t], *_gates(dG[t], H), carry_c)
+                xp.matmul(dG[t], W_hh, out=carry_h)  # c^h_{t-1} = da_t W_hh              (9.13)
+                continue
             xp.multiply(dm_t, S[t, :, 3 * H :], out=dG[t, :, 3 * H :])  # dL/da_o        (9.9)
             xp.multiply(dm_t, K[t], out=dc)
             if has_c:
@@ -300,3 +315,28 @@ class LSTM(Recurrent):
                 dHs.reshape(T * B, P).T, rec.M.reshape(T * B, H), out=dW
             )
         return dG, carry_h, carry_c
+
+    def _slopes(self, S, K, G, C_prev, TC):
+        """The slopes of every step at once (9.9)-(9.11), into S (T, B, 4H) and K (T, B, H)."""
+        xp, H = self.xp, self.hidden_size
+        i, f, g, og = G[:, :, :H], G[:, :, H : 2 * H], G[:, :, 2 * H : 3 * H], G[:, :, 3 * H :]
+        xp.subtract(1, i, out=S[:, :, :H])
+        S[:, :, :H] *= i
+        S[:, :, :H] *= g  # g i (1 - i)                                                   (9.11)
+        xp.subtract(1, f, out=S[:, :, H : 2 * H])
+        S[:, :, H : 2 * H] *= f
+        S[:, :, H : 2 * H] *= C_prev  # c_{t-1} f (1 - f)                            (9.11)
+        xp.multiply(g, g, out=S[:, :, 2 * H : 3 * H])
+        xp.subtract(1, S[:, :, 2 * H : 3 * H], out=S[:, :, 2 * H : 3 * H])
+        S[:, :, 2 * H : 3 * H] *= i  # i (1 - g^2)                                        (9.11)
+        xp.subtract(1, og, out=S[:, :, 3 * H :])
+        S[:, :, 3 * H :] *= og
+        S[:, :, 3 * H :] *= TC  # tanh(c_t) o (1 - o)                                      (9.9)
+        xp.multiply(TC, TC, out=K)
+        xp.subtract(1, K, out=K)
+        K *= og  # o (1 - tanh^2(c_t))                                                     (9.10)
+
+
+def _gates(a, H):
+    """The four gate blocks (i, f, g, o) of a (B, 4H) array, as views."""
+    return a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]

@@ -17,6 +17,7 @@ the driver writes x_t W_ih^T + b_ih + b_hh where h_t will go, and the loop turns
 into a_t, then h_t, in place.
 """
 
+from npyrnn.nn import kernels
 from npyrnn.nn.module import check_choice
 from npyrnn.nn.recurrent import ONE_HOT_MAX, Recurrent, hidden_product  # noqa: F401 (ONE_HOT_MAX: re-exported)
 
@@ -148,9 +149,13 @@ class RNN(Recurrent):
         act = self._act(xp)
         W_hhT = self._p("weight_hh", rec.k, rec.suffix).T
         tmp = self._buffer("tmp", (rec.B, self.hidden_size), xp)
+        fused = kernels.get(xp, f"rnn_fwd_{self.nonlinearity}", self.dtype)  # None on NumPy
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):
             h = Hs[o + t]  # holds x_t W_ih^T + b_ih + b_hh
             xp.matmul(Hs[p + t], W_hhT, out=tmp)  # h_{t-1} W_hh^T                        (2.1)
+            if fused is not None:  # the two lines below in one CuPy kernel
+                fused(h, tmp, h)
+                continue
             h += tmp  # a_t                                                              (2.1)
             act(h, out=h)  # h_t = f(a_t)                                                (2.2)
 
@@ -182,9 +187,13 @@ class RNN(Recurrent):
         act = self._act(xp)
         recur = hidden_product(self._p("weight_hh", k, ""), h.shape[1], xp)
         tmp = xp.empty(xw.shape, dtype=self.dtype)
+        fused = kernels.get(xp, f"rnn_fwd_{self.nonlinearity}", self.dtype)  # None on NumPy
 
         def step():
             recur(h[k], tmp)  # h_{t-1} W_hh^T                                           (2.1)
+            if fused is not None:  # the two lines below in one CuPy kernel
+                fused(xw, tmp, h[k])
+                return
             xp.add(xw, tmp, out=xw)  # a_t                                               (2.1)
             act(xw, out=h[k])  # h_t = f(a_t)                                            (2.2)
 
@@ -225,23 +234,31 @@ class RNN(Recurrent):
         Hs, o, p = rec.Hs, rec.o, rec.p
         W_hh = self._p("weight_hh", rec.k, rec.suffix)
         Y = Hs[o : o + T]  # h_t for every t, (T, B, H)
-        # f'(a_t) for every t at once, from the cached outputs
-        fprime = self._buffer("fprime", (T, B, H), xp)
-        if self.nonlinearity == "relu":
-            xp.greater(Y, 0, out=fprime)  # relu'(a_t) = 1[h_t > 0]                      (2.5b)
-        else:
-            xp.multiply(Y, Y, out=fprime)
-            xp.subtract(1, fprime, out=fprime)  # tanh'(a_t) = 1 - h_t^2                    (2.5a)
+        # on CuPy: carry, slope and product of each step in one kernel, the slope from h_t
+        fused = kernels.get(xp, f"rnn_bwd_{self.nonlinearity}", self.dtype)  # None on NumPy
+        if fused is None:  # f'(a_t) for every t at once, from the cached outputs
+            fprime = self._buffer("fprime", (T, B, H), xp)
+            if self.nonlinearity == "relu":
+                xp.greater(Y, 0, out=fprime)  # relu'(a_t) = 1[h_t > 0]                  (2.5b)
+            else:
+                xp.multiply(Y, Y, out=fprime)
+                xp.subtract(1, fprime, out=fprime)  # tanh'(a_t) = 1 - h_t^2                (2.5a)
         # dA starts as this direction's share of dout and becomes dL/da_t             (4.4)
         dA = self._buffer("dA", (T, B, H), xp)
         dA[...] = dY
         carry = dh_n  # dL/dh_T from outside, or nothing
         step_carry = self._buffer("carry", (B, H), xp)
+        if fused is not None and carry is None:
+            step_carry[...] = 0  # the kernel always adds a carry: 0 at the last step
+            carry = step_carry
         for t in range(T) if rec.reverse else range(T - 1, -1, -1):
             da = dA[t]
-            if carry is not None:
+            if fused is not None:  # da = (da + carry) * f'(a_t) in one CuPy kernel   (2.3)-(2.5b)
+                fused(Y[t], carry, da)
+            elif carry is not None:
                 da += carry  # dL/dh_t = dout_t + (from step t+1)                        (2.3)
-            da *= fprime[t]  # dL/da_t = dL/dh_t * f'(a_t)                             (2.4)
+            if fused is None:
+                da *= fprime[t]  # dL/da_t = dL/dh_t * f'(a_t)                         (2.4)
             xp.matmul(da, W_hh, out=step_carry)  # dL/dh_{t-1} via a_t                 (2.6)
             carry = step_carry
         prev = Hs[p : p + T].reshape(T * B, H)  # h_{t-1} for every t, in time order
