@@ -21,6 +21,7 @@ HOST_SIDE = {
     "data/corpus.py": "turns text into a host array of token ids",
     "data/batches.py": "gathers each epoch's windows on the host before one copy to the backend",
     "generate.py": "draws sampled tokens on the host, so both backends give the same text from one seed",
+    "nn/kernels.py": "builds CuPy's fused ElementwiseKernels, on the CuPy path only (imported lazily)",
 }
 COMPUTE_MODULES = sorted({path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")} - set(HOST_SIDE))
 
