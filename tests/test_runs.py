@@ -96,7 +96,7 @@ sys.exit(main(argv))
 def child_env():
     env = dict(os.environ)
     env.pop("NPYRNN_DEBUG", None)
-    env.pop("NPYRNN_BACKEND", None)
+    # NPYRNN_BACKEND and PYTHONPATH are inherited: the child runs on the backend this session runs on
     if env.get("NPYRNN_DATA_DIR"):  # absolute, as the child may run in another folder
         env["NPYRNN_DATA_DIR"] = str(Path(env["NPYRNN_DATA_DIR"]).resolve())
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])  # this npyrnn
