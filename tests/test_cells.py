@@ -169,7 +169,7 @@ def test_gru_reset_before_matches_d2l_scratch_gru(L, bi, bias, ids, TB, xp):
     assert_matches(layer, xp, v, True, True, torch_scratch, "GRU reset_after=False")
 
 
-def test_reset_variants_differ_and_scratch_twin_matches_torch():
+def test_reset_variants_differ_and_scratch_twin_matches_torch(xp):
     """The twin itself: with reset_after it equals nn.GRU; the two variants give different outputs."""
     rng = np.random.default_rng(0)
     after = build("GRU", L=2, bi=True)
@@ -179,7 +179,8 @@ def test_reset_variants_differ_and_scratch_twin_matches_torch():
         out_nn, _ = torch_layer(after)(torch.from_numpy(x))
         out_twin = scratch_stack(after, torch.from_numpy(x))[0]
     assert rel_err(out_twin.detach().numpy(), out_nn.numpy()) <= 1e-13
-    assert rel_err(after.forward(x)[0], before.forward(x)[0]) > 1e-3
+    x = xp.asarray(x)
+    assert rel_err(after.forward(x)[0], backend.to_numpy(before.forward(x)[0])) > 1e-3
 
 
 # ------------------------------------------------------------------------------ dropout
@@ -261,18 +262,18 @@ def test_stepper_equals_forward(kind, extra, L, ids, B, xp):
 
 
 @pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
-def test_stepper_rejects_bidirectional_and_bad_states(kind):
+def test_stepper_rejects_bidirectional_and_bad_states(kind, xp):
     layer = build(kind, L=2, bi=True)
     state = layer.begin_state(1)
     with pytest.raises(ValueError, match=f"bidirectional {kind} cannot run one step at a time"):
         layer.stepper(state)
     uni = build(kind, L=2)
-    bad = np.zeros((1, 1, H))
+    bad = xp.zeros((1, 1, H))
     with pytest.raises((ValueError, TypeError), match=r"expected h of shape \(2, 1, 6\)|tuple \(h, c\)"):
         uni.stepper((bad, bad) if kind == "LSTM" else bad)
     if kind == "LSTM":
         with pytest.raises(TypeError, match=r"state must be a tuple \(h, c\)"):
-            uni.stepper(np.zeros((2, 1, H)))
+            uni.stepper(xp.zeros((2, 1, H)))
 
 
 def test_begin_state_shapes_and_backend(xp):
@@ -319,7 +320,7 @@ def test_parameter_names_shapes_and_init():
     normal = GRU(20, 400, dtype="float64", seed=0)
     assert abs(normal.params["weight_hh_l0"].std() - 0.01) < 5e-4 and not normal.params["bias_ih_l0"].any()
     again = GRU(20, 400, dtype="float64", seed=0)
-    assert all(np.array_equal(normal.params[n], again.params[n]) for n in normal.params)
+    assert all(np.array_equal(backend.to_numpy(normal.params[n]), backend.to_numpy(again.params[n])) for n in normal.params)
     assert "reset_after=False" in repr(GRU(I, H, reset_after=False)) and "proj_size=3" in repr(lstm)
 
 
@@ -342,39 +343,39 @@ def test_bad_constructor_arguments(kwargs, match):
             GRU(**args)
 
 
-def test_bad_lstm_states_raise():
+def test_bad_lstm_states_raise(xp):
     lstm = LSTM(I, H, 2, proj_size=P)
-    x = np.zeros((3, 2, I), "float32")
+    x = xp.zeros((3, 2, I), "float32")
     with pytest.raises(TypeError, match=r"LSTM: hc0 must be None or a tuple \(h, c\) of two arrays, got ndarray"):
-        lstm.forward(x, np.zeros((2, 2, P), "float32"))
+        lstm.forward(x, xp.zeros((2, 2, P), "float32"))
     with pytest.raises(ValueError, match=r"expected hc0\[1\] of shape \(2, 2, 6\).*got \(2, 2, 3\)"):
-        lstm.forward(x, (None, np.zeros((2, 2, P), "float32")))
+        lstm.forward(x, (None, xp.zeros((2, 2, P), "float32")))
     with pytest.raises(ValueError, match=r"expected hc0\[0\] of dtype float32, got float64"):
-        lstm.forward(x, (np.zeros((2, 2, P)), None))
+        lstm.forward(x, (xp.zeros((2, 2, P)), None))
     out, _ = lstm.forward(x)
     with pytest.raises(ValueError, match=r"expected dhc_n\[0\] of shape \(2, 2, 3\)"):
-        lstm.backward(np.zeros_like(out), (np.zeros((2, 2, H), "float32"), None))
+        lstm.backward(xp.zeros_like(out), (xp.zeros((2, 2, H), "float32"), None))
     with pytest.raises(ValueError, match=r"expected dout of shape \(3, 2, 3\)"):
-        lstm.backward(np.zeros((3, 2, H), "float32"))
+        lstm.backward(xp.zeros((3, 2, H), "float32"))
 
 
 @pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
-def test_token_ids_with_hidden_size_1_never_change_a_parameter(kind):
+def test_token_ids_with_hidden_size_1_never_change_a_parameter(kind, xp):
     """With H = 1, W_ih.T of a (G, V) weight is contiguous: the lookup table must still be a copy."""
     layer = {"RNN": RNN, "GRU": GRU, "LSTM": LSTM}[kind](4, 1, init="uniform", seed=0)
     before = {n: p.copy() for n, p in layer.params.items()}
-    ids = np.array([[0, 1], [2, 3], [3, 0]])
-    first = layer.forward(ids)[0].copy()
-    second = layer.forward(ids)[0]
+    ids = xp.asarray(np.array([[0, 1], [2, 3], [3, 0]]))
+    first = backend.to_numpy(layer.forward(ids)[0]).copy()
+    second = backend.to_numpy(layer.forward(ids)[0])
     assert np.array_equal(first, second)
-    assert all(np.array_equal(before[n], layer.params[n]) for n in before)
+    assert all(np.array_equal(backend.to_numpy(before[n]), backend.to_numpy(layer.params[n])) for n in before)
 
 
 @pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
-def test_a_torch_tensor_gets_a_clear_message(kind):
+def test_a_torch_tensor_gets_a_clear_message(kind, xp):
     layer = build(kind)
-    with pytest.raises(ValueError, match=r"x must be a numpy array \(the backend of the parameters\), got Tensor"):
+    with pytest.raises(ValueError, match=rf"x must be a {xp.__name__} array \(the backend of the parameters\), got Tensor"):
         layer.forward(torch.zeros(3, 2, I, dtype=torch.float64))
-    out = layer.forward(np.zeros((3, 2, I)))[0]
-    with pytest.raises(ValueError, match="dout must be a numpy array"):
+    out = layer.forward(xp.zeros((3, 2, I)))[0]
+    with pytest.raises(ValueError, match=f"dout must be a {xp.__name__} array"):
         layer.backward(torch.zeros(out.shape, dtype=torch.float64))

@@ -18,13 +18,16 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TIMEMACHINE = Path(os.environ.get("NPYRNN_DATA_DIR", "/nonexistent")) / "timemachine.txt"
 
 TINY = ["--epochs", "3", "--hidden", "16", "--max-tokens", "2000", "--batch-size", "4", "--num-steps", "8"]
-LAST_LINE = re.compile(r"perplexity (\d+\.\d), (\d+\.\d) tokens/s on numpy")
+
+def last_line(on=None):
+    """The examples' closing line; on the backend this session runs on (inherited by the child) unless `on`."""
+    return re.compile(rf"perplexity (\d+\.\d), (\d+\.\d) tokens/s on {on or backend.name}")
 
 
 def run_example(name, args, cwd, env_changes=None):
     env = dict(os.environ)
     env["NPYRNN_DATA_DIR"] = str(TIMEMACHINE.parent.resolve())  # absolute, as cwd differs: nothing downloads
-    env.pop("NPYRNN_BACKEND", None)
+    # NPYRNN_BACKEND and PYTHONPATH are inherited: the children run on the backend this session runs on
     env.update(env_changes or {})
     return subprocess.run([sys.executable, str(EXAMPLES / name), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
@@ -55,14 +58,14 @@ def test_train_example(tmp_path, name, kind):
     lines = result.stdout.splitlines()
     assert lines[0].startswith("2000 tokens, vocabulary 28, ") and f"{kind} sampling, hidden 16" in lines[0]
     assert [line.split(":")[0] for line in lines[1:4]] == ["epoch 1", "epoch 2", "epoch 3"]
-    assert LAST_LINE.fullmatch(lines[4]), lines[4]
+    assert last_line().fullmatch(lines[4]), lines[4]
     assert lines[5].startswith("time traveller") and len(lines[5]) == len("time traveller") + 50
     assert lines[6].startswith("traveller") and len(lines[6]) == len("traveller") + 50
     assert lines[7] == "saved run/model.safetensors"
     model, vocab, extra = load_checkpoint(tmp_path / "run" / "model.safetensors")
     assert model.config["num_hiddens"] == 16 and len(vocab) == 28
     assert extra["random_iter"] is (kind == "random") and extra["epochs"] == 3
-    assert f"{extra['perplexity']:.1f}" == LAST_LINE.fullmatch(lines[4]).group(1)
+    assert f"{extra['perplexity']:.1f}" == last_line().fullmatch(lines[4]).group(1)
 
 
 def test_train_example_defaults_are_d2l_settings():
@@ -104,7 +107,7 @@ def test_switch_backend_example_on_numpy(tmp_path):
     assert lines[0] == "NPYRNN_BACKEND=numpy -> backend.name = 'numpy', backend.xp = numpy"
     assert "minibatch X: numpy.ndarray (4, 8)" in lines[1]
     assert "rnn.weight_hh_l0: numpy.ndarray (8, 8) float32" in lines[1]
-    assert LAST_LINE.fullmatch(lines[-1]), lines[-1]
+    assert last_line("numpy").fullmatch(lines[-1]), lines[-1]
 
 
 @pytest.mark.skipif(backend.is_cupy_available(), reason="cupy runs here")

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import record, rel_err
+from npyrnn import backend
 from npyrnn.nn import GRU, LSTM, RNN
 from reference import scratch_stack, torch_layer
 
@@ -58,18 +59,28 @@ def build(cfg):
 
 
 def odd_layout(a, layout):
-    """The same values as `a` in another memory layout: Fortran order, negative strides, or a strided view."""
+    """Host array `a` on the active backend in another memory layout: Fortran order, negative strides, or a strided view."""
+    xp = backend.xp
     if layout == "F":
-        return np.asfortranarray(a)
+        return xp.asfortranarray(backend.asarray(a))
     if layout == "reversed":  # a view with negative strides on every axis
-        flipped = a[(slice(None, None, -1),) * a.ndim].copy()
+        flipped = backend.asarray(a[(slice(None, None, -1),) * a.ndim].copy())
         return flipped[(slice(None, None, -1),) * a.ndim]
     if layout == "strided":  # every other element of a larger array
-        big = np.zeros(tuple(2 * s for s in a.shape), dtype=a.dtype)
+        big = xp.zeros(tuple(2 * s for s in a.shape), dtype=a.dtype)
         view = big[(slice(None, None, 2),) * a.ndim]
-        view[...] = a
+        view[...] = backend.asarray(a)
         return view
-    return a
+    return backend.asarray(a)
+
+
+def on_backend(value):
+    """Host arrays, alone or in tuples and lists, moved to the active backend; anything else as it is."""
+    if isinstance(value, np.ndarray):
+        return backend.asarray(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(on_backend(v) for v in value)
+    return value
 
 
 def draw_inputs(layer, cfg, rng, T=None, B=None):
@@ -100,8 +111,9 @@ def snapshot(layer):
 
 def unchanged(layer, snap):
     params, grads = snap
-    return (all(np.array_equal(params[n], layer.params[n]) for n in params)
-            and all(np.array_equal(grads[n], layer.grads[n]) for n in grads))
+    same = backend.to_numpy
+    return (all(np.array_equal(same(params[n]), same(layer.params[n])) for n in params)
+            and all(np.array_equal(same(grads[n]), same(layer.grads[n])) for n in grads))
 
 
 @SETTINGS
@@ -116,7 +128,8 @@ def test_every_cell_matches_torch_whatever_the_configuration_layout_and_history(
     v = draw_inputs(layer, cfg, rng)
     params_before = snapshot(layer)[0]
     out, h_n, dx, dh0 = forward_backward(layer, v, cfg["with_h0"], cfg["with_dhn"], cfg["layout"])
-    assert all(np.array_equal(params_before[n], layer.params[n]) for n in params_before), "forward changed a parameter"
+    assert all(np.array_equal(backend.to_numpy(params_before[n]), backend.to_numpy(layer.params[n]))
+               for n in params_before), "forward changed a parameter"
 
     lstm = isinstance(layer, LSTM)
     ids = cfg["ids"] is not None
@@ -204,7 +217,7 @@ def test_invalid_input_raises_and_leaves_the_layer_untouched(cfg, bad):
         h0 = (v["h0"],) if lstm else [v["h0"]]
     else:
         call = "backward"
-        layer.forward(v["x"], h0)
+        layer.forward(backend.asarray(v["x"]), on_backend(h0))
         snap = snapshot(layer)
         if bad == "dout-shape":
             dout = dout[..., :-1]
@@ -212,6 +225,7 @@ def test_invalid_input_raises_and_leaves_the_layer_untouched(cfg, bad):
             dout = dout.astype("float32")
         else:
             dhn = (v["dh_n"][:1, :, :], v["dc_n"]) if lstm else v["dh_n"][:, :, :0]
+    x, h0, dout, dhn = (on_backend(a) for a in (x, h0, dout, dhn))  # torch tensors and lists stay as they are
     with pytest.raises((ValueError, TypeError)) as err:
         if call == "forward":
             layer.forward(x, h0)
