@@ -22,12 +22,7 @@ HOST_SIDE = {
     "data/batches.py": "gathers each epoch's windows on the host before one copy to the backend",
     "generate.py": "draws sampled tokens on the host, so both backends give the same text from one seed",
 }
-# Device-side modules may import cupy itself: what npyrnn.backend cannot hand out.
-DEVICE_SIDE = {
-    "nn/kernels.py": "builds CuPy's fused ElementwiseKernels, on the CuPy path only (imported lazily)",
-}
-COMPUTE_MODULES = sorted({path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")}
-                         - set(HOST_SIDE) - set(DEVICE_SIDE))
+COMPUTE_MODULES = sorted({path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")} - set(HOST_SIDE))
 
 
 def test_numpy_is_the_default():
@@ -123,12 +118,6 @@ def test_host_side_exceptions_are_real(module):
     path = PACKAGE / module
     assert path.exists(), f"{module} is listed in HOST_SIDE but does not exist"
     assert "numpy" in _imported_roots(path), f"{module} no longer imports numpy; drop it from HOST_SIDE"
-
-
-@pytest.mark.parametrize("module", sorted(DEVICE_SIDE))
-def test_device_side_exceptions_import_only_cupy(module):
-    roots = _imported_roots(PACKAGE / module)
-    assert "cupy" in roots and not roots & {"numpy", "torch"}, f"{module} imports {sorted(roots)}"
 
 
 def test_compute_modules_are_found():

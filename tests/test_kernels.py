@@ -113,7 +113,7 @@ class _Emulated:
     def __init__(self):
         self.calls = {}
 
-    def __call__(self, spec):
+    def __call__(self, spec, xp=None):
         def kernel(*args):
             self.calls[spec.name] = self.calls.get(spec.name, 0) + 1
             spec.reference(backend.get_array_module(args[0]), *args)
@@ -243,7 +243,7 @@ class _Failing:
     def __init__(self, exc):
         self.exc, self.built = exc, 0
 
-    def __call__(self, spec):
+    def __call__(self, spec, xp=None):
         self.built += 1
 
         def kernel(*args):
@@ -272,7 +272,7 @@ def test_probe_falls_back_silently_when_a_kernel_cannot_launch(exc, monkeypatch)
 
 
 def test_probe_warns_once_and_falls_back_when_a_kernel_disagrees(monkeypatch):
-    def wrong(spec):
+    def wrong(spec, xp=None):
         n_in = len(spec.inputs.split(","))
 
         def kernel(*args):

@@ -129,12 +129,9 @@ def prepare(xp, dtype):
     return status()
 
 
-def _build(spec):
-    """The CuPy kernel of a spec; tests replace this factory."""
-    from npyrnn import backend  # cupy through the one module that imports it
-
-    cupy = backend._import_cupy()
-    return cupy.ElementwiseKernel(
+def _build(spec, xp):
+    """The CuPy kernel of a spec, from `xp`, the cupy module that owns the arrays; tests replace this factory."""
+    return xp.ElementwiseKernel(
         spec.inputs, spec.outputs, spec.body, spec.name, preamble=PREAMBLE, options=OPTIONS, no_return=True
     )
 
@@ -165,7 +162,7 @@ def _probe(xp, name, dtype):
     try:
         kernel = _built.get(name)
         if kernel is None:
-            kernel = _built[name] = _build(spec)
+            kernel = _built[name] = _build(spec, xp)
         kernel(*fused_args)
     except Exception as exc:  # NotImplementedError from a CPU stand-in, no NVRTC, a compile error
         first_line = (str(exc).splitlines() or [""])[0]
