@@ -40,7 +40,7 @@ export NPYRNN_BACKEND=cupy
 START=$(date +%s)
 
 # Time limits in seconds; their sum (with the checks) stays under 8 minutes.
-T_PARITY=100; T_SUITE=170; T_CLI=45; T_GENERATE=20; T_BENCH=120
+T_KERNELS=40; T_PARITY=100; T_SUITE=150; T_CLI=45; T_GENERATE=20; T_BENCH=120
 
 {
   echo "# npyrnn GPU check"
@@ -125,6 +125,11 @@ step() {
 }
 
 rm -f "$OUT/failures.md"
+# The fused kernels first: each is compiled, probed against its array twin, and compared with the
+# plain path; a compile failure would otherwise fall back silently. The log ends with their status.
+step kernels "$T_KERNELS" "$PY" -m pytest -q -x -p no:cacheprovider "${PYTEST_TIMEOUT[@]}" tests/test_kernels.py -rs
+[ "$DRY" = 1 ] || "$PY" -c "import cupy; from npyrnn.nn import kernels; kernels.prepare(cupy, 'float32'); \
+kernels.prepare(cupy, 'float64'); print('fused kernels:', kernels.status())" >> "$OUT/logs/kernels.log" 2>&1 || true
 # The float64 parity tests on CuPy (gradients and training against torch autograd) and the host-sync
 # test first; the suite step runs every other test.
 PARITY_FILES=(tests/test_rnn.py tests/test_models_train.py tests/test_losses_optim.py tests/test_host_syncs.py)

@@ -329,7 +329,7 @@ def test_gpu_check_reports_no_gpu_and_dry_run(tmp_path):
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if "| dry run: `" in line]
-    assert [r.split("|")[1].strip() for r in rows] == ["parity", "suite", "cli_train", "cli_generate", "bench"]
+    assert [r.split("|")[1].strip() for r in rows] == ["kernels", "parity", "suite", "cli_train", "cli_generate", "bench"]
     assert "NPYRNN_BACKEND" not in rows[1] and "bench_gpu.py --json" in rows[-1]
 
     proc = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, timeout=60)
