@@ -15,6 +15,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Tests find the corpus through NPYRNN_DATA_DIR and never download; default to ../shared/data.
 if "NPYRNN_DATA_DIR" not in os.environ and (SHARED_DATA / "timemachine.txt").exists():
     os.environ["NPYRNN_DATA_DIR"] = str(SHARED_DATA)
+elif os.environ.get("NPYRNN_DATA_DIR"):  # absolute, as child processes and notebook kernels run elsewhere
+    os.environ["NPYRNN_DATA_DIR"] = str(Path(os.environ["NPYRNN_DATA_DIR"]).expanduser().resolve())
 
 # torch is the oracle on tiny tensors: with one thread it skips OpenMP's spin-waits, which on a
 # busy 2-core machine made a 3-layer nn.GRU forward and backward 50x slower (23 ms -> 1.8 s)
