@@ -124,20 +124,16 @@ class RNN(Recurrent):
         h_n : array, shape (num_layers*D, B, H)
             Final state of every layer and direction (4.5).
         """
-        return self._forward(x, h0, self.reuse_buffers)
-
-    __call__ = forward
-
-    def _forward(self, x, h0, reuse):
-        """`forward` with `reuse_buffers` given per call (RNNLM calls it until it passes the keyword)."""
         xp = self.xp
         self._cache = None
         # the reusing path checks ids on NumPy only: on CuPy that would be a host sync per call
-        x, _ = self._check_input(x, xp, check_ids=not reuse or xp.__name__ == "numpy")
+        x, _ = self._check_input(x, xp, check_ids=not self.reuse_buffers or xp.__name__ == "numpy")
         if h0 is not None:
             self._check_state("h0", h0, x.shape[1], xp)
-        out, h_n, _ = self._run(x, h0, None, reuse)
+        out, h_n, _ = self._run(x, h0, None, self.reuse_buffers)
         return out, h_n
+
+    __call__ = forward
 
     def _alloc_cell(self, rec, xp):
         rec.gx = rec.Hs[rec.o : rec.o + rec.T]  # (T, B, H): receives the input part, then a_t, then h_t
