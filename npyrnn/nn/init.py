@@ -1,6 +1,6 @@
 """Parameter initialisers, drawn on the host from one seeded generator.
 
-``'normal'`` is the seed's scratch initialisation (d2l ``get_params``): weights
+``'normal'`` is d2l's scratch initialisation (`get_params`): weights
 N(0, 0.01^2), biases 0. ``'uniform'`` is torch's default for ``nn.RNN`` and
 ``nn.Linear``: every parameter U(-k, k) with k = 1/sqrt(fan), fan = hidden size
 for the RNN and in_features for Linear.

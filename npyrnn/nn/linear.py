@@ -17,7 +17,7 @@ class Linear(Module):
     bias : bool, default True
     dtype : {'float32', 'float64'}, default 'float32'
     init : {'normal', 'uniform'}, default 'normal'
-        'normal': weight N(0, 0.01^2), bias 0 (the seed's ``W_hq``, ``b_q``);
+        'normal': weight N(0, 0.01^2), bias 0 (d2l's scratch `W_hq`, `b_q`);
         'uniform': U(-1/sqrt(in_features), 1/sqrt(in_features)) (torch's default).
     seed : int or None
 
