@@ -118,12 +118,7 @@ class GRU(Recurrent):
         out : array, shape (T, B, D*H)  ((B, T, D*H) when `batch_first`)
         h_n : array, shape (num_layers*D, B, H)
         """
-        xp = self.xp
-        self._cache = None
-        x, _ = self._check_input(x, xp, check_ids=not self.reuse_buffers or xp.__name__ == "numpy")
-        if h0 is not None:
-            self._check_state("h0", h0, x.shape[1], xp)
-        out, h_n, _ = self._run(x, h0, None, self.reuse_buffers)
+        out, h_n, _ = self._forward(x, h0)
         return out, h_n
 
     __call__ = forward

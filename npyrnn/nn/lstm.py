@@ -112,11 +112,7 @@ class LSTM(Recurrent):
         out : array, shape (T, B, D*P)  ((B, T, D*P) when `batch_first`)
         (h_n, c_n) : arrays, shapes (num_layers*D, B, P) and (num_layers*D, B, H)
         """
-        xp = self.xp
-        self._cache = None
-        x, _ = self._check_input(x, xp, check_ids=not self.reuse_buffers or xp.__name__ == "numpy")
-        h0, c0 = self._check_pair("hc0", hc0, x.shape[1], xp)
-        out, h_n, c_n = self._run(x, h0, c0, self.reuse_buffers)
+        out, h_n, c_n = self._forward(x, hc0)
         return out, (h_n, c_n)
 
     __call__ = forward

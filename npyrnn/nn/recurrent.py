@@ -278,6 +278,23 @@ class Recurrent(Module):
         return h, c
 
     # ----------------------------------------------------------------- forward
+    def _forward(self, x, state):
+        """Every cell's `forward`: check `x` and the initial state, run; return out, h_n, c_n.
+
+        `state` is h0 (or None), or for a cell with a cell state the pair `(h0, c0)` (or None).
+        """
+        xp = self.xp
+        self._cache = None
+        # the reusing path checks ids on NumPy only: on CuPy that would be a host sync per call
+        x, _ = self._check_input(x, xp, check_ids=not self.reuse_buffers or xp.__name__ == "numpy")
+        if self._has_cell_state:
+            h0, c0 = self._check_pair("hc0", state, x.shape[1], xp)
+        else:
+            h0, c0 = state, None
+            if h0 is not None:
+                self._check_state("h0", h0, x.shape[1], xp)
+        return self._run(x, h0, c0, self.reuse_buffers)
+
     def _run(self, x, h0, c0, reuse):
         """The forward pass of every cell. `h0`, `c0`: checked initial states or None.
 

@@ -124,13 +124,7 @@ class RNN(Recurrent):
         h_n : array, shape (num_layers*D, B, H)
             Final state of every layer and direction (4.5).
         """
-        xp = self.xp
-        self._cache = None
-        # the reusing path checks ids on NumPy only: on CuPy that would be a host sync per call
-        x, _ = self._check_input(x, xp, check_ids=not self.reuse_buffers or xp.__name__ == "numpy")
-        if h0 is not None:
-            self._check_state("h0", h0, x.shape[1], xp)
-        out, h_n, _ = self._run(x, h0, None, self.reuse_buffers)
+        out, h_n, _ = self._forward(x, h0)
         return out, h_n
 
     __call__ = forward
