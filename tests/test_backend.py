@@ -21,6 +21,7 @@ HOST_SIDE = {
     "data/corpus.py": "turns text into a host array of token ids",
     "data/batches.py": "gathers each epoch's windows on the host before one copy to the backend",
     "generate.py": "draws sampled tokens on the host, so both backends give the same text from one seed",
+    "nn/cpu_kernels.py": "the Numba-compiled kernels, which run on NumPy arrays only (kernels.get hands them out on NumPy)",
 }
 COMPUTE_MODULES = sorted({path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")} - set(HOST_SIDE))
 

@@ -113,7 +113,7 @@ class _Emulated:
     def __init__(self):
         self.calls = {}
 
-    def __call__(self, spec, xp=None):
+    def __call__(self, spec, xp=None, dtype=None):
         def kernel(*args):
             self.calls[spec.name] = self.calls.get(spec.name, 0) + 1
             spec.reference(backend.get_array_module(args[0]), *args)
@@ -125,7 +125,7 @@ class _Emulated:
 def emulated(monkeypatch):
     """Fused loops on any backend: kernels are on, and every kernel is its array-op twin."""
     factory = _Emulated()
-    monkeypatch.setattr(kernels, "_on_device", lambda xp: True)
+    monkeypatch.setattr(kernels, "_has_kernels", lambda xp: True)
     monkeypatch.setattr(kernels, "_build", factory)
     return factory
 
@@ -192,7 +192,7 @@ def _raise(*args, **kwargs):
 def test_switched_off_cells_call_no_kernel(cfg, how, monkeypatch):
     """NPYRNN_FUSED=0 and set_enabled(False) keep every cell on array operations, even 'on a device'."""
     _, cls, kwargs, _ = cfg
-    monkeypatch.setattr(kernels, "_on_device", lambda xp: True)
+    monkeypatch.setattr(kernels, "_has_kernels", lambda xp: True)
     monkeypatch.setattr(kernels, "_probe", _raise)
     monkeypatch.setattr(kernels, "_build", _raise)
     if how == "env":
@@ -228,14 +228,26 @@ def test_bad_switch_values_raise_one_line(monkeypatch):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
-def test_numpy_never_reaches_past_the_backend_check(cfg, monkeypatch):
-    """On NumPy `get` answers None before looking at the switch, the probe or the factory."""
+def test_numpy_without_numba_never_reaches_past_the_backend_check(cfg, monkeypatch):
+    """Without Numba, on NumPy `get` answers None before looking at the probe or the factory."""
     _, cls, kwargs, _ = cfg
     backend.set_backend("numpy")  # the conftest fixture restores the previous backend
-    for name in ("enabled", "_probe", "_build"):
+    monkeypatch.setattr(kernels, "_numba_installed", lambda: False)
+    for name in ("_probe", "_build"):
         monkeypatch.setattr(kernels, name, _raise)
     _run(cls, kwargs, "float64", True)
     assert kernels.get(np, "rnn_fwd_tanh", "float64") is None
+    assert kernels.status(np) == "unavailable (on NumPy they need Numba: pip install 'npyrnn[fast]')"
+
+
+def test_backends_keep_their_own_failures(monkeypatch, emulated):
+    """A kernel that fails on one backend (the stand-in for CuPy, say) leaves the other's kernels on."""
+    other = type("cupy", (), {"__name__": "cupy"})
+    kernels._failures["cupy"] = "lstm_fwd could not be built or launched: NotImplementedError: no"
+    assert kernels.get(other, "lstm_fwd", "float32") is None
+    assert kernels.status(other).startswith("unavailable (lstm_fwd could not be built")
+    assert kernels.get(np, "lstm_fwd", "float32") is not None
+    assert kernels.status(np) == "on (probed: lstm_fwd float32)"
 
 
 # ------------------------------------------------------------------ the probe
@@ -243,7 +255,7 @@ class _Failing:
     def __init__(self, exc):
         self.exc, self.built = exc, 0
 
-    def __call__(self, spec, xp=None):
+    def __call__(self, spec, xp=None, dtype=None):
         self.built += 1
 
         def kernel(*args):
@@ -258,7 +270,7 @@ LAUNCH_ERRORS = [NotImplementedError("fakecupy: cupy.ElementwiseKernel ..."), Ru
 @pytest.mark.parametrize("exc", LAUNCH_ERRORS)
 def test_probe_falls_back_silently_when_a_kernel_cannot_launch(exc, monkeypatch):
     factory = _Failing(exc)
-    monkeypatch.setattr(kernels, "_on_device", lambda xp: True)
+    monkeypatch.setattr(kernels, "_has_kernels", lambda xp: True)
     monkeypatch.setattr(kernels, "_build", factory)
     xp = backend.xp
     with warnings.catch_warnings():
@@ -272,7 +284,7 @@ def test_probe_falls_back_silently_when_a_kernel_cannot_launch(exc, monkeypatch)
 
 
 def test_probe_warns_once_and_falls_back_when_a_kernel_disagrees(monkeypatch):
-    def wrong(spec, xp=None):
+    def wrong(spec, xp=None, dtype=None):
         n_in = len(spec.inputs.split(","))
 
         def kernel(*args):
@@ -283,7 +295,7 @@ def test_probe_warns_once_and_falls_back_when_a_kernel_disagrees(monkeypatch):
 
         return kernel
 
-    monkeypatch.setattr(kernels, "_on_device", lambda xp: True)
+    monkeypatch.setattr(kernels, "_has_kernels", lambda xp: True)
     monkeypatch.setattr(kernels, "_build", wrong)
     xp = backend.xp
     with pytest.warns(RuntimeWarning, match="gru_after_fwd .float64. disagrees with the array operations"):

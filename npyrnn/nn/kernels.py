@@ -1,4 +1,4 @@
-"""Fused element-wise kernels for the recurrent cells on CuPy, with the array-op path as reference.
+"""Fused element-wise kernels for the recurrent cells on CuPy (and on NumPy with Numba), with the array-op path as reference.
 
 On CuPy every array operation is one kernel launch, and a cell's step does several small ones
 (an add, the gate activations, the products of the backward pass). Here each step's
@@ -9,9 +9,12 @@ sigma(a) as 0.5 tanh(0.5 a) + 0.5 (8.13), each product and sum rounded on its ow
 cuBLAS. The cells ask `get(xp, name, dtype)` for a kernel and run their array-op code when it
 answers None.
 
+On NumPy the same kernels exist compiled for the CPU by Numba (`cpu_kernels.py`, the optional
+`fast` extra: `pip install "npyrnn[fast]"`); without Numba `get` answers None on NumPy.
+
 When the kernels are used (all must hold):
 
-- the arrays are CuPy arrays (on NumPy `get` returns None after one check of the array module);
+- the arrays are CuPy arrays, or NumPy arrays with Numba installed;
 - `set_enabled(False)` was not called, and the environment variable `NPYRNN_FUSED` is not `0`
   (`set_enabled(True)` / `set_enabled(False)` override the variable, `set_enabled(None)` restores it);
 - the one-time probe passed. The first time a kernel is needed for a dtype it is built and run
@@ -22,7 +25,7 @@ When the kernels are used (all must hold):
   If a kernel cannot be built or launched (no NVRTC, or a CPU stand-in for CuPy that refuses
   user kernels with NotImplementedError), the fused kernels are switched off for the rest of
   the process, silently; if one disagrees, they are switched off with one warning, since that
-  is a bug. `status()` says which case holds.
+  is a bug. `status()` says which case holds. Each backend keeps its own probes and failures.
 
 Each kernel is registered with `_fused(name, inputs, outputs, body)` on its array-op twin
 (`reference(xp, *inputs, *outputs)`), which the probe compares against and which the tests use
@@ -53,9 +56,9 @@ template <typename U> __device__ __forceinline__ U sigmoid_(U a) {  // (8.13), a
 SPECS = {}  # name -> SimpleNamespace(name, inputs, outputs, body, reference)
 
 _override = None  # set_enabled's value; None: the environment decides
-_ready = {}  # (name, dtype) -> probed kernel
-_built = {}  # name -> kernel object (compiled by CuPy per dtype on first launch)
-_failure = None  # why the fused kernels are off for the rest of the process, or None
+_ready = {}  # (backend, name, dtype) -> probed kernel
+_built = {}  # (backend, name, dtype) -> kernel object
+_failures = {}  # backend -> why its fused kernels are off for the rest of the process
 
 
 # ------------------------------------------------------------------------------ the switch
@@ -68,44 +71,63 @@ def enabled():
         return True
     if value in ("0", "false", "off", "no"):
         return False
-    raise BackendError(f"{ENV} must be 0 (array operations) or 1 (fused CuPy kernels, the default), got {value!r}")
+    raise BackendError(f"{ENV} must be 0 (array operations) or 1 (fused kernels, the default), got {value!r}")
 
 
 def set_enabled(flag):
-    """Turn the fused CuPy kernels on (True) or off (False), or leave it to `NPYRNN_FUSED` (None)."""
+    """Turn the fused kernels on (True) or off (False), or leave it to `NPYRNN_FUSED` (None)."""
     global _override
     if flag is not None and not isinstance(flag, bool):
         raise TypeError(f"set_enabled takes True, False or None, got {flag!r}")
     _override = flag
 
 
-def status():
-    """One line: whether the fused kernels are in use, and if not, why.
+def status(xp=None):
+    """One line: whether the fused kernels are in use on `xp` (default: the active backend), and if not, why.
 
     'on (probed: ...)', 'on (nothing probed yet)', 'off (...)' for the switch, or
-    'unavailable (...)' after a failed probe.
+    'unavailable (...)' where the backend has no kernels or a probe failed.
     """
-    if _failure is not None:
-        return f"unavailable ({_failure})"
+    if xp is None:
+        from npyrnn import backend
+
+        xp = backend.xp
+    key = xp.__name__
+    if key in _failures:
+        return f"unavailable ({_failures[key]})"
     if _override is False:
         return "off (set_enabled(False))"
     if _override is None and not enabled():
         return f"off ({ENV}={os.environ.get(ENV)})"
-    probed = ", ".join(f"{n} {d}" for n, d in sorted(_ready))
+    if not _has_kernels(xp):
+        return "unavailable (on NumPy they need Numba: pip install 'npyrnn[fast]')"
+    probed = ", ".join(f"{n} {d}" for k, n, d in sorted(_ready) if k == key)
     return f"on (probed: {probed})" if probed else "on (nothing probed yet)"
 
 
 def _reset():
     """Forget every probe and failure (for tests)."""
-    global _failure
     _ready.clear()
     _built.clear()
-    _failure = None
+    _failures.clear()
 
 
 # ------------------------------------------------------------------------------ lookup
-def _on_device(xp):
-    return xp.__name__ == "cupy"
+def _has_kernels(xp):
+    """Whether the backend `xp` has fused kernels: CuPy always, NumPy when Numba is installed."""
+    if xp.__name__ == "cupy":
+        return True
+    if xp.__name__ == "numpy":
+        return _numba_installed()
+    return False
+
+
+def _numba_installed():
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def get(xp, name, dtype):
@@ -114,23 +136,32 @@ def get(xp, name, dtype):
     Call it once per time loop, not per step. Kernels take their inputs, then their outputs
     (written in place; an output may be the same array as an input of the same shape).
     """
-    if not _on_device(xp) or not enabled():
+    if not enabled() or not _has_kernels(xp):
         return None
-    kernel = _ready.get((name, dtype))
-    if kernel is None and _failure is None:
+    key = xp.__name__
+    kernel = _ready.get((key, name, dtype))
+    if kernel is None and key not in _failures:
         kernel = _probe(xp, name, dtype)
-    return None if _failure is not None else kernel
+    return None if key in _failures else kernel
 
 
 def prepare(xp, dtype):
-    """Probe every kernel for `dtype` now (one device sync each); return `status()`."""
+    """Probe every kernel for `dtype` now (one device sync each on CuPy); return `status(xp)`."""
     for name in SPECS:
         get(xp, name, dtype)
-    return status()
+    return status(xp)
 
 
-def _build(spec, xp):
-    """The CuPy kernel of a spec, from `xp`, the cupy module that owns the arrays; tests replace this factory."""
+def _build(spec, xp, dtype):
+    """The kernel of a spec for the backend `xp` (the module that owns the arrays); tests replace this factory.
+
+    CuPy: an `ElementwiseKernel` (compiled by CuPy per dtype on first launch). NumPy: the
+    Numba-compiled twin from `cpu_kernels.py`.
+    """
+    if xp.__name__ == "numpy":
+        from npyrnn.nn import cpu_kernels
+
+        return cpu_kernels.build(spec, dtype)
     return xp.ElementwiseKernel(
         spec.inputs, spec.outputs, spec.body, spec.name, preamble=PREAMBLE, options=OPTIONS, no_return=True
     )
@@ -153,20 +184,20 @@ def _names(params):
 
 
 def _probe(xp, name, dtype):
-    """Build kernel `name`, run it beside its array-op twin; keep it, or switch fusion off."""
-    global _failure
+    """Build kernel `name`, run it beside its array-op twin; keep it, or switch fusion off for `xp`."""
+    key = xp.__name__
     spec = SPECS[name]
     n_in = len(_names(spec.inputs))
     fused_args = _probe_args(xp, spec, dtype, 0.5)
     ref_args = _probe_args(xp, spec, dtype, 0.5)
     try:
-        kernel = _built.get(name)
+        kernel = _built.get((key, name, dtype))
         if kernel is None:
-            kernel = _built[name] = _build(spec, xp)
+            kernel = _built[(key, name, dtype)] = _build(spec, xp, dtype)
         kernel(*fused_args)
     except Exception as exc:  # NotImplementedError from a CPU stand-in, no NVRTC, a compile error
         first_line = (str(exc).splitlines() or [""])[0]
-        _failure = f"{name} could not be built or launched: {type(exc).__name__}: {first_line}"
+        _failures[key] = f"{name} could not be built or launched: {type(exc).__name__}: {first_line}"
         return None
     spec.reference(xp, *ref_args)
     errors = []
@@ -176,16 +207,16 @@ def _probe(xp, name, dtype):
         errors.append(xp.linalg.norm(a - b) / scale)
     err = float(xp.max(xp.stack(errors)))  # the probe's one device sync
     if not err <= TOLERANCE[dtype]:
-        _failure = f"{name} ({dtype}) disagrees with the array operations: relative error {err:.2e}"
+        _failures[key] = f"{name} ({dtype}) disagrees with the array operations: relative error {err:.2e}"
         warnings.warn(
-            f"npyrnn: the fused CuPy kernel {name} ({dtype}) disagrees with the array operations "
+            f"npyrnn: the fused kernel {name} ({dtype}) disagrees with the array operations "
             f"(relative error {err:.2e} > {TOLERANCE[dtype]:.0e}); using array operations for the rest "
             "of this process. Please report this as a bug.",
             RuntimeWarning,
             stacklevel=3,
         )
         return None
-    _ready[(name, dtype)] = kernel
+    _ready[(key, name, dtype)] = kernel
     return kernel
 
 

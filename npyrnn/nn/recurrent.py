@@ -388,6 +388,9 @@ class Recurrent(Module):
         xp = self.xp
         H, P, D, GH = self.hidden_size, self.output_size, self.num_directions, self.GATES * self.hidden_size
         dY = dout.swapaxes(0, 1) if self.batch_first else dout  # (T, B, D*P)
+        # the fused kernels read rows: the caller's arrays they may see get contiguous rows
+        dY, dh_n, dc_n = (a if a is None or a.strides[-1] == a.itemsize else xp.ascontiguousarray(a)
+                          for a in (dY, dh_n, dc_n))
         dh0 = xp.empty((self.num_layers * D, B, P), dtype=self.dtype)
         dc0 = xp.empty((self.num_layers * D, B, H), dtype=self.dtype) if self._has_cell_state else None
         for k in range(self.num_layers - 1, -1, -1):

@@ -1,0 +1,448 @@
+"""The fused kernels of `kernels.py` compiled for the CPU with Numba (the optional `fast` extra).
+
+On NumPy a cell's step is several passes over its (B, H) blocks, each a separate call: an add,
+a `tanh` over all gates, the scale and shift of the sigmoids, the products of the cell state.
+`tanh` alone costs about 3 ns an element there, single-threaded. Here each kernel of
+`kernels.py` is one compiled loop over the elements, reading its inputs once and writing its
+outputs once, with the same formulas in the same order as its array-op twin (the CUDA body
+beside it in `kernels.py`); `kernels.get` hands these to the cells on NumPy exactly as it hands
+the CUDA kernels to them on CuPy, after the same one-time probe against the array operations.
+
+Numerics:
+
+- float64: `tanh` is the C library's, as NumPy's on this kind of CPU; every product and sum
+  is rounded on its own (no fused multiply-add, no reassociation), so results agree with the
+  array operations to the last bit or within an ulp.
+- float32: `tanh` is the rational approximation that Eigen, and through it XLA and JAX, use
+  for float32 (`_tanh32`, an odd polynomial of degree 13 over an even one of degree 6 on
+  [-7.9, 7.9], clamped outside, and x itself below 4e-4), which vectorises. Measured against
+  float64 `tanh` over every 61st float32 in [-10, 10] it is within 3.5e-7 absolute and 6 float32
+  ulps (NumPy's float32 `tanh`: 1.4 ulps; `tests/test_cpu_kernels.py`); NaN stays NaN and
+  +-inf give +-1. The sigmoid is
+  0.5 tanh(0.5 a) + 0.5 as everywhere else (8.13).
+
+Each kernel takes (B, H) arrays whose rows are contiguous (the gate slices of a C-ordered
+buffer, as the cells pass them) and (H,) biases; outputs may be the same arrays as inputs.
+Numba compiles a kernel the first time it is needed for a dtype (about a second; cached on
+disk afterwards) and runs it without the GIL.
+"""
+
+import math
+
+import numpy as np
+from numba import literal_unroll, njit, types
+from numba.extending import overload
+
+__all__ = ["build"]
+
+_JIT = dict(cache=True, nogil=True, error_model="numpy")  # no fastmath: every operation rounded as written
+
+
+# ------------------------------------------------------------------------------ scalars
+def tanh_(x):
+    """tanh of one float32 or float64 (implemented below for Numba only)."""
+    raise NotImplementedError("tanh_ runs inside Numba-compiled kernels only")
+
+
+def half(x):
+    """0.5 in the type of x (for Numba: a float64 literal would promote float32 arithmetic)."""
+    raise NotImplementedError
+
+
+def one(x):
+    """1 in the type of x."""
+    raise NotImplementedError
+
+
+def zero(x):
+    """0 in the type of x."""
+    raise NotImplementedError
+
+
+def _constant(value):
+    def typed(x):
+        if isinstance(x, types.Float) and x.bitwidth == 32:
+            c = np.float32(value)
+        else:
+            c = np.float64(value)
+        return lambda x: c
+
+    return typed
+
+
+overload(half)(_constant(0.5))
+overload(one)(_constant(1.0))
+overload(zero)(_constant(0.0))
+
+# Eigen's float32 tanh (generic_fast_tanh_float), as XLA uses it
+_CLAMP = np.float32(7.90531110763549805)
+_TINY = np.float32(0.0004)
+_P = [np.float32(c) for c in (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
+                              5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
+                              4.89352455891786e-03)]
+_Q = [np.float32(c) for c in (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03,
+                              4.89352518554385e-03)]
+P13, P11, P9, P7, P5, P3, P1 = _P
+Q6, Q4, Q2, Q0 = _Q
+
+
+@njit(**_JIT)
+def _tanh32(x):
+    y = min(max(x, -_CLAMP), _CLAMP)  # outside [-7.9, 7.9] tanh rounds to +-1 in float32
+    y2 = y * y
+    p = P13 * y2 + P11
+    p = p * y2 + P9
+    p = p * y2 + P7
+    p = p * y2 + P5
+    p = p * y2 + P3
+    p = p * y2 + P1
+    p = p * y
+    q = Q6 * y2 + Q4
+    q = q * y2 + Q2
+    q = q * y2 + Q0
+    r = p / q
+    r = x if abs(x) < _TINY else r  # tanh(x) = x to float32 precision; p underflows for subnormal x
+    return r if x == x else x  # NaN stays NaN (min and max would have clamped it)
+
+
+@overload(tanh_)
+def _tanh_impl(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return lambda x: _tanh32(x)
+    return lambda x: math.tanh(x)
+
+
+@njit(**_JIT)
+def sigmoid_(a):
+    """sigma(a) = 0.5 tanh(0.5 a) + 0.5 (8.13), as `recurrent.sigmoid_`."""
+    a = a * half(a)
+    a = tanh_(a)
+    a = a * half(a)
+    return a + half(a)
+
+
+@njit(**_JIT)
+def _rows_contiguous(a):
+    """Raise unless the last axis of a is contiguous (a row of it is then a plain view)."""
+    if a.shape[a.ndim - 1] > 1 and a.strides[a.ndim - 1] != a.itemsize:
+        raise ValueError("npyrnn fused CPU kernels need arrays whose rows are contiguous")
+
+
+# ------------------------------------------------------------------------------ RNN
+# Each kernel: check every argument, then for each row b, contiguous views of row b, then one
+# pass over its H elements that reads every input before writing any output.
+@njit(**_JIT)
+def rnn_fwd_tanh(x, gh, h):
+    for a in literal_unroll((x, gh, h)):
+        _rows_contiguous(a)
+    in_place = x.ctypes.data == h.ctypes.data  # the training loop turns x_t W_ih^T + b into h_t in place
+    for b in range(h.shape[0]):
+        x_, gh_, h_ = np.ascontiguousarray(x[b]), np.ascontiguousarray(gh[b]), np.ascontiguousarray(h[b])
+        if in_place:  # the same loop with one name for x and h, which the compiler can vectorise
+            for j in range(h.shape[1]):
+                h_[j] = tanh_(h_[j] + gh_[j])  # (2.1), (2.2)
+        else:
+            for j in range(h.shape[1]):
+                a = x_[j] + gh_[j]  # a_t (2.1)
+                h_[j] = tanh_(a)  # (2.2)
+
+
+@njit(**_JIT)
+def _relu(a):
+    return a if (a > zero(a) or a != a) else zero(a)  # (2.2), NaN kept as numpy.maximum does
+
+
+@njit(**_JIT)
+def rnn_fwd_relu(x, gh, h):
+    for a in literal_unroll((x, gh, h)):
+        _rows_contiguous(a)
+    in_place = x.ctypes.data == h.ctypes.data
+    for b in range(h.shape[0]):
+        x_, gh_, h_ = np.ascontiguousarray(x[b]), np.ascontiguousarray(gh[b]), np.ascontiguousarray(h[b])
+        if in_place:
+            for j in range(h.shape[1]):
+                h_[j] = _relu(h_[j] + gh_[j])  # (2.1), (2.2)
+        else:
+            for j in range(h.shape[1]):
+                h_[j] = _relu(x_[j] + gh_[j])  # (2.1), (2.2)
+
+
+@njit(**_JIT)
+def rnn_bwd_tanh(y, carry, da):
+    for a in literal_unroll((y, carry, da)):
+        _rows_contiguous(a)
+    for b in range(da.shape[0]):
+        y_, c_, da_ = np.ascontiguousarray(y[b]), np.ascontiguousarray(carry[b]), np.ascontiguousarray(da[b])
+        for j in range(da.shape[1]):
+            s = y_[j] * y_[j]
+            s = one(s) - s  # tanh'(a_t) = 1 - h_t^2 (2.5a)
+            d = da_[j] + c_[j]  # (2.3)
+            da_[j] = d * s  # (2.4)
+
+
+@njit(**_JIT)
+def rnn_bwd_relu(y, carry, da):
+    for a in literal_unroll((y, carry, da)):
+        _rows_contiguous(a)
+    for b in range(da.shape[0]):
+        y_, c_, da_ = np.ascontiguousarray(y[b]), np.ascontiguousarray(carry[b]), np.ascontiguousarray(da[b])
+        for j in range(da.shape[1]):
+            s = one(y_[j]) if y_[j] > zero(y_[j]) else zero(y_[j])  # relu'(a_t) = 1[h_t > 0] (2.5b)
+            d = da_[j] + c_[j]  # (2.3)
+            da_[j] = d * s  # (2.4)
+
+
+# ------------------------------------------------------------------------------ GRU
+@njit(**_JIT)
+def gru_after_fwd(ghr, ghz, h_prev, b_hn, r, z, n, ghn, h):
+    for a in literal_unroll((ghr, ghz, h_prev, b_hn, r, z, n, ghn, h)):
+        _rows_contiguous(a)
+    b_hn_ = np.ascontiguousarray(b_hn)
+    for b in range(h.shape[0]):
+        ghr_, ghz_, hp_ = np.ascontiguousarray(ghr[b]), np.ascontiguousarray(ghz[b]), np.ascontiguousarray(h_prev[b])
+        r_, z_, n_ = np.ascontiguousarray(r[b]), np.ascontiguousarray(z[b]), np.ascontiguousarray(n[b])
+        ghn_, h_ = np.ascontiguousarray(ghn[b]), np.ascontiguousarray(h[b])
+        for j in range(h.shape[1]):
+            ar = sigmoid_(r_[j] + ghr_[j])  # r_t (8.1)
+            az = sigmoid_(z_[j] + ghz_[j])  # z_t (8.2)
+            hn = ghn_[j] + b_hn_[j]  # h_{t-1} W_hn^T + b_hn, kept for backward
+            an = ar * hn
+            an = n_[j] + an
+            nt = tanh_(an)  # n_t (8.3a)
+            d = hp_[j] - nt
+            d = d * az
+            r_[j], z_[j], n_[j], ghn_[j] = ar, az, nt, hn
+            h_[j] = nt + d  # h_t = n_t + z_t (h_{t-1} - n_t) (8.4)
+
+
+@njit(**_JIT)
+def gru_after_fwd_nobias(ghr, ghz, h_prev, r, z, n, ghn, h):
+    for a in literal_unroll((ghr, ghz, h_prev, r, z, n, ghn, h)):
+        _rows_contiguous(a)
+    for b in range(h.shape[0]):
+        ghr_, ghz_, hp_ = np.ascontiguousarray(ghr[b]), np.ascontiguousarray(ghz[b]), np.ascontiguousarray(h_prev[b])
+        r_, z_, n_ = np.ascontiguousarray(r[b]), np.ascontiguousarray(z[b]), np.ascontiguousarray(n[b])
+        ghn_, h_ = np.ascontiguousarray(ghn[b]), np.ascontiguousarray(h[b])
+        for j in range(h.shape[1]):
+            ar = sigmoid_(r_[j] + ghr_[j])  # r_t (8.1)
+            az = sigmoid_(z_[j] + ghz_[j])  # z_t (8.2)
+            an = ar * ghn_[j]  # r_t * h_{t-1} W_hn^T
+            an = n_[j] + an
+            nt = tanh_(an)  # n_t (8.3a)
+            d = hp_[j] - nt
+            d = d * az
+            r_[j], z_[j], n_[j] = ar, az, nt
+            h_[j] = nt + d  # h_t = n_t + z_t (h_{t-1} - n_t) (8.4)
+
+
+@njit(**_JIT)
+def gru_before_rz(ghr, ghz, h_prev, r, z, rh):
+    for a in literal_unroll((ghr, ghz, h_prev, r, z, rh)):
+        _rows_contiguous(a)
+    for b in range(r.shape[0]):
+        ghr_, ghz_, hp_ = np.ascontiguousarray(ghr[b]), np.ascontiguousarray(ghz[b]), np.ascontiguousarray(h_prev[b])
+        r_, z_, rh_ = np.ascontiguousarray(r[b]), np.ascontiguousarray(z[b]), np.ascontiguousarray(rh[b])
+        for j in range(r.shape[1]):
+            ar = sigmoid_(r_[j] + ghr_[j])  # r_t (8.1)
+            az = sigmoid_(z_[j] + ghz_[j])  # z_t (8.2)
+            hp = hp_[j]
+            r_[j] = ar
+            z_[j] = az
+            rh_[j] = ar * hp  # r_t * h_{t-1}, the input of W_hn (8.3b)
+
+
+@njit(**_JIT)
+def gru_before_n(ghn, z, h_prev, n, h):
+    for a in literal_unroll((ghn, z, h_prev, n, h)):
+        _rows_contiguous(a)
+    for b in range(h.shape[0]):
+        ghn_, z_, hp_ = np.ascontiguousarray(ghn[b]), np.ascontiguousarray(z[b]), np.ascontiguousarray(h_prev[b])
+        n_, h_ = np.ascontiguousarray(n[b]), np.ascontiguousarray(h[b])
+        for j in range(h.shape[1]):
+            nt = tanh_(n_[j] + ghn_[j])  # n_t (8.3b)
+            d = hp_[j] - nt
+            d = d * z_[j]
+            n_[j] = nt
+            h_[j] = nt + d  # (8.4)
+
+
+@njit(**_JIT)
+def _gru_slopes(z, n, h_prev):
+    """S_n = (1 - n^2)(1 - z) (8.6), S_z = z (1 - z)(h_{t-1} - n) (8.7)."""
+    sn = n * n
+    sn = one(sn) - sn
+    omz = one(z) - z
+    sn = sn * omz  # (8.6)
+    sz = z * omz
+    hmn = h_prev - n
+    return sn, sz * hmn  # (8.7)
+
+
+@njit(**_JIT)
+def gru_after_bwd(dy, carry, r, z, n, h_prev, ghn, da_r, da_z, da_n, dghn, zdh):
+    for a in literal_unroll((dy, carry, r, z, n, h_prev, ghn, da_r, da_z, da_n, dghn, zdh)):
+        _rows_contiguous(a)
+    for b in range(zdh.shape[0]):
+        dy_, c_, r_, z_ = (np.ascontiguousarray(dy[b]), np.ascontiguousarray(carry[b]),
+                           np.ascontiguousarray(r[b]), np.ascontiguousarray(z[b]))
+        n_, hp_, ghn_ = np.ascontiguousarray(n[b]), np.ascontiguousarray(h_prev[b]), np.ascontiguousarray(ghn[b])
+        dar_, daz_, dan_ = np.ascontiguousarray(da_r[b]), np.ascontiguousarray(da_z[b]), np.ascontiguousarray(da_n[b])
+        dghn_, zdh_ = np.ascontiguousarray(dghn[b]), np.ascontiguousarray(zdh[b])
+        for j in range(zdh.shape[1]):
+            rj, zj = r_[j], z_[j]
+            sn, sz = _gru_slopes(zj, n_[j], hp_[j])
+            sr = one(rj) - rj
+            sr = sr * rj
+            sr = sr * ghn_[j]  # S_r (8.9a)
+            c = c_[j] + zdh_[j]  # (8.10a)
+            dh = dy_[j] + c  # (8.5)
+            dan = dh * sn  # (8.6)
+            dan_[j] = dan
+            daz_[j] = dh * sz  # (8.7)
+            dghn_[j] = dan * rj  # (8.8a)
+            dar_[j] = dan * sr  # (8.9a)
+            zdh_[j] = dh * zj  # via z_t * h_{t-1} (8.10a)
+
+
+@njit(**_JIT)
+def gru_before_bwd_a(dy, carry, rdh, z, n, h_prev, da_z, da_n, zdh):
+    for a in literal_unroll((dy, carry, rdh, z, n, h_prev, da_z, da_n, zdh)):
+        _rows_contiguous(a)
+    for b in range(zdh.shape[0]):
+        dy_, c_, rdh_ = np.ascontiguousarray(dy[b]), np.ascontiguousarray(carry[b]), np.ascontiguousarray(rdh[b])
+        z_, n_, hp_ = np.ascontiguousarray(z[b]), np.ascontiguousarray(n[b]), np.ascontiguousarray(h_prev[b])
+        daz_, dan_, zdh_ = np.ascontiguousarray(da_z[b]), np.ascontiguousarray(da_n[b]), np.ascontiguousarray(zdh[b])
+        for j in range(zdh.shape[1]):
+            zj = z_[j]
+            sn, sz = _gru_slopes(zj, n_[j], hp_[j])
+            c = c_[j] + rdh_[j]  # (8.10b)
+            c = c + zdh_[j]  # (8.10b)
+            dh = dy_[j] + c  # (8.5)
+            dan_[j] = dh * sn  # (8.6)
+            daz_[j] = dh * sz  # (8.7)
+            zdh_[j] = dh * zj
+
+
+@njit(**_JIT)
+def gru_before_bwd_b(drh, r, h_prev, da_r, rdh):
+    for a in literal_unroll((drh, r, h_prev, da_r, rdh)):
+        _rows_contiguous(a)
+    for b in range(rdh.shape[0]):
+        drh_, r_, hp_ = np.ascontiguousarray(drh[b]), np.ascontiguousarray(r[b]), np.ascontiguousarray(h_prev[b])
+        dar_, rdh_ = np.ascontiguousarray(da_r[b]), np.ascontiguousarray(rdh[b])
+        for j in range(rdh.shape[1]):
+            rj, d = r_[j], drh_[j]
+            sr = one(rj) - rj
+            sr = sr * rj
+            sr = sr * hp_[j]  # S_r (8.9b)
+            dar_[j] = d * sr  # (8.9b)
+            rdh_[j] = d * rj  # via r_t * h_{t-1} (8.10b)
+
+
+# ------------------------------------------------------------------------------ LSTM
+@njit(**_JIT)
+def lstm_fwd(ghi, ghf, ghg, gho, c_prev, gi, gf, gg, go, c, tc, m):
+    for a in literal_unroll((ghi, ghf, ghg, gho, c_prev, gi, gf, gg, go, c, tc, m)):
+        _rows_contiguous(a)
+    for b in range(c.shape[0]):
+        ghi_, ghf_, ghg_, gho_ = (np.ascontiguousarray(ghi[b]), np.ascontiguousarray(ghf[b]),
+                                  np.ascontiguousarray(ghg[b]), np.ascontiguousarray(gho[b]))
+        gi_, gf_, gg_, go_ = (np.ascontiguousarray(gi[b]), np.ascontiguousarray(gf[b]),
+                              np.ascontiguousarray(gg[b]), np.ascontiguousarray(go[b]))
+        cp_, c_, tc_, m_ = (np.ascontiguousarray(c_prev[b]), np.ascontiguousarray(c[b]),
+                            np.ascontiguousarray(tc[b]), np.ascontiguousarray(m[b]))
+        for j in range(c.shape[1]):
+            ai = sigmoid_(gi_[j] + ghi_[j])  # a_t (9.1), gates (9.2)
+            af = sigmoid_(gf_[j] + ghf_[j])
+            ag = tanh_(gg_[j] + ghg_[j])
+            ao = sigmoid_(go_[j] + gho_[j])
+            ct = af * cp_[j]
+            ig = ai * ag
+            ct = ct + ig  # c_t = f * c_{t-1} + i * g (9.3)
+            tct = tanh_(ct)
+            gi_[j], gf_[j], gg_[j], go_[j] = ai, af, ag, ao
+            c_[j] = ct
+            tc_[j] = tct
+            m_[j] = ao * tct  # m_t = o * tanh(c_t) (9.4)
+
+
+@njit(**_JIT)
+def _lstm_step_back(dm, gi, gf, gg, go, tc, c_prev, cc):
+    """(9.9)-(9.12) for one element; returns da_i, da_f, da_g, da_o and the new carry of dL/dc."""
+    k = tc * tc
+    k = one(k) - k
+    k = k * go  # o (1 - tanh^2(c_t)) (9.10)
+    so = one(go) - go
+    so = so * go
+    so = so * tc  # tanh(c_t) o (1 - o) (9.9)
+    si = one(gi) - gi
+    si = si * gi
+    si = si * gg  # (9.11)
+    sf = one(gf) - gf
+    sf = sf * gf
+    sf = sf * c_prev  # (9.11)
+    sg = gg * gg
+    sg = one(sg) - sg
+    sg = sg * gi  # (9.11)
+    da_o = dm * so  # (9.9)
+    dc = dm * k
+    dc = dc + cc  # (9.10)
+    return dc * si, dc * sf, dc * sg, da_o, dc * gf  # (9.11), (9.12)
+
+
+@njit(**_JIT)
+def lstm_bwd(dm, gi, gf, gg, go, tc, c_prev, da_i, da_f, da_g, da_o, cc):
+    for a in literal_unroll((dm, gi, gf, gg, go, tc, c_prev, da_i, da_f, da_g, da_o, cc)):
+        _rows_contiguous(a)
+    for b in range(cc.shape[0]):
+        dm_, tc_, cp_, cc_ = (np.ascontiguousarray(dm[b]), np.ascontiguousarray(tc[b]),
+                              np.ascontiguousarray(c_prev[b]), np.ascontiguousarray(cc[b]))
+        gi_, gf_, gg_, go_ = (np.ascontiguousarray(gi[b]), np.ascontiguousarray(gf[b]),
+                              np.ascontiguousarray(gg[b]), np.ascontiguousarray(go[b]))
+        di_, df_, dg_, do_ = (np.ascontiguousarray(da_i[b]), np.ascontiguousarray(da_f[b]),
+                              np.ascontiguousarray(da_g[b]), np.ascontiguousarray(da_o[b]))
+        for j in range(cc.shape[1]):
+            di_[j], df_[j], dg_[j], do_[j], cc_[j] = _lstm_step_back(
+                dm_[j], gi_[j], gf_[j], gg_[j], go_[j], tc_[j], cp_[j], cc_[j])
+
+
+@njit(**_JIT)
+def lstm_bwd_noproj(dy, ch, gi, gf, gg, go, tc, c_prev, da_i, da_f, da_g, da_o, cc):
+    for a in literal_unroll((dy, ch, gi, gf, gg, go, tc, c_prev, da_i, da_f, da_g, da_o, cc)):
+        _rows_contiguous(a)
+    for b in range(cc.shape[0]):
+        dy_, ch_ = np.ascontiguousarray(dy[b]), np.ascontiguousarray(ch[b])
+        tc_, cp_, cc_ = np.ascontiguousarray(tc[b]), np.ascontiguousarray(c_prev[b]), np.ascontiguousarray(cc[b])
+        gi_, gf_, gg_, go_ = (np.ascontiguousarray(gi[b]), np.ascontiguousarray(gf[b]),
+                              np.ascontiguousarray(gg[b]), np.ascontiguousarray(go[b]))
+        di_, df_, dg_, do_ = (np.ascontiguousarray(da_i[b]), np.ascontiguousarray(da_f[b]),
+                              np.ascontiguousarray(da_g[b]), np.ascontiguousarray(da_o[b]))
+        for j in range(cc.shape[1]):
+            dm = dy_[j] + ch_[j]  # without a projection dm_t = dh_t = dout_t + c^h_t (9.6)
+            di_[j], df_[j], dg_[j], do_[j], cc_[j] = _lstm_step_back(
+                dm, gi_[j], gf_[j], gg_[j], go_[j], tc_[j], cp_[j], cc_[j])
+
+
+# ------------------------------------------------------------------------------ lookup
+KERNELS = {f.__name__: f for f in (
+    rnn_fwd_tanh, rnn_fwd_relu, rnn_bwd_tanh, rnn_bwd_relu,
+    gru_after_fwd, gru_after_fwd_nobias, gru_before_rz, gru_before_n,
+    gru_after_bwd, gru_before_bwd_a, gru_before_bwd_b,
+    lstm_fwd, lstm_bwd, lstm_bwd_noproj,
+)}
+
+
+def build(spec, dtype):
+    """The compiled kernel for `spec` (a `kernels.SPECS` entry) and dtype: one signature, any strides.
+
+    Every argument is typed as a strided array, (H,) for the parameters named `b_*` and (B, H)
+    for the others, so contiguous arrays and gate slices share one compiled version.
+    """
+    kernel = KERNELS[spec.name]
+    scalar = types.float32 if str(dtype) == "float32" else types.float64
+    names = [p.split()[-1] for p in (spec.inputs + "," + spec.outputs).split(",")]
+    signature = tuple(types.Array(scalar, 1 if n.startswith("b_") else 2, "A") for n in names)
+    kernel.disable_compile(False)
+    kernel.compile(signature)
+    kernel.disable_compile(True)  # later calls convert to a compiled signature, never compile another
+    return kernel

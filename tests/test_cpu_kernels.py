@@ -1,0 +1,155 @@
+"""The fused kernels compiled for the CPU by Numba (`npyrnn.nn.cpu_kernels`, the `fast` extra).
+
+Every cell with the compiled kernels against the same cell on array operations (forward,
+backward, the stepper; float64 to a few ulps, float32 within the probe's tolerance); float32's
+tanh against float64's over a dense sweep of float32; NaN and infinities; arrays the kernels
+refuse; and a property test over random kernels, shapes (size 1 included) and in-place calls.
+Runs wherever Numba is installed (`pip install -e ".[test,fast]"`, as CI does).
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("numba", reason="the fused CPU kernels need Numba (pip install 'npyrnn[fast]')")
+
+from npyrnn import backend  # noqa: E402
+from npyrnn.nn import kernels  # noqa: E402
+from test_kernels import CONFIGS, IDS, _compare, _run  # noqa: E402
+
+from npyrnn.nn import cpu_kernels  # noqa: E402  (imports numba)
+
+
+@pytest.fixture(autouse=True)
+def _numpy_and_fresh_kernels(monkeypatch):
+    """NumPy, no probe done yet, the switch left to the environment (unset)."""
+    backend.set_backend("numpy")  # the conftest fixture restores the previous backend
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    kernels._reset()
+    kernels.set_enabled(None)
+    yield
+    kernels._reset()
+    kernels.set_enabled(None)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("with_final_grads", [False, True], ids=["no-dh_n", "dh_n"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+def test_compiled_kernels_match_array_ops(cfg, with_final_grads, dtype):
+    _, cls, kwargs, used = cfg
+    kernels.set_enabled(False)
+    plain = _run(cls, kwargs, dtype, with_final_grads)
+    kernels.set_enabled(True)
+    fused = _run(cls, kwargs, dtype, with_final_grads)
+    status = kernels.status(np)
+    assert all(f"{name} {dtype}" in status for name in used), status
+    # float64: the C library's tanh and every operation rounded as written; float32: Eigen's tanh
+    _compare(fused, plain, 1e-13 if dtype == "float64" else 1e-5, f"fused CPU kernels, {dtype}")
+
+
+def test_cells_use_the_compiled_kernels_by_default():
+    """With Numba installed and NPYRNN_FUSED unset, `get` hands out the compiled kernel."""
+    kernel = kernels.get(np, "lstm_fwd", "float32")
+    assert kernel is cpu_kernels.lstm_fwd
+    assert kernels.status() == "on (probed: lstm_fwd float32)"
+
+
+def _tanh(x):
+    """float32 tanh through the compiled kernel rnn_fwd_tanh (h = tanh(x + 0)), any shape."""
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(1, -1)
+    h = np.empty_like(x)
+    kernels.get(np, "rnn_fwd_tanh", "float32")(x, np.zeros_like(x), h)
+    return h.ravel()
+
+
+def test_float32_tanh_is_within_a_few_float32_ulps_of_float64_tanh():
+    """Every 61st float32 in [0, 10] (about 18 million values, subnormals included) and their negatives."""
+    bits = np.arange(0, np.float32(10).view(np.int32) + 1, 61, dtype=np.int32)
+    x = bits.view(np.float32)
+    x = np.concatenate([x, -x])
+    exact = np.tanh(x.astype(np.float64))
+    err = np.abs(_tanh(x).astype(np.float64) - exact)
+    ulps = err / np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    assert err.max() <= 3.5e-7, f"max absolute error {err.max():.3e}"
+    assert ulps.max() <= 6.5, f"max error {ulps.max():.1f} float32 ulps at x = {x[ulps.argmax()]!r}"
+
+
+def test_float32_tanh_special_values():
+    x = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 8.0, -8.0, 100.0, 1e-30, -1e-30], dtype=np.float32)
+    y = _tanh(x)
+    assert np.isnan(y[0])
+    np.testing.assert_array_equal(y[1:], np.array([1, -1, 0, -0.0, 1, -1, 1, 1e-30, -1e-30], dtype=np.float32))
+    assert np.all(np.abs(_tanh(np.linspace(-30, 30, 10001))) <= 1)
+
+
+def test_relu_keeps_nan_like_numpy():
+    x = np.array([[np.nan, -1.0, 2.0, -np.inf]], dtype=np.float32)
+    h = np.empty_like(x)
+    kernels.get(np, "rnn_fwd_relu", "float32")(x, np.zeros_like(x), h)
+    np.testing.assert_array_equal(h, np.maximum(x, 0))
+
+
+def test_rows_must_be_contiguous():
+    """A view whose last axis is strided would be copied by Numba and its outputs lost: refused instead."""
+    kernel = kernels.get(np, "rnn_fwd_tanh", "float64")
+    x = np.ones((3, 8))
+    with pytest.raises(ValueError, match="rows are contiguous"):
+        kernel(x[:, ::2], np.ones((3, 4)), np.empty((3, 4)))
+    out = np.ones((3, 8))
+    with pytest.raises(ValueError, match="rows are contiguous"):
+        kernel(np.ones((3, 4)), np.ones((3, 4)), out[:, ::2])
+
+
+def test_one_compiled_version_per_dtype():
+    """Contiguous arrays and gate slices, every cell: each kernel holds at most one signature per dtype."""
+    for _, cls, kwargs, _ in CONFIGS:
+        for dtype in ("float32", "float64"):
+            _run(cls, kwargs, dtype, True)
+    for name in kernels.SPECS:
+        signatures = getattr(cpu_kernels, name).signatures
+        assert len(signatures) <= 2 and len({sig[0].dtype for sig in signatures}) == len(signatures), (name, signatures)
+
+
+def _kernel_args(spec, shape, data, dtype):
+    """Arguments for one kernel: gate-like views of wider arrays, values from hypothesis."""
+    B, H = shape
+    args = []
+    for name in kernels._names(spec.inputs) + kernels._names(spec.outputs):
+        if name.startswith("b_"):
+            args.append(np.asarray(data.draw(st.lists(_values, min_size=H, max_size=H)), dtype=dtype))
+            continue
+        flat = data.draw(st.lists(_values, min_size=B * H, max_size=B * H))
+        wide = np.zeros((B, H + 2), dtype=dtype)
+        wide[:, 1 : H + 1] = np.asarray(flat, dtype=dtype).reshape(B, H)
+        args.append(wide[:, 1 : H + 1])
+    return args
+
+
+_values = st.floats(-6, 6, allow_nan=False, width=32)
+
+
+# the in-place calls the cells make: (input, output) that are one array
+IN_PLACE = {"rnn_fwd_tanh": ("x", "h"), "rnn_fwd_relu": ("x", "h"),  # the training loop
+            "gru_after_fwd": ("h_prev", "h"), "gru_after_fwd_nobias": ("h_prev", "h"),  # the steppers
+            "gru_before_n": ("h_prev", "h"), "lstm_fwd": ("c_prev", "c")}
+
+
+@settings(derandomize=True, max_examples=60, deadline=None)
+@given(name=st.sampled_from(sorted(kernels.SPECS)), B=st.integers(1, 4), H=st.integers(1, 9),
+       dtype=st.sampled_from(["float32", "float64"]), in_place=st.booleans(), data=st.data())
+def test_any_kernel_any_shape_matches_its_twin(name, B, H, dtype, in_place, data):
+    """Random kernels and sizes (1 included), and the in-place calls the cells make, against the twins."""
+    spec = kernels.SPECS[name]
+    names = kernels._names(spec.inputs) + kernels._names(spec.outputs)
+    n_in = len(kernels._names(spec.inputs))
+    args = _kernel_args(spec, (B, H), data, dtype)
+    ref = [a.copy() for a in args]
+    if in_place and name in IN_PLACE:
+        src, dst = (names.index(n) for n in IN_PLACE[name])
+        args[dst], ref[dst] = args[src], ref[src]
+    kernels.get(np, name, dtype)(*args)
+    spec.reference(np, *ref)
+    for got, want in zip(args[n_in:], ref[n_in:]):
+        np.testing.assert_allclose(got, want, rtol=1e-12 if dtype == "float64" else 2e-6,
+                                   atol=1e-12 if dtype == "float64" else 1e-6)
