@@ -42,6 +42,8 @@ __all__ = [
     "is_cupy_available",
     "default_rng",
     "memory_bytes",
+    "set_cpu_threads",
+    "cpu_threads",
 ]
 
 BACKENDS = ("numpy", "cupy")
@@ -193,6 +195,36 @@ def memory_bytes():
         return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
     except Exception:  # an unknown platform or a CUDA error: no estimate, no refusal
         return None
+
+
+def set_cpu_threads(n):
+    """Limit the BLAS (and OpenMP) thread pools of this process to n threads; None leaves them as they are.
+
+    NumPy's matrix products use every core by default. On a machine where other processes
+    compete for the cores, one thread is steadier: the BLAS threads of a product wait for each
+    other, and a thread that has lost its core holds up the whole product (docs/performance.md
+    measures both). float32 products may differ in their last bits between thread counts, so a
+    run repeats bit for bit with the same count. Uses threadpoolctl.
+    """
+    if n is None:
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        raise BackendError("setting the thread count needs threadpoolctl: pip install threadpoolctl") from None
+    threadpool_limits(limits=int(n))
+
+
+def cpu_threads():
+    """The thread count of NumPy's own BLAS now, or None where threadpoolctl does not find one."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    blas = [lib for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    numpys = [lib for lib in blas if "numpy" in lib.get("filepath", "")]  # others (SciPy's) may be loaded too
+    counts = [lib["num_threads"] for lib in numpys or blas]
+    return max(counts) if counts else None
 
 
 def default_rng(seed=None):

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from npyrnn.errors import CheckpointError, DataError, UsageError
 from npyrnn.files import atomic_write_bytes, write_files_together
+from npyrnn.nn import kernels
 
 __all__ = [
     "OUTPUT_FILES",
@@ -206,7 +207,7 @@ def resume_settings(out, given):
         raise UsageError(f"--resume {str(out)!r}: no checkpoint.safetensors there (not a run folder, or the run "
                          "stopped before its first checkpoint); start it again with --out and --overwrite")
     _, _, settings, _, _ = load_training_checkpoint(path)
-    changeable = {"epochs", "checkpoint_every", "prefix", "sample_every"}
+    changeable = {"epochs", "checkpoint_every", "prefix", "sample_every", "threads"}
     for name, value in given.items():
         if name in changeable or name not in settings:
             continue
@@ -460,6 +461,7 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
     prefix = settings["prefix"] if settings.get("prefix") is not None else default_prefix(settings, train_ids, vocab)
     split_prefix(prefix, settings["token"])  # an empty prefix fails now, not after training
     check_memory(settings, len(vocab))
+    backend.set_cpu_threads(settings.get("threads"))
     model = build_model(settings, len(vocab))
     optimizer = build_optimizer(settings, model.params)
     schedule = build_schedule(settings.get("schedule"), optimizer, settings["epochs"])
@@ -526,7 +528,8 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
             "tokens_per_s": trainer.tokens / seconds if seconds > 0 else None,
             "tokens_per_s_last_epoch": last.get("tokens_per_s"),
             "epochs": trainer.epoch, "epochs_planned": settings["epochs"], "seconds": seconds,
-            "backend": backend.name, "samples": samples,
+            "backend": backend.name, "fused_kernels": kernels.status(backend.xp),
+            "blas_threads": backend.cpu_threads() if backend.name == "numpy" else None, "samples": samples,
         }
         for key, value in extra.items():  # every setting, after the results
             summary.setdefault(key, value)

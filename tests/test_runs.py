@@ -648,6 +648,7 @@ def test_backend_flag_wins_over_a_bogus_environment(root, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("tokens/s on numpy\n")
     assert read_summary(tmp_path / "run")["backend"] == "numpy"
+    assert read_summary(tmp_path / "run")["fused_kernels"].split(" ")[0] in ("on", "off", "unavailable")
 
 
 @pytest.mark.parametrize("prefix", [None, "the la"])
@@ -815,3 +816,23 @@ def test_a_changed_file_fails_its_digest_and_an_older_file_without_one_loads(ref
     model, _, _ = load_checkpoint(tmp_path / "older.safetensors")
     for name, value in model.state_dict().items():
         assert np.array_equal(backend.to_numpy(value), tensors[name]), name
+
+
+def test_threads_sets_the_blas_pool_and_may_change_on_resume(root, tmp_path):
+    """--threads N is NumPy's BLAS thread count for the run (in a child: it changes the whole process)."""
+    result = run_npyrnn([*base_args(root), "--threads", "1", "--out", "run"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = read_summary(tmp_path / "run")
+    assert summary["threads"] == 1 and summary["blas_threads"] == 1
+    result = run_npyrnn(["train", "--resume", "run", "--epochs", EPOCHS + 1, "--threads", "2", "--quiet"], tmp_path)
+    assert result.returncode == 0, result.stderr  # a machine setting, not a model setting: it may change
+    summary = read_summary(tmp_path / "run")
+    assert summary["threads"] == 2 and summary["epochs"] == EPOCHS + 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_threads_must_be_a_positive_count(root, tmp_path, capsys, value):
+    code, _, err = run([*base_args(root), "--threads", value, "--out", tmp_path / "run"], capsys)
+    assert code == 2
+    one_error_line(err, "--threads")
+    assert not (tmp_path / "run").exists()
