@@ -73,6 +73,9 @@ def parse_args(argv):
     p.add_argument("--load", type=int, nargs="?", const=os.cpu_count() or 1, metavar="N",
                    help="train section: run the pairs again with N busy processes competing "
                    "(N defaults to the number of cores: one per core)")
+    p.add_argument("--arrayops", action="store_true", default=None,
+                   help="train section: also time npyrnn with its fused kernels off (npyrnn-arrayops), "
+                   "to measure what the fused CPU kernels of the fast extra pay")
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-steps", type=int)

@@ -33,6 +33,7 @@ class Config:
     floor_reps: int = 20
     gap_s: float = 0.1  # pause (and gc) before each measurement, so the other side's worker threads go idle
     cells: tuple = ("rnn", "gru", "lstm")  # which cells' rows every section measures (--cells)
+    arrayops: bool = False  # train: also time npyrnn with its fused kernels off (--arrayops)
 
 
 QUICK = dict(max_tokens=200, batch_size=4, num_steps=5, hidden_scratch=16, hidden_concise=16, num_preds=20,

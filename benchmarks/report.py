@@ -10,6 +10,7 @@ from benchmarks.common import cpu_model, git_commit
 from benchmarks.peers import KINDS
 
 ENV_VARS = (
+    "NPYRNN_FUSED",
     "OPENBLAS_CORETYPE",
     "OPENBLAS_L2_SIZE",
     "OPENBLAS_NUM_THREADS",
@@ -32,6 +33,15 @@ def installed_version(dist):
         return None
 
 
+def fused_status():
+    """`npyrnn.nn.kernels.status()` on NumPy after probing the float32 kernels: whether the fast extra is in use."""
+    import numpy as np
+
+    from npyrnn.nn import kernels
+
+    return kernels.prepare(np, "float32")
+
+
 def metadata(cfg, threads, sections):
     import numpy as np
     import threadpoolctl
@@ -48,6 +58,8 @@ def metadata(cfg, threads, sections):
         "numpy": np.__version__,
         "torch": torch.__version__,
         "jax": installed_version("jax"),  # None: no JAX peer
+        "numba": installed_version("numba"),  # None: npyrnn runs its array operations on NumPy
+        "fused_kernels": fused_status(),
         "npyrnn": npyrnn.__version__,
         "git_commit": git_commit(),
         "threadpoolctl": threadpoolctl.__version__,
@@ -83,7 +95,7 @@ def r3(s):
 
 def render_train(results):
     train = results["train"]
-    peers = [name for name in ("torch", "jax") if any(name in r["tokens_per_s"] for r in train.values())]
+    peers = [name for name in ("torch", "jax", "npyrnn-arrayops") if any(name in r["tokens_per_s"] for r in train.values())]
     rows = []
     for kind, r in train.items():
         tps = r["tokens_per_s"]

@@ -67,3 +67,21 @@ class NpyrnnLM:
         start = time.perf_counter()
         text = predict(self.cfg.prefix, self.cfg.num_preds, self.model, self.vocab)
         return time.perf_counter() - start, text
+
+
+class NpyrnnArrayOps(NpyrnnLM):
+    """The same model and loop with the fused kernels off (``kernels.set_enabled(False)``): the array-op path.
+
+    Beside ``NpyrnnLM`` it measures what the fused CPU kernels (the ``fast`` extra, Numba) pay.
+    """
+
+    name = "npyrnn-arrayops"
+
+    def train(self):
+        from npyrnn.nn import kernels
+
+        kernels.set_enabled(False)
+        try:
+            return super().train()
+        finally:
+            kernels.set_enabled(None)

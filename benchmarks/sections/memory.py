@@ -26,7 +26,8 @@ SCRIPT = ROOT / "benchmarks" / "bench_train.py"
 METHOD = (
     "one subprocess per implementation (as many at once as the cores hold, given the thread count: "
     "children_at_once); baseline = VmRSS after imports (for torch including the lazy import of "
-    "torch._dynamo that the first torch.optim optimizer triggers) and corpus loading; then VmHWM is reset "
+    "torch._dynamo that the first torch.optim optimizer triggers, and for npyrnn with the fast extra Numba, "
+    "LLVM and the compiled kernels, which the first kernel look-up loads) and corpus loading; then VmHWM is reset "
     "(echo 5 > /proc/self/clear_refs), the model is built and trained for two measurements' worth of "
     "minibatches (warm-up + one), and the increase is VmHWM - baseline. Includes parameters, gradients, "
     "activations, autograd graph, allocator caches and thread stacks; RSS counts pages touched, not bytes "
@@ -47,6 +48,15 @@ def child(cfg, which, threads):
     import npyrnn.data  # noqa: F401
     import npyrnn.models  # noqa: F401
     import npyrnn.train  # noqa: F401
+
+    if not with_torch:
+        import numpy as np
+
+        from npyrnn.nn import kernels
+
+        # with the fast extra, the first kernel look-up imports Numba and LLVM and loads the compiled
+        # kernels (about 150 MiB): count it as an import, as torch's libraries are, not as training
+        kernels.prepare(np, "float32")
 
     with limit_threads(threads, with_torch):
         corpus, vocab = load_data(cfg)

@@ -9,17 +9,24 @@ Each measurement is a whole run: ``cfg.epochs`` epochs from the initial weights 
 in torch and, where jax imports, in JAX (``scratch``); d2l's concise model in torch (``concise``);
 chapter 9's scratch and concise GRU and LSTM in torch (``gru-scratch``, ``gru-concise``,
 ``lstm-scratch``, ``lstm-concise``; see ``benchmarks.peers``), for the cells in ``cfg.cells``.
+With ``cfg.arrayops`` (``--arrayops``) npyrnn is timed a second time with its fused kernels off
+(``npyrnn-arrayops``), so ``ratio_npyrnn_over_npyrnn-arrayops`` is what the kernels pay.
 """
 
 import statistics
 
 from benchmarks.common import busy_processes, pair_order, pause, ratio_summary, summary
-from benchmarks.peers import KINDS, hidden, jax_rnn, kinds, make_pair
+from benchmarks.peers import KINDS, hidden, jax_rnn, kinds, make_pair, npyrnn_options
 
 
 def peers(cfg, corpus, vocab, threads, with_jax):
     """``{kind: [npyrnn, torch(, jax)]}``, all starting from the same initial weights."""
     impls = {kind: list(make_pair(cfg, vocab, corpus, kind)) for kind in kinds(cfg.cells)}
+    if cfg.arrayops:  # npyrnn once more with its fused kernels off, to measure what they pay
+        from benchmarks.peers.npyrnn_peer import NpyrnnArrayOps
+
+        for kind, group in impls.items():
+            group.append(NpyrnnArrayOps(cfg, vocab, corpus, hidden(cfg, kind), **npyrnn_options(kind)))
     if with_jax:
         impls["scratch"].append(jax_rnn.JaxPeer(cfg, cfg.hidden_scratch, threads))
     return impls
