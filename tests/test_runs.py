@@ -823,7 +823,8 @@ def test_threads_sets_the_blas_pool_and_may_change_on_resume(root, tmp_path):
     result = run_npyrnn([*base_args(root), "--threads", "1", "--out", "run"], tmp_path)
     assert result.returncode == 0, result.stderr
     summary = read_summary(tmp_path / "run")
-    assert summary["threads"] == 1 and summary["blas_threads"] == 1
+    assert summary["threads"] == 1
+    assert summary["blas_threads"] == (1 if backend.name == "numpy" else None)  # CuPy's products are not BLAS's
     result = run_npyrnn(["train", "--resume", "run", "--epochs", EPOCHS + 1, "--threads", "2", "--quiet"], tmp_path)
     assert result.returncode == 0, result.stderr  # a machine setting, not a model setting: it may change
     summary = read_summary(tmp_path / "run")
