@@ -453,6 +453,7 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
     from npyrnn.train import Diverged, Trainer, evaluate, progress_bar
 
     require_safetensors("npyrnn train writes its checkpoints")
+    backend.set_cpu_threads(settings.get("threads"))  # a missing threadpoolctl fails before anything is written
     check_out_dir(out, resume=resume, overwrite=overwrite)  # before Path(): Path("") is "."
     out = Path(out)
     if settings.get("prefix") is not None:
@@ -461,7 +462,6 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
     prefix = settings["prefix"] if settings.get("prefix") is not None else default_prefix(settings, train_ids, vocab)
     split_prefix(prefix, settings["token"])  # an empty prefix fails now, not after training
     check_memory(settings, len(vocab))
-    backend.set_cpu_threads(settings.get("threads"))
     model = build_model(settings, len(vocab))
     optimizer = build_optimizer(settings, model.params)
     schedule = build_schedule(settings.get("schedule"), optimizer, settings["epochs"])

@@ -1,17 +1,18 @@
 """Importing npyrnn and training on a local corpus need none of the optional packages.
 
 A GPU machine with no package index may lack pooch, platformdirs, requests, tqdm, matplotlib,
-hypothesis or safetensors. Each case runs in a child process in which those modules cannot be
+hypothesis, numba (the fast extra), threadpoolctl or safetensors. Each case runs in a child process in which those modules cannot be
 imported (``sys.modules[name] = None``), on the backend this session runs on (NPYRNN_BACKEND).
 """
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL = ("pooch", "platformdirs", "requests", "tqdm", "matplotlib", "hypothesis")
+OPTIONAL = ("pooch", "platformdirs", "requests", "tqdm", "matplotlib", "hypothesis", "numba", "threadpoolctl")
 TEXT = "the time traveller for so it will be convenient to speak of him was expounding a recondite matter to us " * 8
 
 
@@ -37,6 +38,22 @@ def test_import_and_cli_training_without_the_optional_packages(tmp_path):
     assert "perplexity.png not written: matplotlib is not installed" in result.stderr
     assert "wrote model.safetensors, metrics.csv, summary.json to run" in result.stdout
     assert "Traceback" not in result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["blas_threads"] is None  # threadpoolctl is missing: unknown, not an error
+    if summary["backend"] == "numpy":
+        assert summary["fused_kernels"] == "unavailable (on NumPy they need Numba: pip install 'npyrnn[fast]')"
+
+
+def test_threads_without_threadpoolctl_is_one_clear_line(tmp_path):
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    code = ("from npyrnn.cli import main\n"
+            "sys.exit(main(['train', '--corpus', 'corpus.txt', '--hidden', '8', '--epochs', '1', '--batch-size', '2',"
+            " '--num-steps', '5', '--val-tokens', '0', '--threads', '1', '--out', 'run']))\n")
+    result = run_without(("threadpoolctl",), code, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "npyrnn: error: setting the thread count needs threadpoolctl: pip install threadpoolctl"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_without_safetensors_python_training_works_and_the_cli_says_what_to_install(tmp_path):

@@ -32,6 +32,7 @@ Each kernel is registered with `_fused(name, inputs, outputs, body)` on its arra
 to run the cells' fused loops on any backend.
 """
 
+import functools
 import os
 import warnings
 from types import SimpleNamespace
@@ -122,7 +123,9 @@ def _has_kernels(xp):
     return False
 
 
+@functools.lru_cache(maxsize=None)
 def _numba_installed():
+    """Whether Numba imports (asked once per process: a failed import searches the disk every time)."""
     try:
         import numba  # noqa: F401
     except ImportError:
