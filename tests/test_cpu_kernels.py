@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 pytest.importorskip("numba", reason="the fused CPU kernels need Numba (pip install 'npyrnn[fast]')")
 
 from npyrnn import backend  # noqa: E402
-from npyrnn.nn import kernels  # noqa: E402
+from npyrnn.nn import LSTM, kernels  # noqa: E402
 from test_kernels import CONFIGS, IDS, _compare, _run  # noqa: E402
 
 from npyrnn.nn import cpu_kernels  # noqa: E402  (imports numba)
@@ -94,10 +94,10 @@ def test_rows_must_be_contiguous():
     """A view whose last axis is strided would be copied by Numba and its outputs lost: refused instead."""
     kernel = kernels.get(np, "rnn_fwd_tanh", "float64")
     x = np.ones((3, 8))
-    with pytest.raises(ValueError, match="rows are contiguous"):
+    with pytest.raises(ValueError, match="rows must be contiguous"):
         kernel(x[:, ::2], np.ones((3, 4)), np.empty((3, 4)))
     out = np.ones((3, 8))
-    with pytest.raises(ValueError, match="rows are contiguous"):
+    with pytest.raises(ValueError, match="rows must be contiguous"):
         kernel(np.ones((3, 4)), np.ones((3, 4)), out[:, ::2])
 
 
@@ -153,3 +153,42 @@ def test_any_kernel_any_shape_matches_its_twin(name, B, H, dtype, in_place, data
     for got, want in zip(args[n_in:], ref[n_in:]):
         np.testing.assert_allclose(got, want, rtol=1e-12 if dtype == "float64" else 2e-6,
                                    atol=1e-12 if dtype == "float64" else 1e-6)
+
+
+def test_wrong_shapes_are_refused_not_read_past():
+    """Numba checks no bounds: every argument is checked against the outputs' (B, H) first."""
+    kernel = kernels.get(np, "rnn_bwd_tanh", "float64")
+    with pytest.raises(ValueError, match=r"must be \(B, H\)"):
+        kernel(np.ones((3, 4)), np.ones((3, 5)), np.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"must be \(B, H\)"):
+        kernel(np.ones((2, 4)), np.ones((3, 4)), np.ones((3, 4)))
+    gru = kernels.get(np, "gru_after_fwd", "float64")
+    a = [np.ones((2, 3)) for _ in range(8)]
+    with pytest.raises(ValueError, match=r"\(H,\) for a bias"):
+        gru(a[0], a[1], a[2], np.ones(4), *a[3:])
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+def test_read_only_and_fortran_arrays_from_the_caller(cfg):
+    """A read-only dout (broadcast) and Fortran-ordered stepper states work as with the array operations."""
+    _, cls, kwargs, _ = cfg
+    layer = cls(4, 6, dtype="float64", init="uniform", seed=3, **kwargs)
+    x = np.random.default_rng(0).standard_normal((5, 3, 4))
+    out, _ = layer.forward(x)
+    dout = np.broadcast_to(np.linspace(-1, 1, out.shape[-1]), out.shape)  # read-only, zero strides
+    assert not dout.flags.writeable
+    dx_fused, _ = layer.backward(dout)
+    kernels.set_enabled(False)
+    dx_plain, _ = layer.backward(np.array(dout))
+    np.testing.assert_allclose(dx_fused, dx_plain, rtol=1e-13, atol=1e-13)
+    if layer.bidirectional:
+        return
+    results = []
+    for flag in (True, False):
+        kernels.set_enabled(flag)
+        L, P, H = layer.num_layers, layer.output_size, layer.hidden_size
+        h = np.asfortranarray(np.full((L, 3, P), 0.1))
+        state = (h, np.asfortranarray(np.full((L, 3, H), -0.2))) if cls is LSTM else h
+        step = layer.stepper(state)
+        results.append([step(np.array([0, 1, 2])).copy() for _ in range(3)])
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-13, atol=1e-13)

@@ -10,9 +10,9 @@ the CUDA kernels to them on CuPy, after the same one-time probe against the arra
 
 Numerics:
 
-- float64: `tanh` is the C library's, as NumPy's on this kind of CPU; every product and sum
-  is rounded on its own (no fused multiply-add, no reassociation), so results agree with the
-  array operations to the last bit or within an ulp.
+- float64: `tanh` is the C library's (NumPy's may differ from it in the last ulp); every
+  product and sum is rounded on its own (no fused multiply-add, no reassociation), so results
+  agree with the array operations within a few ulps (tested to 1e-13 relative).
 - float32: `tanh` is the rational approximation that Eigen, and through it XLA and JAX, use
   for float32 (`_tanh32`, an odd polynomial of degree 13 over an even one of degree 6 on
   [-7.9, 7.9], clamped outside, and x itself below 4e-4), which vectorises. Measured against
@@ -46,20 +46,22 @@ def tanh_(x):
 
 def half(x):
     """0.5 in the type of x (for Numba: a float64 literal would promote float32 arithmetic)."""
-    raise NotImplementedError
+    raise NotImplementedError("half runs inside Numba-compiled kernels only")
 
 
 def one(x):
     """1 in the type of x."""
-    raise NotImplementedError
+    raise NotImplementedError("one runs inside Numba-compiled kernels only")
 
 
 def zero(x):
     """0 in the type of x."""
-    raise NotImplementedError
+    raise NotImplementedError("zero runs inside Numba-compiled kernels only")
 
 
 def _constant(value):
+    """The Numba implementation of a constant in the float type of its argument."""
+
     def typed(x):
         if isinstance(x, types.Float) and x.bitwidth == 32:
             c = np.float32(value)
@@ -88,6 +90,7 @@ Q6, Q4, Q2, Q0 = _Q
 
 @njit(**_JIT)
 def _tanh32(x):
+    """float32 tanh, Eigen's rational approximation: vectorisable, within 6 float32 ulps."""
     y = min(max(x, -_CLAMP), _CLAMP)  # outside [-7.9, 7.9] tanh rounds to +-1 in float32
     y2 = y * y
     p = P13 * y2 + P11
@@ -122,10 +125,16 @@ def sigmoid_(a):
 
 
 @njit(**_JIT)
-def _rows_contiguous(a):
-    """Raise unless the last axis of a is contiguous (a row of it is then a plain view)."""
-    if a.shape[a.ndim - 1] > 1 and a.strides[a.ndim - 1] != a.itemsize:
-        raise ValueError("npyrnn fused CPU kernels need arrays whose rows are contiguous")
+def _check(a, B, H):
+    """Raise unless a is (B, H) (or (H,), a bias) with contiguous rows.
+
+    Numba checks no bounds, so a wrong shape would read or write past the array; and a strided
+    row would be copied by `np.ascontiguousarray`, losing what the kernel writes into it.
+    """
+    if a.shape[a.ndim - 1] != H or (a.ndim == 2 and a.shape[0] != B):
+        raise ValueError("npyrnn fused CPU kernel: every array must be (B, H) like the outputs, or (H,) for a bias")
+    if H > 1 and a.strides[a.ndim - 1] != a.itemsize:
+        raise ValueError("npyrnn fused CPU kernel: rows must be contiguous; pass np.ascontiguousarray(a)")
 
 
 # ------------------------------------------------------------------------------ RNN
@@ -133,9 +142,10 @@ def _rows_contiguous(a):
 # pass over its H elements that reads every input before writing any output.
 @njit(**_JIT)
 def rnn_fwd_tanh(x, gh, h):
+    """h = tanh(x + gh) (2.1), (2.2); x, gh, h (B, H), h may be x."""
     for a in literal_unroll((x, gh, h)):
-        _rows_contiguous(a)
-    in_place = x.ctypes.data == h.ctypes.data  # the training loop turns x_t W_ih^T + b into h_t in place
+        _check(a, h.shape[0], h.shape[1])
+    in_place = x.ctypes.data == h.ctypes.data and x.strides[0] == h.strides[0]  # the training loop: h_t in place
     for b in range(h.shape[0]):
         x_, gh_, h_ = np.ascontiguousarray(x[b]), np.ascontiguousarray(gh[b]), np.ascontiguousarray(h[b])
         if in_place:  # the same loop with one name for x and h, which the compiler can vectorise
@@ -149,14 +159,16 @@ def rnn_fwd_tanh(x, gh, h):
 
 @njit(**_JIT)
 def _relu(a):
+    """max(a, 0), NaN kept."""
     return a if (a > zero(a) or a != a) else zero(a)  # (2.2), NaN kept as numpy.maximum does
 
 
 @njit(**_JIT)
 def rnn_fwd_relu(x, gh, h):
+    """h = relu(x + gh) (2.1), (2.2); x, gh, h (B, H), h may be x."""
     for a in literal_unroll((x, gh, h)):
-        _rows_contiguous(a)
-    in_place = x.ctypes.data == h.ctypes.data
+        _check(a, h.shape[0], h.shape[1])
+    in_place = x.ctypes.data == h.ctypes.data and x.strides[0] == h.strides[0]
     for b in range(h.shape[0]):
         x_, gh_, h_ = np.ascontiguousarray(x[b]), np.ascontiguousarray(gh[b]), np.ascontiguousarray(h[b])
         if in_place:
@@ -169,8 +181,9 @@ def rnn_fwd_relu(x, gh, h):
 
 @njit(**_JIT)
 def rnn_bwd_tanh(y, carry, da):
+    """da = (da + carry) (1 - y^2) (2.3)-(2.5a); y = h_t, carry, da (B, H)."""
     for a in literal_unroll((y, carry, da)):
-        _rows_contiguous(a)
+        _check(a, da.shape[0], da.shape[1])
     for b in range(da.shape[0]):
         y_, c_, da_ = np.ascontiguousarray(y[b]), np.ascontiguousarray(carry[b]), np.ascontiguousarray(da[b])
         for j in range(da.shape[1]):
@@ -182,8 +195,9 @@ def rnn_bwd_tanh(y, carry, da):
 
 @njit(**_JIT)
 def rnn_bwd_relu(y, carry, da):
+    """da = (da + carry) 1[y > 0] (2.3)-(2.5b); y = h_t, carry, da (B, H)."""
     for a in literal_unroll((y, carry, da)):
-        _rows_contiguous(a)
+        _check(a, da.shape[0], da.shape[1])
     for b in range(da.shape[0]):
         y_, c_, da_ = np.ascontiguousarray(y[b]), np.ascontiguousarray(carry[b]), np.ascontiguousarray(da[b])
         for j in range(da.shape[1]):
@@ -195,8 +209,9 @@ def rnn_bwd_relu(y, carry, da):
 # ------------------------------------------------------------------------------ GRU
 @njit(**_JIT)
 def gru_after_fwd(ghr, ghz, h_prev, b_hn, r, z, n, ghn, h):
+    """One GRU step with the reset gate after the product (8.1)-(8.4); all (B, H), b_hn (H,)."""
     for a in literal_unroll((ghr, ghz, h_prev, b_hn, r, z, n, ghn, h)):
-        _rows_contiguous(a)
+        _check(a, h.shape[0], h.shape[1])
     b_hn_ = np.ascontiguousarray(b_hn)
     for b in range(h.shape[0]):
         ghr_, ghz_, hp_ = np.ascontiguousarray(ghr[b]), np.ascontiguousarray(ghz[b]), np.ascontiguousarray(h_prev[b])
@@ -217,8 +232,9 @@ def gru_after_fwd(ghr, ghz, h_prev, b_hn, r, z, n, ghn, h):
 
 @njit(**_JIT)
 def gru_after_fwd_nobias(ghr, ghz, h_prev, r, z, n, ghn, h):
+    """`gru_after_fwd` without b_hn."""
     for a in literal_unroll((ghr, ghz, h_prev, r, z, n, ghn, h)):
-        _rows_contiguous(a)
+        _check(a, h.shape[0], h.shape[1])
     for b in range(h.shape[0]):
         ghr_, ghz_, hp_ = np.ascontiguousarray(ghr[b]), np.ascontiguousarray(ghz[b]), np.ascontiguousarray(h_prev[b])
         r_, z_, n_ = np.ascontiguousarray(r[b]), np.ascontiguousarray(z[b]), np.ascontiguousarray(n[b])
@@ -237,8 +253,9 @@ def gru_after_fwd_nobias(ghr, ghz, h_prev, r, z, n, ghn, h):
 
 @njit(**_JIT)
 def gru_before_rz(ghr, ghz, h_prev, r, z, rh):
+    """d2l's GRU, first half of a step: r, z (8.1), (8.2) and r * h_{t-1}; all (B, H)."""
     for a in literal_unroll((ghr, ghz, h_prev, r, z, rh)):
-        _rows_contiguous(a)
+        _check(a, r.shape[0], r.shape[1])
     for b in range(r.shape[0]):
         ghr_, ghz_, hp_ = np.ascontiguousarray(ghr[b]), np.ascontiguousarray(ghz[b]), np.ascontiguousarray(h_prev[b])
         r_, z_, rh_ = np.ascontiguousarray(r[b]), np.ascontiguousarray(z[b]), np.ascontiguousarray(rh[b])
@@ -253,8 +270,9 @@ def gru_before_rz(ghr, ghz, h_prev, r, z, rh):
 
 @njit(**_JIT)
 def gru_before_n(ghn, z, h_prev, n, h):
+    """d2l's GRU, second half: n (8.3b) and h_t (8.4); all (B, H), h may be h_prev."""
     for a in literal_unroll((ghn, z, h_prev, n, h)):
-        _rows_contiguous(a)
+        _check(a, h.shape[0], h.shape[1])
     for b in range(h.shape[0]):
         ghn_, z_, hp_ = np.ascontiguousarray(ghn[b]), np.ascontiguousarray(z[b]), np.ascontiguousarray(h_prev[b])
         n_, h_ = np.ascontiguousarray(n[b]), np.ascontiguousarray(h[b])
@@ -280,8 +298,9 @@ def _gru_slopes(z, n, h_prev):
 
 @njit(**_JIT)
 def gru_after_bwd(dy, carry, r, z, n, h_prev, ghn, da_r, da_z, da_n, dghn, zdh):
+    """One backward GRU step, reset gate after (8.5)-(8.10a); all (B, H); zdh in and out."""
     for a in literal_unroll((dy, carry, r, z, n, h_prev, ghn, da_r, da_z, da_n, dghn, zdh)):
-        _rows_contiguous(a)
+        _check(a, zdh.shape[0], zdh.shape[1])
     for b in range(zdh.shape[0]):
         dy_, c_, r_, z_ = (np.ascontiguousarray(dy[b]), np.ascontiguousarray(carry[b]),
                            np.ascontiguousarray(r[b]), np.ascontiguousarray(z[b]))
@@ -306,8 +325,9 @@ def gru_after_bwd(dy, carry, r, z, n, h_prev, ghn, da_r, da_z, da_n, dghn, zdh):
 
 @njit(**_JIT)
 def gru_before_bwd_a(dy, carry, rdh, z, n, h_prev, da_z, da_n, zdh):
+    """d2l's GRU backward, first half (8.5)-(8.7), (8.10b); all (B, H); zdh in and out."""
     for a in literal_unroll((dy, carry, rdh, z, n, h_prev, da_z, da_n, zdh)):
-        _rows_contiguous(a)
+        _check(a, zdh.shape[0], zdh.shape[1])
     for b in range(zdh.shape[0]):
         dy_, c_, rdh_ = np.ascontiguousarray(dy[b]), np.ascontiguousarray(carry[b]), np.ascontiguousarray(rdh[b])
         z_, n_, hp_ = np.ascontiguousarray(z[b]), np.ascontiguousarray(n[b]), np.ascontiguousarray(h_prev[b])
@@ -325,8 +345,9 @@ def gru_before_bwd_a(dy, carry, rdh, z, n, h_prev, da_z, da_n, zdh):
 
 @njit(**_JIT)
 def gru_before_bwd_b(drh, r, h_prev, da_r, rdh):
+    """d2l's GRU backward, second half (8.9b), (8.10b); all (B, H)."""
     for a in literal_unroll((drh, r, h_prev, da_r, rdh)):
-        _rows_contiguous(a)
+        _check(a, rdh.shape[0], rdh.shape[1])
     for b in range(rdh.shape[0]):
         drh_, r_, hp_ = np.ascontiguousarray(drh[b]), np.ascontiguousarray(r[b]), np.ascontiguousarray(h_prev[b])
         dar_, rdh_ = np.ascontiguousarray(da_r[b]), np.ascontiguousarray(rdh[b])
@@ -342,8 +363,9 @@ def gru_before_bwd_b(drh, r, h_prev, da_r, rdh):
 # ------------------------------------------------------------------------------ LSTM
 @njit(**_JIT)
 def lstm_fwd(ghi, ghf, ghg, gho, c_prev, gi, gf, gg, go, c, tc, m):
+    """One LSTM step (9.1)-(9.4): gates in place, c, tanh(c), m; all (B, H), c may be c_prev."""
     for a in literal_unroll((ghi, ghf, ghg, gho, c_prev, gi, gf, gg, go, c, tc, m)):
-        _rows_contiguous(a)
+        _check(a, c.shape[0], c.shape[1])
     for b in range(c.shape[0]):
         ghi_, ghf_, ghg_, gho_ = (np.ascontiguousarray(ghi[b]), np.ascontiguousarray(ghf[b]),
                                   np.ascontiguousarray(ghg[b]), np.ascontiguousarray(gho[b]))
@@ -392,8 +414,9 @@ def _lstm_step_back(dm, gi, gf, gg, go, tc, c_prev, cc):
 
 @njit(**_JIT)
 def lstm_bwd(dm, gi, gf, gg, go, tc, c_prev, da_i, da_f, da_g, da_o, cc):
+    """One backward LSTM step from dm (9.9)-(9.12); all (B, H); cc, the carry of dL/dc, in and out."""
     for a in literal_unroll((dm, gi, gf, gg, go, tc, c_prev, da_i, da_f, da_g, da_o, cc)):
-        _rows_contiguous(a)
+        _check(a, cc.shape[0], cc.shape[1])
     for b in range(cc.shape[0]):
         dm_, tc_, cp_, cc_ = (np.ascontiguousarray(dm[b]), np.ascontiguousarray(tc[b]),
                               np.ascontiguousarray(c_prev[b]), np.ascontiguousarray(cc[b]))
@@ -408,8 +431,9 @@ def lstm_bwd(dm, gi, gf, gg, go, tc, c_prev, da_i, da_f, da_g, da_o, cc):
 
 @njit(**_JIT)
 def lstm_bwd_noproj(dy, ch, gi, gf, gg, go, tc, c_prev, da_i, da_f, da_g, da_o, cc):
+    """`lstm_bwd` with dm = dy + ch (9.6), no projection; all (B, H)."""
     for a in literal_unroll((dy, ch, gi, gf, gg, go, tc, c_prev, da_i, da_f, da_g, da_o, cc)):
-        _rows_contiguous(a)
+        _check(a, cc.shape[0], cc.shape[1])
     for b in range(cc.shape[0]):
         dy_, ch_ = np.ascontiguousarray(dy[b]), np.ascontiguousarray(ch[b])
         tc_, cp_, cc_ = np.ascontiguousarray(tc[b]), np.ascontiguousarray(c_prev[b]), np.ascontiguousarray(cc[b])
@@ -436,12 +460,15 @@ def build(spec, dtype):
     """The compiled kernel for `spec` (a `kernels.SPECS` entry) and dtype: one signature, any strides.
 
     Every argument is typed as a strided array, (H,) for the parameters named `b_*` and (B, H)
-    for the others, so contiguous arrays and gate slices share one compiled version.
+    for the others, so contiguous arrays and gate slices share one compiled version; inputs are
+    typed read-only, so read-only arrays (a broadcast `dout`, say) are accepted too.
     """
     kernel = KERNELS[spec.name]
     scalar = types.float32 if str(dtype) == "float32" else types.float64
-    names = [p.split()[-1] for p in (spec.inputs + "," + spec.outputs).split(",")]
-    signature = tuple(types.Array(scalar, 1 if n.startswith("b_") else 2, "A") for n in names)
+    inputs = [p.split()[-1] for p in spec.inputs.split(",")]
+    outputs = [p.split()[-1] for p in spec.outputs.split(",")]
+    signature = tuple(types.Array(scalar, 1 if n.startswith("b_") else 2, "A", readonly=n in inputs)
+                      for n in inputs + outputs)  # inputs read-only: the caller's dout may be
     kernel.disable_compile(False)
     kernel.compile(signature)
     kernel.disable_compile(True)  # later calls convert to a compiled signature, never compile another

@@ -144,12 +144,12 @@ class GRU(Recurrent):
         else:
             W_rzT, W_hnT = W_hh[: 2 * H].T, W_hh[2 * H :].T
             ghrz = self._buffer("ghrz", (rec.B, 2 * H), xp)
-        fused = self._fused_forward(xp)  # None on NumPy
+        fused = self._fused_forward(xp)  # None when the fused kernels are off or unavailable
         bias = (b_hn,) if self.reset_after and b_hn is not None else ()
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):
             h_prev = Hs[p + t]
             rz, n = G[t, :, : 2 * H], G[t, :, 2 * H :]
-            if fused is not None:  # the element-wise work below in one or two CuPy kernels
+            if fused is not None:  # the element-wise work below in one or two fused kernels
                 r, z = rz[:, :H], rz[:, H:]
                 if self.reset_after:
                     gh = rec.GH[t]
@@ -185,7 +185,7 @@ class GRU(Recurrent):
             xp.add(n, tmp, out=Hs[o + t])  # h_t = n_t + z_t * (h_{t-1} - n_t)           (8.4)
 
     def _fused_forward(self, xp):
-        """The CuPy kernels of one forward step (one with reset_after, else two), or None."""
+        """The fused kernels of one forward step (one with reset_after, else two), or None."""
         if self.reset_after:
             kernel = kernels.get(xp, "gru_after_fwd" if self.bias else "gru_after_fwd_nobias", self.dtype)
             return None if kernel is None else (kernel,)
@@ -224,11 +224,11 @@ class GRU(Recurrent):
             rh = xp.empty((B, H), dtype=self.dtype)
             recur_rz = hidden_product(W_hh[: 2 * H], B, xp)
             recur_n = hidden_product(W_hh[2 * H :], B, xp)
-        fused = self._fused_forward(xp)  # None on NumPy
+        fused = self._fused_forward(xp) if self._rows_contiguous(h) else None
         r, z = rz[:, :H], rz[:, H:]
 
         def step():  # names from the enclosing function are updated with out=, never rebound
-            if fused is not None:  # the element-wise work below in one or two CuPy kernels
+            if fused is not None:  # the element-wise work below in one or two fused kernels
                 if self.reset_after:
                     recur(h[k], gh)  # (8.1)-(8.3a)
                     bias = () if b_hn is None else (b_hn,)
@@ -290,7 +290,7 @@ class GRU(Recurrent):
         W_hh = self._p("weight_hh", rec.k, rec.suffix)
         r, z, n = G[:, :, :H], G[:, :, H : 2 * H], G[:, :, 2 * H :]
         prev = Hs[p : p + T]  # h_{t-1} for every t, (T, B, H)
-        fused = self._fused_backward(xp)  # None on NumPy
+        fused = self._fused_backward(xp)  # None when the fused kernels are off or unavailable
         if fused is not None:
             return self._scan_back_fused(rec, dY, dh_n, fused)
 
@@ -365,7 +365,7 @@ class GRU(Recurrent):
         return dgx, carry, None
 
     def _fused_backward(self, xp):
-        """The CuPy kernels of one backward step (one with reset_after, else two), or None."""
+        """The fused kernels of one backward step (one with reset_after, else two), or None."""
         if self.reset_after:
             kernel = kernels.get(xp, "gru_after_bwd", self.dtype)
             return None if kernel is None else (kernel,)
@@ -373,7 +373,7 @@ class GRU(Recurrent):
         return None if a is None or b is None else (a, b)
 
     def _scan_back_fused(self, rec, dY, dh_n, fused):
-        """`_scan_back` with each step's element-wise work in CuPy kernels.
+        """`_scan_back` with each step's element-wise work in fused kernels.
 
         The same arithmetic: the slopes (8.6), (8.7), (8.9a, 8.9b) are computed per step from the
         cached gates instead of for all steps at once, and the last additions to the carry,

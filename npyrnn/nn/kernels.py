@@ -128,7 +128,7 @@ def _numba_installed():
     """Whether Numba imports (asked once per process: a failed import searches the disk every time)."""
     try:
         import numba  # noqa: F401
-    except ImportError:
+    except Exception:  # not installed, or installed but broken (an LLVM that does not load): array operations
         return False
     return True
 

@@ -135,11 +135,11 @@ class LSTM(Recurrent):
         s, u = self._activation_constants(xp)
         gh = self._buffer("gh", (rec.B, 4 * H), xp)
         tmp = self._buffer("tmp", (rec.B, H), xp)
-        fused = kernels.get(xp, "lstm_fwd", self.dtype)  # None on NumPy
+        fused = kernels.get(xp, "lstm_fwd", self.dtype)  # None when the fused kernels are off or unavailable
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):
             a = G[t]
             xp.matmul(Hs[p + t], W_hhT, out=gh)  # h_{t-1} W_hh^T, all four gates         (9.1)
-            if fused is not None:  # the element-wise lines below in one CuPy kernel      (9.1)-(9.4)
+            if fused is not None:  # the element-wise lines below in one fused kernel      (9.1)-(9.4)
                 fused(*_gates(gh, H), C[p + t], *_gates(a, H), C[o + t], rec.TC[t], rec.M[t])
                 if W_hrT is not None:
                     xp.matmul(rec.M[t], W_hrT, out=Hs[o + t])  # h_t = m_t W_hr^T         (9.5)
@@ -187,11 +187,11 @@ class LSTM(Recurrent):
         recur = hidden_product(self._p("weight_hh", k, ""), B, xp)
         project = hidden_product(self._p("weight_hr", k, ""), B, xp) if self.proj_size else None
         i, f, g, og = xw[:, :H], xw[:, H : 2 * H], xw[:, 2 * H : 3 * H], xw[:, 3 * H :]
-        fused = kernels.get(xp, "lstm_fwd", self.dtype)  # None on NumPy
+        fused = kernels.get(xp, "lstm_fwd", self.dtype) if self._rows_contiguous(h, c) else None
 
         def step():  # names from the enclosing function are updated with out=, never rebound
             recur(h[k], gh)  # (9.1)
-            if fused is not None:  # the element-wise lines below in one CuPy kernel       (9.2)-(9.4)
+            if fused is not None:  # the element-wise lines below in one fused kernel       (9.2)-(9.4)
                 fused(*_gates(gh, H), c[k], i, f, g, og, c[k], tmp, h[k] if project is None else m)
                 if project is not None:
                     project(m, h[k])  # (9.5)
@@ -244,7 +244,7 @@ class LSTM(Recurrent):
         W_hr = self._p("weight_hr", rec.k, rec.suffix) if self.proj_size else None  # (P, H)
         i, f, g, og = G[:, :, :H], G[:, :, H : 2 * H], G[:, :, 2 * H : 3 * H], G[:, :, 3 * H :]
         TC = rec.TC
-        fused = kernels.get(xp, "lstm_bwd" if W_hr is not None else "lstm_bwd_noproj", self.dtype)  # None on NumPy
+        fused = kernels.get(xp, "lstm_bwd" if W_hr is not None else "lstm_bwd_noproj", self.dtype)  # None when the fused kernels are off or unavailable
 
         # the slopes of every step at once, from the cached gates and cell states:
         # dc_t times S_i, S_f, S_g gives dL/da_i, da_f, da_g (9.11); dm_t times S_o gives
@@ -276,7 +276,7 @@ class LSTM(Recurrent):
                 carry_c[...] = 0
             has_h = has_c = True
         for t in range(T) if rec.reverse else range(T - 1, -1, -1):
-            if fused is not None and W_hr is None:  # (9.6), (9.9)-(9.12) in one CuPy kernel
+            if fused is not None and W_hr is None:  # (9.6), (9.9)-(9.12) in one fused kernel
                 fused(dY[t], carry_h, *_gates(G[t], H), TC[t], C[p + t], *_gates(dG[t], H), carry_c)
                 xp.matmul(dG[t], W_hh, out=carry_h)  # c^h_{t-1} = da_t W_hh              (9.13)
                 continue
@@ -290,7 +290,7 @@ class LSTM(Recurrent):
                 dm_t = dm
             else:
                 dm_t = dh  # h_t = m_t
-            if fused is not None:  # (9.9)-(9.12) in one CuPy kernel
+            if fused is not None:  # (9.9)-(9.12) in one fused kernel
                 fused(dm_t, *_gates(G[t], H), TC[t], C[p + t], *_gates(dG[t], H), carry_c)
                 xp.matmul(dG[t], W_hh, out=carry_h)  # c^h_{t-1} = da_t W_hh              (9.13)
                 continue

@@ -431,6 +431,15 @@ class Recurrent(Module):
         return dx, dh0, dc0
 
     # ----------------------------------------------------------------- stepper
+    @staticmethod
+    def _rows_contiguous(*arrays):
+        """Whether each array's rows (last axis) are contiguous, as the fused kernels need them.
+
+        The stepper updates the caller's states in place; with rows laid out otherwise (a
+        Fortran-ordered h, say) it runs the array operations instead of the kernels.
+        """
+        return all(a is None or a.shape[-1] <= 1 or a.strides[-1] == a.itemsize for a in arrays)
+
     def _stepper(self, h, c):
         """The stepper of every cell: the loop over layers and the input side; the cell steps."""
         name = type(self).__name__

@@ -139,11 +139,11 @@ class RNN(Recurrent):
         act = self._act(xp)
         W_hhT = self._p("weight_hh", rec.k, rec.suffix).T
         tmp = self._buffer("tmp", (rec.B, self.hidden_size), xp)
-        fused = kernels.get(xp, f"rnn_fwd_{self.nonlinearity}", self.dtype)  # None on NumPy
+        fused = kernels.get(xp, f"rnn_fwd_{self.nonlinearity}", self.dtype)  # None when the fused kernels are off or unavailable
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):
             h = Hs[o + t]  # holds x_t W_ih^T + b_ih + b_hh
             xp.matmul(Hs[p + t], W_hhT, out=tmp)  # h_{t-1} W_hh^T                        (2.1)
-            if fused is not None:  # the two lines below in one CuPy kernel
+            if fused is not None:  # the two lines below in one fused kernel
                 fused(h, tmp, h)
                 continue
             h += tmp  # a_t                                                              (2.1)
@@ -177,11 +177,11 @@ class RNN(Recurrent):
         act = self._act(xp)
         recur = hidden_product(self._p("weight_hh", k, ""), h.shape[1], xp)
         tmp = xp.empty(xw.shape, dtype=self.dtype)
-        fused = kernels.get(xp, f"rnn_fwd_{self.nonlinearity}", self.dtype)  # None on NumPy
+        fused = kernels.get(xp, f"rnn_fwd_{self.nonlinearity}", self.dtype) if self._rows_contiguous(h) else None
 
         def step():
             recur(h[k], tmp)  # h_{t-1} W_hh^T                                           (2.1)
-            if fused is not None:  # the two lines below in one CuPy kernel
+            if fused is not None:  # the two lines below in one fused kernel
                 fused(xw, tmp, h[k])
                 return
             xp.add(xw, tmp, out=xw)  # a_t                                               (2.1)
@@ -224,8 +224,8 @@ class RNN(Recurrent):
         Hs, o, p = rec.Hs, rec.o, rec.p
         W_hh = self._p("weight_hh", rec.k, rec.suffix)
         Y = Hs[o : o + T]  # h_t for every t, (T, B, H)
-        # on CuPy: carry, slope and product of each step in one kernel, the slope from h_t
-        fused = kernels.get(xp, f"rnn_bwd_{self.nonlinearity}", self.dtype)  # None on NumPy
+        # fused: carry, slope and product of each step in one kernel, the slope from h_t
+        fused = kernels.get(xp, f"rnn_bwd_{self.nonlinearity}", self.dtype)  # None when the fused kernels are off or unavailable
         if fused is None:  # f'(a_t) for every t at once, from the cached outputs
             fprime = self._buffer("fprime", (T, B, H), xp)
             if self.nonlinearity == "relu":
@@ -243,7 +243,7 @@ class RNN(Recurrent):
             carry = step_carry
         for t in range(T) if rec.reverse else range(T - 1, -1, -1):
             da = dA[t]
-            if fused is not None:  # da = (da + carry) * f'(a_t) in one CuPy kernel   (2.3)-(2.5b)
+            if fused is not None:  # da = (da + carry) * f'(a_t) in one fused kernel   (2.3)-(2.5b)
                 fused(Y[t], carry, da)
             elif carry is not None:
                 da += carry  # dL/dh_t = dout_t + (from step t+1)                        (2.3)
