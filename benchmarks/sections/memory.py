@@ -55,7 +55,7 @@ def child(cfg, which, threads):
         from npyrnn.nn import kernels
 
         # with the fast extra, the first kernel look-up imports Numba and LLVM and loads the compiled
-        # kernels (about 150 MiB): count it as an import, as torch's libraries are, not as training
+        # kernels (about 170 MiB): count it as an import, as torch's libraries are, not as training
         kernels.prepare(np, "float32")
 
     with limit_threads(threads, with_torch):
