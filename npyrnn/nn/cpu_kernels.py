@@ -209,7 +209,7 @@ def rnn_bwd_relu(y, carry, da):
 # ------------------------------------------------------------------------------ GRU
 @njit(**_JIT)
 def gru_after_fwd(ghr, ghz, h_prev, b_hn, r, z, n, ghn, h):
-    """One GRU step with the reset gate after the product (8.1)-(8.4); all (B, H), b_hn (H,)."""
+    """One GRU step with the reset gate after the product (8.1), (8.2), (8.3a), (8.4); all (B, H), b_hn (H,)."""
     for a in literal_unroll((ghr, ghz, h_prev, b_hn, r, z, n, ghn, h)):
         _check(a, h.shape[0], h.shape[1])
     b_hn_ = np.ascontiguousarray(b_hn)
