@@ -334,3 +334,32 @@ def test_gpu_check_reports_no_gpu_and_dry_run(tmp_path):
 
     proc = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("usage: bash benchmarks/gpu_check.sh")
+
+
+# ------------------------------------------------------------------ the small benchmark scripts
+def run_script(name, *flags):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_kernels_prints_every_kernel():
+    pytest.importorskip("numba", reason="bench_kernels.py times the fused CPU kernels of the fast extra")
+    from npyrnn.nn import kernels
+
+    out = run_script("bench_kernels.py", "--hidden", "8", "--calls", "2")
+    for name in kernels.SPECS:
+        assert re.search(rf"^{name}\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M), (name, out)
+
+
+def test_bench_split_runs_quiet():
+    out = run_script("bench_split.py", "--reps", "1", "--busy", "0")
+    assert "split equals unsplit bit for bit:" in out
+    assert re.search(r"^busy=0: blas-2 [\d,]+ us, blas-1 [\d,]+ us, split [\d,]+ us$", out, re.M), out
+
+
+def test_bench_thread_policies_runs_quiet():
+    out = run_script("bench_thread_policies.py", "--reps", "1", "--busy", "0")
+    for model in ("rnn 512", "lstm 256"):
+        assert re.search(rf"^busy=0 {model}: every-core [\d,]+, recurrence-1 [\d,]+, one [\d,]+ tokens/s$", out, re.M), out
