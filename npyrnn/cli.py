@@ -146,8 +146,8 @@ def build_parser():
     g.add_argument("--clip", type=positive_float, default=1.0, help="global gradient-norm threshold (default 1)")
     g.add_argument("--threads", type=positive_int, default=None,
                    help="threads of NumPy's matrix products (default: every core). On a busy machine 1 keeps "
-                        "most of the speed where every core can lose two thirds; a run repeats bit for bit "
-                        "with the same count")
+                        "most of the speed where every core can lose up to three quarters; a run repeats bit "
+                        "for bit with the same count")
     g.add_argument("--val-tokens", type=nonnegative_int, default=5000,
                    help="validate on the N tokens after the training tokens; 0: no validation (default %(default)s)")
     g = t.add_argument_group("run folder")

@@ -16,21 +16,15 @@ pytest.importorskip("numba", reason="the fused CPU kernels need Numba (pip insta
 
 from npyrnn import backend  # noqa: E402
 from npyrnn.nn import LSTM, kernels  # noqa: E402
-from test_kernels import CONFIGS, IDS, _compare, _run  # noqa: E402
+from test_kernels import CONFIGS, IDS, _compare, _fresh_kernels, _run  # noqa: E402,F401  (a fixture)
 
 from npyrnn.nn import cpu_kernels  # noqa: E402  (imports numba)
 
 
 @pytest.fixture(autouse=True)
-def _numpy_and_fresh_kernels(monkeypatch):
-    """NumPy, no probe done yet, the switch left to the environment (unset)."""
+def _on_numpy(_fresh_kernels):
+    """NumPy, after test_kernels' fixture: no probe done yet, the switch left to the environment."""
     backend.set_backend("numpy")  # the conftest fixture restores the previous backend
-    monkeypatch.delenv(kernels.ENV, raising=False)
-    kernels._reset()
-    kernels.set_enabled(None)
-    yield
-    kernels._reset()
-    kernels.set_enabled(None)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

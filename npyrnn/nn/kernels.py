@@ -38,6 +38,7 @@ import warnings
 from types import SimpleNamespace
 
 from npyrnn.errors import BackendError
+from npyrnn.nn.recurrent import sigmoid_  # the array-op sigmoid the twins share with the cells
 
 __all__ = ["get", "enabled", "set_enabled", "status", "prepare", "ENV"]
 
@@ -279,13 +280,6 @@ def _rnn_bwd_relu(xp, y, carry, da):
 
 
 # ------------------------------------------------------------------------------ GRU
-def _sigmoid(xp, a):
-    a *= 0.5
-    xp.tanh(a, out=a)
-    a *= 0.5
-    a += 0.5
-
-
 _GRU_AFTER_FWD = """
     T ar = r + ghr;
     T az = z + ghz;
@@ -308,8 +302,8 @@ _GRU_AFTER_FWD = """
 def _gru_after_fwd_ref(xp, ghr, ghz, h_prev, b_hn, r, z, n, ghn, h):
     r += ghr
     z += ghz
-    _sigmoid(xp, r)
-    _sigmoid(xp, z)
+    sigmoid_(r, xp)
+    sigmoid_(z, xp)
     if b_hn is not None:
         ghn += b_hn
     tmp = xp.multiply(r, ghn)
@@ -344,8 +338,8 @@ def _gru_after_fwd_nobias(xp, ghr, ghz, h_prev, r, z, n, ghn, h):
 def _gru_before_rz(xp, ghr, ghz, h_prev, r, z, rh):
     r += ghr
     z += ghz
-    _sigmoid(xp, r)
-    _sigmoid(xp, z)
+    sigmoid_(r, xp)
+    sigmoid_(z, xp)
     xp.multiply(r, h_prev, out=rh)
 
 
@@ -478,10 +472,10 @@ def _gru_before_bwd_b(xp, drh, r, h_prev, da_r, rdh):
 def _lstm_fwd(xp, ghi, ghf, ghg, gho, c_prev, gi, gf, gg, go, c, tc, m):
     for a, gh in ((gi, ghi), (gf, ghf), (gg, ghg), (go, gho)):
         a += gh
-    _sigmoid(xp, gi)
-    _sigmoid(xp, gf)
+    sigmoid_(gi, xp)
+    sigmoid_(gf, xp)
     xp.tanh(gg, out=gg)
-    _sigmoid(xp, go)
+    sigmoid_(go, xp)
     xp.multiply(gf, c_prev, out=c)
     c += xp.multiply(gi, gg)
     xp.tanh(c, out=tc)

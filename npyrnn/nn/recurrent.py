@@ -389,8 +389,7 @@ class Recurrent(Module):
         H, P, D, GH = self.hidden_size, self.output_size, self.num_directions, self.GATES * self.hidden_size
         dY = dout.swapaxes(0, 1) if self.batch_first else dout  # (T, B, D*P)
         # the fused kernels read rows: the caller's arrays they may see get contiguous rows
-        dY, dh_n, dc_n = (a if a is None or a.strides[-1] == a.itemsize else xp.ascontiguousarray(a)
-                          for a in (dY, dh_n, dc_n))
+        dY, dh_n, dc_n = (a if self._rows_contiguous(a) else xp.ascontiguousarray(a) for a in (dY, dh_n, dc_n))
         dh0 = xp.empty((self.num_layers * D, B, P), dtype=self.dtype)
         dc0 = xp.empty((self.num_layers * D, B, H), dtype=self.dtype) if self._has_cell_state else None
         for k in range(self.num_layers - 1, -1, -1):
@@ -435,8 +434,8 @@ class Recurrent(Module):
     def _rows_contiguous(*arrays):
         """Whether each array's rows (last axis) are contiguous, as the fused kernels need them.
 
-        The stepper updates the caller's states in place; with rows laid out otherwise (a
-        Fortran-ordered h, say) it runs the array operations instead of the kernels.
+        Backward copies the caller's arrays that fail this; the stepper, which updates the
+        caller's states in place, runs the array operations for them instead of the kernels.
         """
         return all(a is None or a.shape[-1] <= 1 or a.strides[-1] == a.itemsize for a in arrays)
 
