@@ -122,6 +122,16 @@ def _fail(path, what):
     raise CheckpointError(f"checkpoint {str(path)!r}: {what}")
 
 
+# The safetensors dtypes numpy reads natively (npyrnn itself writes float weights and integer and
+# float training state); BF16 and the FP8 kinds are refused before any tensor is read.
+READABLE_DTYPES = frozenset({"F16", "F32", "F64", "I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL"})
+
+
+def _unreadable(path, exc):
+    reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    _fail(path, f"not a readable safetensors file ({reason}); was it truncated or overwritten?")
+
+
 def load_checkpoint(path):
     """Read a checkpoint written by `save_checkpoint` (or a training checkpoint) onto the active backend.
 
@@ -176,10 +186,19 @@ def load_training_checkpoint(path, require_training=True):
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
+            stored = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        _unreadable(path, exc)
+    # Checked on the header, not on what numpy returns: once ml_dtypes is imported (JAX and others
+    # import it), numpy reads BF16 and FP8 as its own dtypes, and the same file would load.
+    odd = sorted(f"{name} ({dtype})" for name, dtype in stored.items() if dtype not in READABLE_DTYPES)
+    if odd:
+        _fail(path, f"holds tensors of a dtype npyrnn does not read: {', '.join(odd)}; convert them "
+                    "to F32 or F64 before loading")
+    try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, TypeError) as exc:  # TypeError: a dtype numpy lacks (bf16)
-        reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        _fail(path, f"not a readable safetensors file ({reason}); was it truncated or overwritten?")
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        _unreadable(path, exc)
     if DIGEST_KEY in metadata and metadata[DIGEST_KEY] != _digest(tensors, metadata):  # older files have none
         _fail(path, "damaged: its content does not match the sha256 stored in it (a changed or corrupted file); "
                     "use another copy or train again")

@@ -4,6 +4,9 @@ import json
 import os
 import stat
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +23,9 @@ from npyrnn.data import Vocab  # noqa: E402
 from npyrnn.models import RNNLM  # noqa: E402
 from npyrnn.train import predict  # noqa: E402
 
+from conftest import one_line  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 TEXT = "the quick brown fox jumps over the lazy dog "  # every letter: vocabulary of 28
 H = 8
 NAMES_1_LAYER = [
@@ -370,11 +376,44 @@ def test_overwrite_replaces_content_with_usual_permissions(checkpoint):
     assert sorted(os.listdir(path.parent)) == ["model.safetensors"]
 
 
-def test_a_dtype_numpy_cannot_read_is_one_clear_error(tmp_path):
-    """A safetensors file holding bfloat16 (written by hand: numpy has no bf16) is reported, not a traceback."""
-    header = json.dumps({"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}).encode()
+def odd_dtype_file(tmp_path, dtype):
+    """A safetensors file, written by hand, with one tensor `w` of 4 BF16 or FP8 (E4M3) numbers."""
+    nbytes = {"BF16": 8, "F8_E4M3": 4}[dtype]
+    header = json.dumps({"w": {"dtype": dtype, "shape": [4], "data_offsets": [0, nbytes]},
+                         "__metadata__": {"format": "npyrnn.rnnlm"}}).encode()
     header += b" " * (-len(header) % 8)
-    path = tmp_path / "bf16.safetensors"
-    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\x00\x00\x80\x3f")
-    with pytest.raises(CheckpointError, match=r"bf16.safetensors.*not a readable safetensors file"):
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(range(1, nbytes + 1)))
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F8_E4M3"])
+def test_a_dtype_npyrnn_does_not_read_is_one_clear_error(tmp_path, dtype):
+    """A file holding bfloat16 or FP8 (written by hand: numpy has neither) is reported, not a traceback.
+
+    The same message whether or not ml_dtypes has taught numpy those dtypes: on the GPU machine
+    some test had imported it, and the file then loaded as far as its (missing) metadata.
+    """
+    path = odd_dtype_file(tmp_path, dtype)
+    message = rf"odd.safetensors.*dtype npyrnn does not read: w \({dtype}\); convert them to F32 or F64"
+    with pytest.raises(CheckpointError, match=message) as info:
         load_checkpoint(path)
+    one_line(info)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F8_E4M3"])
+def test_a_dtype_npyrnn_does_not_read_is_refused_even_where_numpy_knows_it(tmp_path, dtype):
+    """With ml_dtypes imported (JAX imports it), numpy reads BF16 and FP8: still the same one-line error.
+
+    In a child process, so that this process's numpy stays as the other tests expect.
+    """
+    pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed (it comes with jax: pip install -e '.[bench]')")
+    path = odd_dtype_file(tmp_path, dtype)
+    code = ("import sys, ml_dtypes, numpy; numpy.dtype(sys.argv[2]);"
+            "from npyrnn.checkpoint import CheckpointError, load_checkpoint\n"
+            "try:\n    load_checkpoint(sys.argv[1])\nexcept CheckpointError as e:\n    print(e)")
+    numpy_name = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn"}[dtype]
+    result = subprocess.run([sys.executable, "-c", code, str(path), numpy_name], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert f"dtype npyrnn does not read: w ({dtype}); convert them to F32 or F64" in result.stdout, result.stdout

@@ -360,8 +360,8 @@ class GRU(Recurrent):
             g += xp.matmul(dGH.reshape(T * B, 3 * H).T, prev.reshape(T * B, H), out=dW)  # (8.11a)
         else:
             dG2 = dgx.reshape(T * B, 3 * H)
-            g[: 2 * H] += dG2[:, : 2 * H].T @ prev.reshape(T * B, H)  # (8.11b)
-            g[2 * H :] += dG2[:, 2 * H :].T @ rec.RH.reshape(T * B, H)  # (8.11b)
+            g[: 2 * H] += xp.matmul(dG2[:, : 2 * H].T, prev.reshape(T * B, H))  # (8.11b)
+            g[2 * H :] += xp.matmul(dG2[:, 2 * H :].T, rec.RH.reshape(T * B, H))  # (8.11b)
         return dgx, carry, None
 
     def _fused_backward(self, xp):

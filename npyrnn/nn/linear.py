@@ -63,7 +63,7 @@ class Linear(Module):
         if x.dtype != self.dtype or backend.get_array_module(x) is not xp:
             raise ValueError(f"Linear.forward: expected a {xp.__name__} array of dtype {self.dtype}, got {x.dtype}")
         self._x = x
-        y = x @ self.params["weight"].T  # (N, out)                      (2.12)
+        y = xp.matmul(x, self.params["weight"].T)  # (N, out)          (2.12)
         if self.bias:
             y += self.params["bias"]
         return y
@@ -106,7 +106,8 @@ class Linear(Module):
                 f"Linear.backward: expected dy of shape ({x.shape[0]}, {self.out_features}), "
                 f"got {shape_str(getattr(dy, 'shape', ()))}"
             )
-        self.grads["weight"] += dy.T @ x  # dW = dy^T x, one product over all rows    (2.13)
+        xp = backend.get_array_module(dy)
+        self.grads["weight"] += xp.matmul(dy.T, x)  # dW = dy^T x, one product over all rows (2.13)
         if self.bias:
             self.grads["bias"] += dy.sum(axis=0)  # db = sum_n dy_n                  (2.14)
-        return backend.get_array_module(dy).matmul(dy, self.params["weight"], out=out)  # dx = dy W  (2.15)
+        return xp.matmul(dy, self.params["weight"], out=out)  # dx = dy W  (2.15)

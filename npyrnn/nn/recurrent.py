@@ -422,7 +422,7 @@ class Recurrent(Module):
                         dX = self._buffer(f"dX{k}", shape, xp) if k > 0 else xp.empty(shape, dtype=self.dtype)
                         xp.matmul(dG2, W_ih, out=dX)
                     else:
-                        dX += dG2 @ W_ih
+                        dX += xp.matmul(dG2, W_ih)
             if mask is not None:  # back through the dropout below this layer             (10.3)
                 dX *= mask.reshape(T * B, -1)
             dY = None if dX is None else dX.reshape(T, B, -1)
@@ -503,7 +503,7 @@ def _scatter_columns(ids, dG2, num_columns, xp):
     """
     if num_columns <= ONE_HOT_MAX:
         onehot = (ids[:, None] == xp.arange(num_columns)).astype(dG2.dtype)  # (T*B, V)
-        return dG2.T @ onehot  # (G*H, V)
+        return xp.matmul(dG2.T, onehot)  # (G*H, V)
     dW_T = xp.zeros((num_columns, dG2.shape[1]), dtype=dG2.dtype)
     backend.index_add(dW_T, ids, dG2)
     return dW_T.T
