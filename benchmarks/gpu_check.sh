@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: npyrnn's suite on real CuPy, the float64 parity tests, a short CLI
-# training run and generation, then benchmarks/bench_gpu.py; a summary and the JSON go into OUTDIR.
+# training run and generation, then benchmarks/bench_gpu.py and graph_experiment.py; a summary and the
+# JSON go into OUTDIR.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR              # from the checkout; about 8 minutes at most
 #   bash benchmarks/gpu_check.sh --dry-run OUTDIR    # what would run, and whether this machine can
@@ -40,7 +41,7 @@ export NPYRNN_BACKEND=cupy
 START=$(date +%s)
 
 # Time limits in seconds; their sum (with the checks) stays under 8 minutes.
-T_KERNELS=75; T_PARITY=80; T_SUITE=150; T_CLI=45; T_GENERATE=20; T_BENCH=110
+T_KERNELS=70; T_PARITY=70; T_SUITE=140; T_CLI=40; T_GENERATE=20; T_BENCH=90; T_GRAPH=50
 
 {
   echo "# npyrnn GPU check"
@@ -154,6 +155,10 @@ step cli_train "$T_CLI" "$PY" -m npyrnn train --corpus timemachine --hidden "$CL
 step cli_generate "$T_GENERATE" "$PY" -m npyrnn generate --checkpoint "$OUT/run/model.safetensors" --prefix "time traveller" \
   --length 50 --no-stream
 step bench "$T_BENCH" "$PY" "${BENCH[@]}"
+# The CUDA-graph step (--cuda-graph) against eager npyrnn and cuDNN, its bits checked against eager first.
+GRAPH=(benchmarks/graph_experiment.py --pairs 2 --json "$OUT/graph.json")
+[ "$STAND_IN" = 1 ] && GRAPH=(-c "print('graph: skipped on the stand-in (no CUDA graphs)')")
+step graph "$T_GRAPH" "$PY" "${GRAPH[@]}"
 
 {
   echo
@@ -164,6 +169,10 @@ step bench "$T_BENCH" "$PY" "${BENCH[@]}"
     if [ -f "$OUT/bench_gpu.json" ]; then
       echo; echo "## bench_gpu.py"; echo
       grep -E '^\||^GPU' "$OUT/logs/bench.log" || echo "(no table: see logs/bench.log)"
+    fi
+    if [ -f "$OUT/graph.json" ]; then
+      echo; echo "## graph_experiment.py (--cuda-graph)"; echo
+      grep -E '^\|' "$OUT/logs/graph.log" || echo "(no table: see logs/graph.log)"
     fi
     [ -f "$OUT/failures.md" ] && { echo; echo "## failures"; cat "$OUT/failures.md"; }
   fi

@@ -207,7 +207,7 @@ def resume_settings(out, given):
         raise UsageError(f"--resume {str(out)!r}: no checkpoint.safetensors there (not a run folder, or the run "
                          "stopped before its first checkpoint); start it again with --out and --overwrite")
     _, _, settings, _, _ = load_training_checkpoint(path)
-    changeable = {"epochs", "checkpoint_every", "prefix", "sample_every", "threads"}
+    changeable = {"epochs", "checkpoint_every", "prefix", "sample_every", "threads", "cuda_graph"}
     for name, value in given.items():
         if name in changeable or name not in settings:
             continue
@@ -465,7 +465,8 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
     model = build_model(settings, len(vocab))
     optimizer = build_optimizer(settings, model.params)
     schedule = build_schedule(settings.get("schedule"), optimizer, settings["epochs"])
-    trainer = Trainer(model, loader, optimizer, settings["clip"], settings["random_iter"])
+    trainer = Trainer(model, loader, optimizer, settings["clip"], settings["random_iter"],
+                      cuda_graph=settings.get("cuda_graph", False))
     extra = dict(settings, num_tokens=int(len(train_ids)), vocab_size=len(vocab))
     best = {"val_perplexity": None, "epoch": None}
     run_seconds = 0.0

@@ -173,6 +173,9 @@ class Trainer:
     clip : float or None, default 1.0
     use_random_iter : bool, default False
         Reset the state every minibatch instead of carrying it (3.3).
+    cuda_graph : bool, default False
+        Replay each minibatch from a CUDA graph (`npyrnn.cuda_graph.CudaGraphStep`): CuPy on a
+        CUDA device, no dropout, an optimiser whose update does not read the step count.
 
     Attributes
     ----------
@@ -186,11 +189,16 @@ class Trainer:
         Training time and tokens over every completed epoch, across resumes.
     """
 
-    def __init__(self, model, loader, optimizer, clip=1.0, use_random_iter=False):
+    def __init__(self, model, loader, optimizer, clip=1.0, use_random_iter=False, cuda_graph=False):
         self.model = model
         self.loader = loader
         self.optimizer = optimizer
         self.clip = clip
+        self._graph_step = None
+        if cuda_graph:
+            from npyrnn.cuda_graph import CudaGraphStep
+
+            self._graph_step = CudaGraphStep(model, optimizer, clip)
         self.use_random_iter = bool(use_random_iter)
         self.epoch = 0
         self.history = []
@@ -251,7 +259,10 @@ class Trainer:
             if state is None or self.use_random_iter:
                 state = model.begin_state(X.shape[0])  # fresh zeros                        (3.3)
             # else: carry the state in; its gradient is cut in _step                        (3.1)
-            loss, state, norm = _step(model, X, Y, state, self.optimizer, self.clip)
+            if self._graph_step is not None:
+                loss, state, norm = self._graph_step(X, Y, state)
+            else:
+                loss, state, norm = _step(model, X, Y, state, self.optimizer, self.clip)
             if self.start_loss is None:
                 self.start_loss = float(loss)  # one host sync per run
             pos["loss_sum"] = pos["loss_sum"] + loss * Y.size  # stays on the device until the end

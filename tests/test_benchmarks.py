@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import threadpoolctl  # noqa: F401  (the test extra installs it; the benchmark needs it)
@@ -23,7 +22,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.peers import jax_rnn  # noqa: E402  (does not import jax)
-from optional_hypothesis import given, settings, st  # noqa: E402
 
 # Skipped only where jax is not installed. Not pytest.importorskip: importing jax in this process
 # would register ml_dtypes' bfloat16 with NumPy for the rest of the session (safetensors then
@@ -331,8 +329,9 @@ def test_gpu_check_reports_no_gpu_and_dry_run(tmp_path):
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if "| dry run: `" in line]
-    assert [r.split("|")[1].strip() for r in rows] == ["kernels", "parity", "suite", "cli_train", "cli_generate", "bench"]
-    assert "NPYRNN_BACKEND" not in rows[1] and "bench_gpu.py --json" in rows[-1]
+    assert [r.split("|")[1].strip() for r in rows] == ["kernels", "parity", "suite", "cli_train", "cli_generate", "bench",
+                                                  "graph"]
+    assert "NPYRNN_BACKEND" not in rows[1] and "bench_gpu.py --json" in rows[-2] and "graph_experiment.py" in rows[-1]
 
     proc = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("usage: bash benchmarks/gpu_check.sh")
@@ -349,53 +348,6 @@ def test_graph_experiment_skips_cleanly_without_a_gpu(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stderr.startswith("graph_experiment: SKIPPED: "), proc.stderr
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "g.json").exists()
-
-
-def _column_major_gemm(a, b, out, layout):
-    """What cublas<t>gemm computes from the (op, ld) that `layout` gives for a, b and out, on their raw memory."""
-
-    def raw(x):  # the memory x lives in, as a flat array, and x's offset in it (in elements)
-        base = x if x.base is None else x.base
-        offset = (x.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // x.itemsize
-        return base.reshape(-1), offset
-
-    def operand(x, rows, cols):  # op(X) as cuBLAS reads it: rows x cols
-        op, ld = layout(x, x.itemsize)
-        flat, off = raw(x)
-        r, c = (rows, cols) if op == 0 else (cols, rows)
-        stored = np.array([[flat[off + i + j * ld] for j in range(c)] for i in range(r)])
-        return stored if op == 0 else stored.T
-
-    (M, K), N = a.shape, b.shape[1]
-    op_c, ldc = layout(out, out.itemsize)
-    assert op_c == 0, "the output must be row-major"
-    result = operand(b, N, K) @ operand(a, K, M)  # column-major C^T = B^T A^T: N x M
-    flat, off = raw(out)
-    for i in range(N):
-        for j in range(M):
-            flat[off + i + j * ldc] = result[i, j]
-
-
-@given(M=st.integers(1, 4), K=st.integers(1, 4), N=st.integers(1, 4), a_kind=st.sampled_from(["c", "f", "pad"]),
-       b_kind=st.sampled_from(["c", "f", "pad"]), out_kind=st.sampled_from(["c", "pad"]))
-@settings(max_examples=150, deadline=None, derandomize=True)
-def test_direct_gemm_layout_gives_the_product_for_any_strides(M, K, N, a_kind, b_kind, out_kind):
-    """The (op, ld) the experiment hands cuBLAS, for row-major, transposed and padded views, computes a @ b."""
-    from benchmarks.graph_experiment import DirectGemm
-
-    rng = np.random.default_rng(M * 100 + K * 10 + N)
-    A, B = rng.standard_normal((M, K)), rng.standard_normal((K, N))
-
-    def view(x, kind):
-        if kind == "c":
-            return x.copy()
-        if kind == "f":  # the transpose of a C-ordered array, as W.T is
-            return np.ascontiguousarray(x.T).T
-        return np.pad(x, ((0, 0), (1, 2)))[:, 1 : 1 + x.shape[1]]  # rows further apart than their length
-
-    out = np.zeros((M, N)) if out_kind == "c" else np.zeros((M, N + 3))[:, 2 : 2 + N]
-    _column_major_gemm(view(A, a_kind), view(B, b_kind), out, DirectGemm._layout)
-    np.testing.assert_allclose(out, A @ B, rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------ the small benchmark scripts
