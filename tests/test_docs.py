@@ -257,7 +257,7 @@ def test_mkdocs_build_strict(tmp_path):
     assert not missing, f"{missing} not installed: the test extra installs the docs extra (pip install -e '.[test]')"
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-f", str(ROOT / "mkdocs.yml"),
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"),
          "-d", str(tmp_path / "site")],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
     )
