@@ -46,8 +46,6 @@ class DirectGemm:
     """`matmul(a, b, out=None)` of 2-D float arrays by `cublas<S|D>gemm_v2` on a handle of its own."""
 
     def __init__(self, cupy):
-        import numpy
-
         self.cupy = cupy
         self.original_matmul, self.original_vdot = cupy.matmul, cupy.vdot
         cupy.matmul(cupy.ones((2, 2), "f"), cupy.ones((2, 2), "f"))  # CuPy loads cuBLAS now
@@ -68,13 +66,13 @@ class DirectGemm:
                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                 ctypes.c_void_p, ctypes.c_int]
         self.gemm, self.scalars = {}, {}
-        for dtype, name, ctype in ((numpy.float32, "cublasSgemm_v2", ctypes.c_float),
-                                   (numpy.float64, "cublasDgemm_v2", ctypes.c_double)):
+        for dtype, name, ctype in (("float32", "cublasSgemm_v2", ctypes.c_float),
+                                   ("float64", "cublasDgemm_v2", ctypes.c_double)):
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, ctypes.c_int
-            self.gemm[numpy.dtype(dtype)] = fn
+            self.gemm[cupy.dtype(dtype)] = fn
             one, zero = ctype(1.0), ctype(0.0)  # host scalars: read when the call is made (or captured)
-            self.scalars[numpy.dtype(dtype)] = (one, zero, ctypes.addressof(one), ctypes.addressof(zero))
+            self.scalars[cupy.dtype(dtype)] = (one, zero, ctypes.addressof(one), ctypes.addressof(zero))
 
     @staticmethod
     def _check(status, what):
