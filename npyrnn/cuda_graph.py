@@ -24,6 +24,8 @@ Three things make capture possible with CuPy:
 
 import contextlib
 import ctypes
+import threading
+import types
 from pathlib import Path
 
 from npyrnn import backend
@@ -57,11 +59,10 @@ class DirectGemm:
         handle = ctypes.c_void_p()
         self._check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate_v2")
         self.handle = handle
-        # A workspace of its own: cuBLAS must not allocate while a graph is being captured.
+        # A workspace of its own, so that cuBLAS does not allocate while a graph is being captured;
+        # set again after every cublasSetStream, which resets it to the default (as PyTorch does).
         self.workspace = cupy.empty(32 << 20, dtype=cupy.uint8)
-        if hasattr(lib, "cublasSetWorkspace_v2"):
-            self._check(lib.cublasSetWorkspace_v2(handle, ctypes.c_void_p(self.workspace.data.ptr),
-                                                  ctypes.c_size_t(self.workspace.nbytes)), "cublasSetWorkspace_v2")
+        self.lock = threading.RLock()  # cupy.matmul is replaced for the whole process while patched
         args = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                 ctypes.c_void_p, ctypes.c_int]
@@ -131,14 +132,21 @@ class DirectGemm:
 
     @contextlib.contextmanager
     def patched(self, stream):
-        """`cupy.matmul` and `cupy.vdot` replaced while inside; the handle's work queued on `stream`."""
-        cupy = self.cupy
-        self._check(self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream.ptr)), "cublasSetStream_v2")
-        cupy.matmul, cupy.vdot = self.matmul, self.vdot
-        try:
-            yield
-        finally:
-            cupy.matmul, cupy.vdot = self.original_matmul, self.original_vdot
+        """`cupy.matmul` and `cupy.vdot` replaced while inside; the handle's work queued on `stream`.
+
+        One thread at a time: the replacement is process-wide, and other threads wait.
+        """
+        cupy, lib = self.cupy, self.lib
+        with self.lock:
+            self._check(lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream.ptr)), "cublasSetStream_v2")
+            if hasattr(lib, "cublasSetWorkspace_v2"):  # CUDA 11.4 and later
+                self._check(lib.cublasSetWorkspace_v2(self.handle, ctypes.c_void_p(self.workspace.data.ptr),
+                                                      ctypes.c_size_t(self.workspace.nbytes)), "cublasSetWorkspace_v2")
+            cupy.matmul, cupy.vdot = self.matmul, self.vdot
+            try:
+                yield
+            finally:
+                cupy.matmul, cupy.vdot = self.original_matmul, self.original_vdot
 
 
 _DIRECT = {}
@@ -164,7 +172,7 @@ def why_not(model, optimizer):
         return f"the model is on {xp.__name__}; CUDA graphs need NPYRNN_BACKEND=cupy on a CUDA device"
     if hasattr(xp, "_fake"):
         return "cupy here is the CPU stand-in fakecupy, which has no CUDA graphs"
-    if model.training and model.rnn.dropout > 0:
+    if model.training and model.rnn.dropout > 0 and model.rnn.num_layers > 1:
         return "dropout masks are drawn on the host every minibatch; use --dropout 0 or leave --cuda-graph out"
     if isinstance(optimizer, Adagrad) and optimizer.hyper.get("lr_decay", 0) != 0:
         return "Adagrad's lr_decay changes the step every minibatch; use lr_decay 0 or leave --cuda-graph out"
@@ -205,8 +213,9 @@ def _reachable_arrays(root, ndarray):
             todo.extend(obj.values())
         elif isinstance(obj, (list, tuple)):
             todo.extend(obj)
-        elif type(obj).__module__.startswith("npyrnn") and hasattr(obj, "__dict__"):
-            todo.extend(vars(obj).values())
+        elif isinstance(obj, types.SimpleNamespace) or (type(obj).__module__.startswith("npyrnn")
+                                                         and hasattr(obj, "__dict__")):
+            todo.extend(vars(obj).values())  # npyrnn's objects, and the caches it keeps in namespaces
     return found
 
 
@@ -236,14 +245,13 @@ class CudaGraphStep:
     The first call for each minibatch shape runs eagerly; the second captures and replays;
     later ones replay. A change of the learning rate (schedules) captures a new graph for the
     shape. The returned state is the graph's carried-state buffer, overwritten by the next call
-    (passing it back in costs no copy); `loss` and `norm` are fresh 0-d arrays.
+    (passing it back in costs no copy); `loss` and `norm` are fresh 0-d arrays. The graph is
+    replayed on the caller's current stream, which is part of a graph's key; call it from one
+    thread at a time (while a step runs, `cupy.matmul` is replaced for the whole process).
     """
 
     def __init__(self, model, optimizer, clip=1.0):
-        reason = why_not(model, optimizer)
-        if reason is not None:
-            error = BackendError if model.xp.__name__ != "cupy" or hasattr(model.xp, "_fake") else UsageError
-            raise error(f"cuda graph: {reason}")
+        self._check(model, optimizer)
         self.model, self.optimizer, self.clip = model, optimizer, clip
         self.xp = model.xp
         self.direct = direct_gemm(self.xp)
@@ -251,6 +259,13 @@ class CudaGraphStep:
         self._graphs = {}  # minibatch shapes -> _Captured
         self.replays = 0
         self.captures = 0
+
+    @staticmethod
+    def _check(model, optimizer):
+        reason = why_not(model, optimizer)
+        if reason is not None:
+            error = BackendError if model.xp.__name__ != "cupy" or hasattr(model.xp, "_fake") else UsageError
+            raise error(f"cuda graph: {reason}")
 
     def _eager(self, X, Y, state):
         from npyrnn.train import _step
@@ -285,12 +300,19 @@ class CudaGraphStep:
         """One minibatch: forward, loss, backward, clip, update. Returns `(loss, state, norm)` as `_step`."""
         xp = self.xp
         parts = _parts(state)
-        key = (X.shape, str(X.dtype), Y.shape, str(Y.dtype), tuple((s.shape, str(s.dtype)) for s in parts))
+        stream = xp.cuda.get_current_stream()
+        key = (X.shape, str(X.dtype), Y.shape, str(Y.dtype), tuple((s.shape, str(s.dtype)) for s in parts),
+               stream.ptr)
         hyper = tuple(sorted(self.optimizer.hyper.items()))
         entry = self._graphs.get(key)
         if entry is None or entry.hyper != hyper:
-            self._graphs[key] = _Captured(key, hyper, X, Y, state)  # an older graph of this shape is freed
-            return self._eager(X, Y, state)  # kernels compiled, buffers allocated, outside any capture
+            self._graphs.pop(key, None)  # an older graph of this shape is freed
+            self._check(self.model, self.optimizer)  # the model and optimiser may have changed since
+            result = self._eager(X, Y, state)  # kernels compiled, buffers allocated, outside any capture
+            # Only after a whole eager step: a capture then never holds an optimiser's first step
+            # (SGD's momentum buffer starts as the gradient then, and a replay would repeat that).
+            self._graphs[key] = _Captured(key, hyper, X, Y, state)
+            return result
         entry.X[...] = X
         entry.Y[...] = Y
         for into, value in zip(entry.state, parts):
@@ -300,7 +322,7 @@ class CudaGraphStep:
             self._capture(entry)  # the optimiser counted this step while it was captured
         else:
             self.optimizer.step_count += 1  # what _step's optimizer.step does on the host
-        entry.graph.launch(xp.cuda.get_current_stream())
+        entry.graph.launch(stream)
         self.replays += 1
         loss, norm = entry.outputs
         state_out = entry.state if len(entry.state) > 1 else entry.state[0]

@@ -530,7 +530,8 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
             "tokens_per_s_last_epoch": last.get("tokens_per_s"),
             "epochs": trainer.epoch, "epochs_planned": settings["epochs"], "seconds": seconds,
             "backend": backend.name, "fused_kernels": kernels.status(backend.xp),
-            "blas_threads": backend.cpu_threads() if backend.name == "numpy" else None, "samples": samples,
+            "blas_threads": backend.cpu_threads() if backend.name == "numpy" else None,
+            "cuda_graph_replays": trainer.graph_replays, "samples": samples,
         }
         for key, value in extra.items():  # every setting, after the results
             summary.setdefault(key, value)

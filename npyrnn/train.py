@@ -208,6 +208,11 @@ class Trainer:
         self._pos = None  # inside an epoch: where it stands (see state_dict)
 
     @property
+    def graph_replays(self):
+        """Minibatches replayed from a CUDA graph so far (None without `cuda_graph`)."""
+        return None if self._graph_step is None else self._graph_step.replays
+
+    @property
     def in_epoch(self):
         """True when the last `run_epoch` was stopped before the end of its epoch."""
         return self._pos is not None

@@ -57,10 +57,10 @@ def test_stand_in_is_refused_in_one_line():
         cuda_graph.CudaGraphStep(model, SGD(model.params, 1.0))
 
 
-def _on_cupy(dropout=0.0, training=True):
+def _on_cupy(dropout=0.0, training=True, layers=2):
     """A model as `why_not` sees it, on (an imitation of) CuPy."""
     return SimpleNamespace(xp=SimpleNamespace(__name__="cupy"), training=training,
-                           rnn=SimpleNamespace(dropout=dropout))
+                           rnn=SimpleNamespace(dropout=dropout, num_layers=layers))
 
 
 @pytest.mark.parametrize("make, model, reason", [
@@ -69,6 +69,7 @@ def _on_cupy(dropout=0.0, training=True):
     (lambda p: RMSprop(p, 0.01), _on_cupy(), None),
     (lambda p: Adagrad(p, 0.1), _on_cupy(), None),
     (lambda p: SGD(p, 1.0), _on_cupy(dropout=0.3, training=False), None),  # eval mode: no masks drawn
+    (lambda p: SGD(p, 1.0), _on_cupy(dropout=0.3, layers=1), None),  # one layer: nothing between layers
     (lambda p: SGD(p, 1.0), _on_cupy(dropout=0.3), "dropout masks are drawn on the host"),
     (lambda p: Adagrad(p, 0.1, lr_decay=0.01), _on_cupy(), "Adagrad's lr_decay changes the step"),
     (lambda p: Adam(p, 1e-3), _on_cupy(), "Adam's update reads the step count every minibatch"),
@@ -240,26 +241,61 @@ def test_a_new_learning_rate_is_a_new_graph_on_gpu():
 
 @gpu
 def test_two_shapes_and_a_forward_between_them_on_gpu():
-    """Minibatches of two shapes alternate, and an eager forward of a third (validation) runs between:
-    the model's work arrays are replaced, and the graphs must not see their memory handed out again."""
+    """Minibatches of two shapes alternate; after the captures, an eager forward of a third shape
+    (validation) replaces the model's work arrays. The graphs must keep theirs: fresh arrays
+    allocated then (which would reuse freed memory) stay untouched by the replays."""
     import cupy
 
     (m_graph, m_eager), (o_graph, o_eager) = _twins("lstm", "float32")
     step = cuda_graph.CudaGraphStep(m_graph, o_graph, 1.0)
-    batches = _batches(10, shapes=((B, T), (B - 1, T + 2)))
+    batches = _batches(12, shapes=((B, T), (B, T), (B - 1, T + 2), (B - 1, T + 2)))
+    sentinels = []
     for i, (X, Y) in enumerate(batches):
         fresh = (m_graph.begin_state(X.shape[0]), m_eager.begin_state(X.shape[0]))
         loss_g, _, _ = step(X, Y, fresh[0])
         loss_e, _, _ = _eager(m_eager, o_eager, X, Y, fresh[1])
         _same(loss_g, loss_e, f"loss of minibatch {i}")
-        probe = cupy.asarray(np.random.default_rng(i).integers(0, V, (2, 3)))
-        for model in (m_graph, m_eager):
-            model.eval()
-            model.forward(probe, model.begin_state(2))
-            model.train()
-    assert step.captures == 2
+        if i == 3:  # both shapes captured: every work array the model holds now belongs to a graph
+            held = [a for module in (m_graph.rnn, m_graph.linear) for a in module._workspace.values()]
+            pinned = {id(a) for entry in step._graphs.values() for a in entry.pinned}
+            assert held and all(id(a) in pinned for a in held)
+            probe = cupy.asarray(np.random.default_rng(i).integers(0, V, (2, 3)))
+            for model in (m_graph, m_eager):
+                model.eval()
+                model.forward(probe, model.begin_state(2))
+                model.train()
+            sentinels = [cupy.full(a.shape, 7, dtype=a.dtype) for a in held for _ in range(2)]
+    assert step.captures == 2 and step.replays == 10
     for name in m_eager.params:
         _same(m_graph.params[name], m_eager.params[name], name)
+    for k, sentinel in enumerate(sentinels):
+        assert bool((sentinel == 7).all()), f"sentinel {k} was overwritten by a replay"
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_direct_gemm_matches_cupy_matmul_on_gpu(dtype):
+    """The products the cells hand over: transposed weights, column slices, padded rows, a new `out`."""
+    import cupy
+
+    backend.set_backend("cupy")
+    gemm = cuda_graph.direct_gemm(cupy)
+    rng = np.random.default_rng(0)
+    W = cupy.asarray(rng.standard_normal((3 * H, H)), dtype=dtype)  # (3H, H), as a GRU's weight_hh
+    G = cupy.asarray(rng.standard_normal((B * T, 3 * H)), dtype=dtype)
+    h = cupy.asarray(rng.standard_normal((B, H)), dtype=dtype)
+    cases = [(h, W.T), (G, W), (G[:, : 2 * H].T, h.repeat(T, axis=0)), (G[:, : 2 * H], W[: 2 * H]),
+             (cupy.pad(h, ((0, 0), (1, 2)))[:, 1 : 1 + H], W[:H].T)]
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    with gemm.patched(cupy.cuda.get_current_stream()):
+        for a, b in cases:
+            out = cupy.empty((a.shape[0], b.shape[1]), dtype=dtype)
+            assert cupy.matmul(a, b, out=out) is out
+            expected = gemm.original_matmul(a, b)
+            np.testing.assert_allclose(backend.to_numpy(out), backend.to_numpy(expected), rtol=tol, atol=tol)
+            np.testing.assert_allclose(backend.to_numpy(cupy.matmul(a, b)), backend.to_numpy(expected),
+                                       rtol=tol, atol=tol)
+    assert cupy.matmul is gemm.original_matmul  # restored
 
 
 @gpu
@@ -268,8 +304,10 @@ def test_trainer_epoch_with_a_graph_matches_eager_on_gpu():
 
     (m_graph, m_eager), (o_graph, o_eager) = _twins("rnn", "float64")
     batches = _batches(6)
-    graph = Trainer(m_graph, batches, o_graph, 1.0, cuda_graph=True).run_epoch()
+    trainer = Trainer(m_graph, batches, o_graph, 1.0, cuda_graph=True)
+    graph = trainer.run_epoch()
     eager = Trainer(m_eager, batches, o_eager, 1.0).run_epoch()
+    assert trainer.graph_replays == 5  # the first minibatch eager, the second captured and replayed
     assert abs(graph["perplexity"] - eager["perplexity"]) <= 1e-12 * eager["perplexity"]
     for name in m_eager.params:
         np.testing.assert_allclose(backend.to_numpy(m_graph.params[name]), backend.to_numpy(m_eager.params[name]),
@@ -289,5 +327,6 @@ def test_cli_trains_with_cuda_graph_on_gpu(tmp_path):
         assert result.returncode == 0, result.stderr
         runs[flag] = json.loads(Path(out, "summary.json").read_text())
     assert runs["--cuda-graph"]["cuda_graph"] is True and runs["--no-cuda-graph"]["cuda_graph"] is False
+    assert runs["--cuda-graph"]["cuda_graph_replays"] > 0 and runs["--no-cuda-graph"]["cuda_graph_replays"] is None
     graph, eager = runs["--cuda-graph"]["perplexity"], runs["--no-cuda-graph"]["perplexity"]
     assert abs(graph - eager) <= 1e-10 * eager, (graph, eager)
