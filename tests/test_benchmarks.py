@@ -350,6 +350,14 @@ def test_graph_experiment_skips_cleanly_without_a_gpu(tmp_path):
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "g.json").exists()
 
 
+@pytest.mark.skipif(real_gpu(), reason="a GPU is here: gpu_launch_probe.py measures instead of skipping")
+def test_gpu_launch_probe_skips_cleanly_without_a_gpu():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_launch_probe.py")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stderr
+    assert proc.stderr.startswith("gpu_launch_probe: SKIPPED: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
 # ------------------------------------------------------------------ the small benchmark scripts
 def run_script(name, *flags):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *flags], cwd=ROOT,
