@@ -206,29 +206,32 @@ def minibatches(setting, count, seed):
 class NpyrnnPeer:
     library = "cupy"
 
-    def __init__(self, cell, V, setting, seed, host_batches):
+    def __init__(self, cell, V, setting, seed, host_batches, name="npyrnn"):
         from npyrnn import backend
         from npyrnn.models import RNNLM
         from npyrnn.optim import SGD
 
         kwargs = {} if cell == "rnn" else {"cell": cell}
-        self.name = "npyrnn"
+        self.name = name
         self.model = RNNLM(V, setting.hidden, init="uniform", dtype="float32", seed=seed, **kwargs)
         self.optimizer = SGD(self.model.params, 1.0)
         self.batches = [(backend.asarray(X), backend.asarray(Y)) for X, Y in host_batches]
         self.state = None
 
-    def train(self):
-        """Train on every minibatch, the state carried; return the mean loss as a 0-d device array."""
+    def step(self, X, Y):
+        """One training minibatch, the state carried; its loss as a 0-d device array."""
         from npyrnn.train import train_step
 
-        xp = self.model.xp
-        total = xp.zeros((), dtype="float32")
+        if self.state is None:
+            self.state = self.model.begin_state(X.shape[0])
+        loss, self.state = train_step(self.model, X, Y, self.state, self.optimizer, clip=1.0)
+        return loss
+
+    def train(self):
+        """Train on every minibatch, the state carried; return the mean loss as a 0-d device array."""
+        total = self.model.xp.zeros((), dtype="float32")
         for X, Y in self.batches:
-            if self.state is None:
-                self.state = self.model.begin_state(X.shape[0])
-            loss, self.state = train_step(self.model, X, Y, self.state, self.optimizer, clip=1.0)
-            total += loss
+            total += self.step(X, Y)
         return total / len(self.batches)
 
     def loss_value(self, loss):

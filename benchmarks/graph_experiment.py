@@ -21,7 +21,6 @@ Needs a GPU (CUDA, CuPy, a CUDA build of torch); elsewhere it prints why and exi
 """
 
 import argparse
-import contextlib
 import sys
 import time
 import traceback
@@ -31,59 +30,40 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_gpu import SETTINGS, CudnnPeer, Device, minibatches, why_not, write_json  # noqa: E402
+from benchmarks.bench_gpu import (  # noqa: E402
+    SETTINGS, CudnnPeer, Device, NpyrnnPeer, minibatches, why_not, write_json)
 from benchmarks.common import git_commit, pair_order, ratio_summary, summary  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the npyrnn peers
 
 
-class Eager:
-    """npyrnn's eager step (``direct``: its products through `npyrnn.cuda_graph`'s direct cuBLAS gemm)."""
+class Direct(NpyrnnPeer):
+    """npyrnn's eager step with its products through `npyrnn.cuda_graph`'s direct cuBLAS gemm."""
 
-    library = "cupy"
-
-    def __init__(self, name, cell, V, setting, seed, batches, direct=None):
-        from npyrnn.models import RNNLM
-        from npyrnn.optim import SGD
-
-        kwargs = {} if cell == "rnn" else {"cell": cell}
-        self.name, self.direct, self.batches = name, direct, batches
-        self.model = RNNLM(V, setting.hidden, init="uniform", dtype="float32", seed=seed, **kwargs)
-        self.optimizer = SGD(self.model.params, 1.0)
-        self.state = self.model.begin_state(setting.batch_size)
+    def __init__(self, cell, V, setting, seed, host_batches, direct):
+        super().__init__(cell, V, setting, seed, host_batches, name="direct")
+        self.direct = direct
 
     def step(self, X, Y):
         import cupy
 
-        from npyrnn.train import _step
-
-        with contextlib.ExitStack() as stack:
-            if self.direct is not None:
-                stack.enter_context(self.direct.patched(cupy.cuda.get_current_stream()))
-            loss, self.state, _ = _step(self.model, X, Y, self.state, self.optimizer, 1.0)
-        return loss
-
-    def train(self):
-        total = self.model.xp.zeros((), dtype="float32")
-        for X, Y in self.batches:
-            total += self.step(X, Y)
-        return total / len(self.batches)
-
-    def loss_value(self, loss):
-        return float(loss.get())
+        with self.direct.patched(cupy.cuda.get_current_stream()):
+            return super().step(X, Y)
 
 
-class Graph(Eager):
+class Graph(NpyrnnPeer):
     """`npyrnn.cuda_graph.CudaGraphStep`: the first minibatch eager, the second captured, then replays."""
 
-    def __init__(self, cell, V, setting, seed, batches):
+    def __init__(self, cell, V, setting, seed, host_batches):
         from npyrnn.cuda_graph import CudaGraphStep
 
-        super().__init__("graph", cell, V, setting, seed, batches)
+        super().__init__(cell, V, setting, seed, host_batches, name="graph")
         self.graph_step = CudaGraphStep(self.model, self.optimizer, 1.0)
 
     def step(self, X, Y):
+        if self.state is None:
+            self.state = self.model.begin_state(X.shape[0])
         loss, self.state, _ = self.graph_step(X, Y, self.state)
         return loss
 
@@ -97,24 +77,24 @@ def max_abs_diff(a, b):
     return float(numpy.max(numpy.abs(a.get().astype("float64") - b.get().astype("float64")))) if a.size else 0.0
 
 
-def check(cell, V, setting, seed, batches, direct, count):
-    """Graph against direct (bit-identical?), direct against eager (float32 rounding), over ``count`` minibatches."""
+def check(cell, V, setting, seed, host_batches, direct):
+    """Graph against direct (bit-identical?), direct against eager (float32 rounding), over ``host_batches``."""
     import cupy
 
-    eager = Eager("eager", cell, V, setting, seed, batches)
-    plain = Eager("direct", cell, V, setting, seed, batches, direct)
-    graph = Graph(cell, V, setting, seed, batches)
+    eager = NpyrnnPeer(cell, V, setting, seed, host_batches, name="eager")
+    plain = Direct(cell, V, setting, seed, host_batches, direct)
+    graph = Graph(cell, V, setting, seed, host_batches)
     losses = {p.name: [] for p in (eager, plain, graph)}
-    for X, Y in batches[:count]:
+    for i in range(len(host_batches)):
         for peer in (eager, plain, graph):
-            losses[peer.name].append(peer.step(X, Y).copy())  # a buffer the next step may reuse
+            losses[peer.name].append(peer.step(*peer.batches[i]).copy())  # a buffer the next step may reuse
     cupy.cuda.Device().synchronize()
     as_float = {k: [float(v.get()) for v in vs] for k, vs in losses.items()}
     weights_graph_direct = max(max_abs_diff(graph.model.params[k], plain.model.params[k]) for k in plain.model.params)
     weights_direct_eager = max(max_abs_diff(plain.model.params[k], eager.model.params[k]) for k in plain.model.params)
     loss_graph_direct = max(abs(a - b) for a, b in zip(as_float["graph"], as_float["direct"]))
     loss_direct_eager = max(abs(a - b) for a, b in zip(as_float["direct"], as_float["eager"]))
-    return {"minibatches": count, "losses": as_float, "captures": graph.graph_step.captures,
+    return {"minibatches": len(host_batches), "losses": as_float, "captures": graph.graph_step.captures,
             "replays": graph.graph_step.replays,
             "graph_vs_direct": {"loss_max_abs": loss_graph_direct, "weights_max_abs": weights_graph_direct,
                                 "bit_identical": loss_graph_direct == 0 and weights_graph_direct == 0},
@@ -130,25 +110,22 @@ def measure(impl, device):
 
 
 def run(setting, cell, args, device, direct, log):
-    import cupy
-
     host_batches, V = minibatches(setting, max(args.batches, args.check), args.seed)
-    batches = [(cupy.asarray(X), cupy.asarray(Y)) for X, Y in host_batches]
     row = {"cell": cell, "setting": setting.name, "batch_size": setting.batch_size, "num_steps": setting.num_steps,
            "hidden": setting.hidden}
     try:
-        row["check"] = check(cell, V, setting, args.seed, batches, direct, args.check)
+        row["check"] = check(cell, V, setting, args.seed, host_batches[: args.check], direct)
     except Exception as exc:
         row["check_error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         log(f"  {setting.name} {cell}: check FAILED: {row['check_error']}")
         traceback.print_exc()
         return row
-    batches = batches[: args.batches]
+    host_batches = host_batches[: args.batches]
     tokens = args.batches * setting.batch_size * setting.num_steps
-    impls = [Eager("eager", cell, V, setting, args.seed, batches),
-             Eager("direct", cell, V, setting, args.seed, batches, direct),
-             Graph(cell, V, setting, args.seed, batches),
-             CudnnPeer(cell, V, setting, device.torch_device, host_batches[: args.batches])]
+    impls = [NpyrnnPeer(cell, V, setting, args.seed, host_batches, name="eager"),
+             Direct(cell, V, setting, args.seed, host_batches, direct),
+             Graph(cell, V, setting, args.seed, host_batches),
+             CudnnPeer(cell, V, setting, device.torch_device, host_batches)]
     for impl in impls:
         measure(impl, device)  # warm-up
     times = {impl.name: [] for impl in impls}

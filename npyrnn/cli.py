@@ -149,8 +149,8 @@ def build_parser():
                         "most of the speed where every core can lose up to three quarters; a run repeats bit "
                         "for bit with the same count")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
-                   help="on CuPy: replay each minibatch from one CUDA graph (no dropout; sgd, momentum, adagrad "
-                        "or rmsprop); several times faster at the book's sizes")
+                   help="on CuPy: replay each minibatch from one CUDA graph (no dropout between layers; sgd, "
+                        "momentum, adagrad or rmsprop); several times faster at the book's sizes")
     g.add_argument("--val-tokens", type=nonnegative_int, default=5000,
                    help="validate on the N tokens after the training tokens; 0: no validation (default %(default)s)")
     g = t.add_argument_group("run folder")

@@ -16,10 +16,12 @@ Three things make capture possible with CuPy:
   called through ctypes on a handle of this module's, with its own workspace, from the cuBLAS
   library CuPy has loaded; `cupy.vdot` (the clipping norm) becomes an element-wise sum.
 - Every address a graph touches must stay its own: the capture allocates from a private
-  `cupy.cuda.MemoryPool` that nothing else uses, and the graph keeps its inputs and outputs.
+  `cupy.cuda.MemoryPool` that nothing else uses, and the graph keeps its inputs, its outputs and
+  every work array the model and optimiser held when it was captured.
 - Host values are baked into a capture: the learning rate (a new graph when it changes) and the
   optimiser's step count, so an optimiser whose update reads the step count every step (Adam,
-  Adagrad with `lr_decay`) is refused, and so is dropout (its masks are drawn on the host).
+  Adagrad with `lr_decay`) is refused, and so is dropout between layers (its masks are drawn
+  on the host).
 """
 
 import contextlib
@@ -188,15 +190,20 @@ def why_not(model, optimizer):
 class _Captured:
     """One captured minibatch: its graph, its private memory and its fixed inputs and outputs."""
 
-    def __init__(self, key, hyper, X, Y, state):
+    def __init__(self, hyper, X, Y, state):
         cupy = backend.get_array_module(X)
-        self.key, self.hyper = key, hyper
+        self.hyper = hyper
         self.X, self.Y = cupy.empty_like(X), cupy.empty_like(Y)
         self.state = tuple(cupy.empty_like(s) for s in _parts(state))
+        self.state_is_tuple = isinstance(state, tuple)  # the LSTM's (h, c)
         self.pool = cupy.cuda.MemoryPool()  # the graph's own memory: nothing else allocates from it
         self.graph = None
         self.outputs = None
         self.pinned = ()  # every array the model and optimiser held after the capture
+
+    def carried(self):
+        """The carried-state buffers in the form the model takes: an array, or the LSTM's tuple."""
+        return self.state if self.state_is_tuple else self.state[0]
 
 
 def _reachable_arrays(root, ndarray):
@@ -229,7 +236,7 @@ class CudaGraphStep:
     Parameters
     ----------
     model : RNNLM
-        On CuPy with a CUDA device; no dropout while training.
+        On CuPy with a CUDA device; no dropout between layers while training.
     optimizer : SGD, Adagrad (lr_decay 0) or RMSprop
     clip : float or None, default 1.0
 
@@ -280,8 +287,8 @@ class CudaGraphStep:
         with stream, self.direct.patched(stream), xp.cuda.using_allocator(entry.pool.malloc):
             stream.begin_capture()
             try:
-                state = entry.state if len(entry.state) > 1 else entry.state[0]
-                loss, new_state, norm = _step(self.model, entry.X, entry.Y, state, self.optimizer, self.clip)
+                loss, new_state, norm = _step(self.model, entry.X, entry.Y, entry.carried(), self.optimizer,
+                                              self.clip)
                 for into, value in zip(entry.state, _parts(new_state)):
                     into[...] = value  # the carried state, where the next replay reads it            (3.1)
             except BaseException:
@@ -311,7 +318,7 @@ class CudaGraphStep:
             result = self._eager(X, Y, state)  # kernels compiled, buffers allocated, outside any capture
             # Only after a whole eager step: a capture then never holds an optimiser's first step
             # (SGD's momentum buffer starts as the gradient then, and a replay would repeat that).
-            self._graphs[key] = _Captured(key, hyper, X, Y, state)
+            self._graphs[key] = _Captured(hyper, X, Y, state)
             return result
         entry.X[...] = X
         entry.Y[...] = Y
@@ -325,5 +332,4 @@ class CudaGraphStep:
         entry.graph.launch(stream)
         self.replays += 1
         loss, norm = entry.outputs
-        state_out = entry.state if len(entry.state) > 1 else entry.state[0]
-        return loss.copy(), state_out, norm.copy()
+        return loss.copy(), entry.carried(), norm.copy()

@@ -175,7 +175,7 @@ class Trainer:
         Reset the state every minibatch instead of carrying it (3.3).
     cuda_graph : bool, default False
         Replay each minibatch from a CUDA graph (`npyrnn.cuda_graph.CudaGraphStep`): CuPy on a
-        CUDA device, no dropout, an optimiser whose update does not read the step count.
+        CUDA device, no dropout between layers, an optimiser whose update does not read the step count.
 
     Attributes
     ----------
