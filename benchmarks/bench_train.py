@@ -76,6 +76,9 @@ def parse_args(argv):
     p.add_argument("--arrayops", action="store_true", default=None,
                    help="train section: also time npyrnn with its fused kernels off (npyrnn-arrayops), "
                    "to measure what the fused CPU kernels of the fast extra pay")
+    p.add_argument("--openblas", action="store_true", default=None,
+                   help="train section: also time npyrnn with OpenBLAS's own threads instead of its split products "
+                        "(npyrnn-openblas), to measure what the split products pay")
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-steps", type=int)
@@ -123,6 +126,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = make_config(args)
     threads = args.threads or os.cpu_count() or 1
+    cfg = dataclasses.replace(cfg, threads=threads)
     if args.memory_child:
         print(json.dumps(memory.child(cfg, args.memory_child, threads)))
         return 0

@@ -34,6 +34,8 @@ class Config:
     gap_s: float = 0.1  # pause (and gc) before each measurement, so the other side's worker threads go idle
     cells: tuple = ("rnn", "gru", "lstm")  # which cells' rows every section measures (--cells)
     arrayops: bool = False  # train: also time npyrnn with its fused kernels off (--arrayops)
+    openblas: bool = False  # train: also time npyrnn with OpenBLAS's own threads instead of split products (--openblas)
+    threads: int = 1  # cores for every library (bench_train's --threads)
 
 
 QUICK = dict(max_tokens=200, batch_size=4, num_steps=5, hidden_scratch=16, hidden_concise=16, num_preds=20,

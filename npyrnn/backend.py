@@ -39,18 +39,24 @@ __all__ = [
     "asarray",
     "index_add",
     "take_rows",
+    "matmul",
     "is_cupy_available",
     "default_rng",
     "memory_bytes",
     "set_cpu_threads",
     "cpu_threads",
+    "split_products",
+    "SPLIT_ENV",
 ]
+
+SPLIT_ENV = "NPYRNN_SPLIT_PRODUCTS"
 
 BACKENDS = ("numpy", "cupy")
 
 
 name = "numpy"
 xp = numpy
+_split = None  # npyrnn.nn.cpu_gemm while set_cpu_threads has the split products on
 
 
 def _import_cupy():
@@ -156,6 +162,21 @@ def take_rows(table, ids, out):
     return module.take(table, ids, axis=0, out=out)
 
 
+def matmul(a, b, out=None):
+    """``a @ b`` (into ``out``), as ``numpy.matmul`` or ``cupy.matmul`` of the module that owns ``a``.
+
+    On NumPy, while `set_cpu_threads` has the split products on, 2-D float products go to
+    ``npyrnn.nn.cpu_gemm`` (fixed column blocks shared by the cores: the same bits at every
+    thread count and load); anything it does not take goes to ``numpy.matmul``.
+    """
+    if _split is not None and type(a) is numpy.ndarray:
+        if out is None and a.ndim == 2 and b.ndim == 2 and a.dtype == b.dtype:
+            out = numpy.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+        if out is not None and type(b) is numpy.ndarray and type(out) is numpy.ndarray and _split.matmul(a, b, out):
+            return out
+    return get_array_module(a).matmul(a, b, out=out)
+
+
 def index_add(out, idx, src):
     """``out[idx[n]] += src[n]`` for every row n, summing repeated indices.
 
@@ -197,22 +218,72 @@ def memory_bytes():
         return None
 
 
-def set_cpu_threads(n):
-    """Limit the BLAS (and OpenMP) thread pools of this process to n threads; None leaves them as they are.
+def set_cpu_threads(n, split=None):
+    """Set how many cores NumPy's matrix products use: n, or None for every core this process may use.
 
-    NumPy's matrix products use every core by default. On a machine where other processes
-    compete for the cores, one thread is steadier: the BLAS threads of a product wait for each
-    other, and a thread that has lost its core holds up the whole product (docs/performance.md
-    measures both). float32 products may differ in their last bits between thread counts, so a
-    run repeats bit for bit with the same count. Uses threadpoolctl.
+    With the ``fast`` extra (Numba) and NumPy's OpenBLAS, the products of the layers are split
+    into column blocks fixed by their shape and shared between the calling thread and n - 1
+    helper threads (``npyrnn.nn.cpu_gemm``); OpenBLAS itself runs at one thread. The result
+    is then the same bit for bit at every thread count, and a busy machine slows a product
+    down to about one thread's speed, never far below. Set the environment variable
+    ``NPYRNN_SPLIT_PRODUCTS=0``, or pass ``split=False``, to turn this off (``split=None``: the
+    variable decides).
+
+    Otherwise (and on CuPy) this limits the BLAS (and OpenMP) thread pools to n threads with threadpoolctl
+    (None leaves them as they are). OpenBLAS's threads wait for each other, so on a machine
+    where other processes compete for the cores one thread is steadier (docs/performance.md
+    measures both); float32 products may then differ in their last bits between thread counts.
     """
-    if n is None:
-        return
+    global _split
+    if _split is not None:
+        _split.stop()
+        _split = None
+    if n is not None:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            raise BackendError("setting the thread count needs threadpoolctl: pip install threadpoolctl") from None
+        threadpool_limits(limits=int(n))
+    cpu_gemm = _split_module() if (split is None or split) and name == "numpy" else None
+    if cpu_gemm is not None:
+        cpu_gemm.start((_usable_cores() if n is None else int(n)) - 1)  # NumPy's OpenBLAS now at one thread
+        _split = cpu_gemm
+
+
+def split_products():
+    """How NumPy's products are shared: the number of threads (caller and helpers) while the
+    split products are on, else None (``numpy.matmul`` with OpenBLAS's own threads)."""
+    helpers = None if _split is None else _split.helpers()
+    return None if helpers is None else helpers + 1
+
+
+def _split_enabled():
+    value = os.environ.get(SPLIT_ENV, "").strip().lower()
+    if value in ("", "1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise BackendError(f"{SPLIT_ENV} must be 0 (OpenBLAS's own threads) or 1 (split products, the default), got {value!r}")
+
+
+def _split_module():
+    """``npyrnn.nn.cpu_gemm`` when the split products can and may run here, else None."""
+    if not _split_enabled():
+        return None
     try:
-        from threadpoolctl import threadpool_limits
+        import numba  # noqa: F401  (the fast extra)
     except ImportError:
-        raise BackendError("setting the thread count needs threadpoolctl: pip install threadpoolctl") from None
-    threadpool_limits(limits=int(n))
+        return None
+    from npyrnn.nn import cpu_gemm
+
+    return cpu_gemm if cpu_gemm.why_unavailable() is None else None
+
+
+def _usable_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def cpu_threads():

@@ -145,9 +145,11 @@ def build_parser():
                         "cosine[:ETA_MIN], warmup:K[:START], decay:AFTER:FACTOR (char-rnn)")
     g.add_argument("--clip", type=positive_float, default=1.0, help="global gradient-norm threshold (default 1)")
     g.add_argument("--threads", type=positive_int, default=None,
-                   help="threads of NumPy's matrix products (default: every core). On a busy machine 1 keeps "
-                        "most of the speed where every core can lose up to three quarters; a run repeats bit "
-                        "for bit with the same count")
+                   help="cores for NumPy's matrix products (default: every core). With the fast extra the "
+                        "products are split into blocks fixed by their shapes, so a run repeats bit for bit at "
+                        "any count and a busy machine slows it to about one core's speed; without it, "
+                        "OpenBLAS's threads, where 1 is steadier on a busy machine and a run repeats bit for "
+                        "bit with the same count")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
                    help="on CuPy: replay each minibatch from one CUDA graph (no dropout between layers; sgd, "
                         "momentum, adagrad or rmsprop); several times faster at the book's sizes")
@@ -188,7 +190,7 @@ def build_parser():
     gen.add_argument("--no-stream", action="store_true",
                      help="print each sample when it is complete (greedy then needs no host sync per token)")
     gen.add_argument("--threads", type=positive_int, default=None,
-                     help="threads of NumPy's matrix products (default: every core)")
+                     help="cores for NumPy's matrix products (default: every core)")
     gen.add_argument("--backend", choices=("numpy", "cupy"), default=None,
                      help="array backend (default: $NPYRNN_BACKEND, else numpy)")
     gen.set_defaults(func=cmd_generate)

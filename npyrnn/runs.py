@@ -531,6 +531,7 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
             "epochs": trainer.epoch, "epochs_planned": settings["epochs"], "seconds": seconds,
             "backend": backend.name, "fused_kernels": kernels.status(backend.xp),
             "blas_threads": backend.cpu_threads() if backend.name == "numpy" else None,
+            "split_products": backend.split_products() if backend.name == "numpy" else None,
             "cuda_graph_replays": trainer.graph_replays, "samples": samples,
         }
         for key, value in extra.items():  # every setting, after the results

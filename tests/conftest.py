@@ -46,6 +46,14 @@ def _restore_backend():
         backend.set_backend(previous)
 
 
+@pytest.fixture(autouse=True)
+def _restore_split_products():
+    """A test that starts npyrnn's split products (`npyrnn train` in process does) stops them after."""
+    yield
+    if backend.split_products() is not None:
+        backend.set_cpu_threads(None, split=False)
+
+
 def closed_port_url():
     """A URL on 127.0.0.1 whose port nothing listens on (connection refused)."""
     with socket.socket() as s:

@@ -49,8 +49,23 @@ class NpyrnnLM:
     def num_batches(self):
         return num_batches(self.loader, self.cfg)
 
+    split = None  # npyrnn's default: split products where the fast extra has them
+
     def train(self):
-        """Train one measurement, ``cfg.epochs`` epochs; return (seconds, tokens, last perplexity, CPU seconds)."""
+        """Train one measurement, ``cfg.epochs`` epochs; return (seconds, tokens, last perplexity, CPU seconds).
+
+        The cores are set as ``npyrnn train --threads`` sets them (``backend.set_cpu_threads``),
+        then given back to OpenBLAS at the same count, as the other peers see them.
+        """
+        from npyrnn import backend
+
+        backend.set_cpu_threads(self.cfg.threads, split=self.split)
+        try:
+            return self._train()
+        finally:
+            backend.set_cpu_threads(self.cfg.threads, split=False)
+
+    def _train(self):
         from npyrnn.train import train_epoch
 
         cpu, start = time.process_time(), time.perf_counter()
@@ -67,6 +82,17 @@ class NpyrnnLM:
         start = time.perf_counter()
         text = predict(self.cfg.prefix, self.cfg.num_preds, self.model, self.vocab)
         return time.perf_counter() - start, text
+
+
+class NpyrnnOpenBLAS(NpyrnnLM):
+    """The same model and loop with OpenBLAS's own threads (``split=False``; ``NPYRNN_SPLIT_PRODUCTS=0``).
+
+    Beside ``NpyrnnLM`` it measures what the split products (``npyrnn.nn.cpu_gemm``) pay,
+    quiet and on a busy machine.
+    """
+
+    name = "npyrnn-openblas"
+    split = False
 
 
 class NpyrnnArrayOps(NpyrnnLM):

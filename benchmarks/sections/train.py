@@ -10,7 +10,9 @@ in torch and, where jax imports, in JAX (``scratch``); d2l's concise model in to
 chapter 9's scratch and concise GRU and LSTM in torch (``gru-scratch``, ``gru-concise``,
 ``lstm-scratch``, ``lstm-concise``; see ``benchmarks.peers``), for the cells in ``cfg.cells``.
 With ``cfg.arrayops`` (``--arrayops``) npyrnn is timed a second time with its fused kernels off
-(``npyrnn-arrayops``), so ``ratio_npyrnn_over_npyrnn-arrayops`` is what the kernels pay.
+(``npyrnn-arrayops``), so ``ratio_npyrnn_over_npyrnn-arrayops`` is what the kernels pay; with
+``cfg.openblas`` (``--openblas``) once more with OpenBLAS's own threads instead of the split
+products (``npyrnn-openblas``), so ``ratio_npyrnn_over_npyrnn-openblas`` is what those pay.
 """
 
 import statistics
@@ -27,6 +29,11 @@ def peers(cfg, corpus, vocab, threads, with_jax):
 
         for kind, group in impls.items():
             group.append(NpyrnnArrayOps(cfg, vocab, corpus, hidden(cfg, kind), **npyrnn_options(kind)))
+    if cfg.openblas:  # npyrnn once more with OpenBLAS's own threads, to measure what the split products pay
+        from benchmarks.peers.npyrnn_peer import NpyrnnOpenBLAS
+
+        for kind, group in impls.items():
+            group.append(NpyrnnOpenBLAS(cfg, vocab, corpus, hidden(cfg, kind), **npyrnn_options(kind)))
     if with_jax:
         impls["scratch"].append(jax_rnn.JaxPeer(cfg, cfg.hidden_scratch, threads))
     return impls

@@ -16,6 +16,7 @@ Per step one matrix product serves all three gates, as in cuDNN (reset_after), o
 r and z and one for n (reset before: r_t must be known before the product for n).
 """
 
+from npyrnn import backend
 from npyrnn.nn import kernels
 from npyrnn.nn.recurrent import Recurrent, hidden_product, sigmoid_
 
@@ -153,17 +154,17 @@ class GRU(Recurrent):
                 r, z = rz[:, :H], rz[:, H:]
                 if self.reset_after:
                     gh = rec.GH[t]
-                    xp.matmul(h_prev, W_hhT, out=gh)  # (8.1)-(8.3a)
+                    backend.matmul(h_prev, W_hhT, out=gh)  # (8.1)-(8.3a)
                     fused[0](gh[:, :H], gh[:, H : 2 * H], h_prev, *bias, r, z, n, gh[:, 2 * H :], Hs[o + t])  # (8.4)
                 else:
-                    xp.matmul(h_prev, W_rzT, out=ghrz)  # (8.1, 8.2)
+                    backend.matmul(h_prev, W_rzT, out=ghrz)  # (8.1, 8.2)
                     fused[0](ghrz[:, :H], ghrz[:, H:], h_prev, r, z, rec.RH[t])
-                    xp.matmul(rec.RH[t], W_hnT, out=tmp)  # (8.3b)
+                    backend.matmul(rec.RH[t], W_hnT, out=tmp)  # (8.3b)
                     fused[1](tmp, z, h_prev, n, Hs[o + t])  # (8.4)
                 continue
             if self.reset_after:
                 gh = rec.GH[t]
-                xp.matmul(h_prev, W_hhT, out=gh)  # h_{t-1} W_hh^T, all three gates      (8.1)-(8.3a)
+                backend.matmul(h_prev, W_hhT, out=gh)  # h_{t-1} W_hh^T, all three gates      (8.1)-(8.3a)
                 rz += gh[:, : 2 * H]
                 sigmoid_(rz, xp)  # r_t, z_t                                             (8.1, 8.2)
                 hn = gh[:, 2 * H :]
@@ -172,12 +173,12 @@ class GRU(Recurrent):
                 xp.multiply(rz[:, :H], hn, out=tmp)  # r_t * (h_{t-1} W_hn^T + b_hn)
                 n += tmp
             else:
-                xp.matmul(h_prev, W_rzT, out=ghrz)  # h_{t-1} [W_hr; W_hz]^T             (8.1, 8.2)
+                backend.matmul(h_prev, W_rzT, out=ghrz)  # h_{t-1} [W_hr; W_hz]^T             (8.1, 8.2)
                 rz += ghrz
                 sigmoid_(rz, xp)  # r_t, z_t                                             (8.1, 8.2)
                 rh = rec.RH[t]
                 xp.multiply(rz[:, :H], h_prev, out=rh)  # r_t * h_{t-1}
-                xp.matmul(rh, W_hnT, out=tmp)  # (r_t * h_{t-1}) W_hn^T                  (8.3b)
+                backend.matmul(rh, W_hnT, out=tmp)  # (r_t * h_{t-1}) W_hn^T                  (8.3b)
                 n += tmp
             xp.tanh(n, out=n)  # n_t                                                     (8.3a, 8.3b)
             xp.subtract(h_prev, n, out=tmp)
@@ -335,11 +336,11 @@ class GRU(Recurrent):
             if self.reset_after:
                 xp.multiply(da_n, r[t], out=dGH[t, :, 2 * H :])  # dL/d(h W_hn^T + b_hn)  (8.8a)
                 xp.multiply(da_n, S_r[t], out=dGH[t, :, :H])  # dL/da_r                  (8.9a)
-                xp.matmul(dGH[t], W_hh, out=carry)  # via all three hidden products      (8.10a)
+                backend.matmul(dGH[t], W_hh, out=carry)  # via all three hidden products      (8.10a)
             else:
-                xp.matmul(da_n, W_hn, out=drh)  # dL/d(r * h_{t-1})                      (8.8b)
+                backend.matmul(da_n, W_hn, out=drh)  # dL/d(r * h_{t-1})                      (8.8b)
                 xp.multiply(drh, S_r[t], out=dGH[t, :, :H])  # dL/da_r                   (8.9b)
-                xp.matmul(dGH[t, :, : 2 * H], W_rz, out=carry)  # via r's and z's products (8.10b)
+                backend.matmul(dGH[t, :, : 2 * H], W_rz, out=carry)  # via r's and z's products (8.10b)
                 xp.multiply(drh, r[t], out=step_tmp)
                 carry += step_tmp  # via r * h_{t-1}                                     (8.10b)
             xp.multiply(dh, z[t], out=step_tmp)
@@ -357,11 +358,11 @@ class GRU(Recurrent):
         if self.reset_after:
             dgx[:, :, : 2 * H] = dGH[:, :, : 2 * H]  # r and z: the same on both sides  (8.12)
             dW = self._buffer("dW_hh", W_hh.shape, xp)
-            g += xp.matmul(dGH.reshape(T * B, 3 * H).T, prev.reshape(T * B, H), out=dW)  # (8.11a)
+            g += backend.matmul(dGH.reshape(T * B, 3 * H).T, prev.reshape(T * B, H), out=dW)  # (8.11a)
         else:
             dG2 = dgx.reshape(T * B, 3 * H)
-            g[: 2 * H] += xp.matmul(dG2[:, : 2 * H].T, prev.reshape(T * B, H))  # (8.11b)
-            g[2 * H :] += xp.matmul(dG2[:, 2 * H :].T, rec.RH.reshape(T * B, H))  # (8.11b)
+            g[: 2 * H] += backend.matmul(dG2[:, : 2 * H].T, prev.reshape(T * B, H))  # (8.11b)
+            g[2 * H :] += backend.matmul(dG2[:, 2 * H :].T, rec.RH.reshape(T * B, H))  # (8.11b)
         return dgx, carry, None
 
     def _fused_backward(self, xp):
@@ -395,7 +396,7 @@ class GRU(Recurrent):
             for t in range(T) if rec.reverse else range(T - 1, -1, -1):
                 fused[0](dY[t], carry, r[t], z[t], n[t], prev[t], rec.GH[t, :, 2 * H :],  # (8.5)-(8.9a)
                          dGH[t, :, :H], dGH[t, :, H : 2 * H], dgx[t, :, 2 * H :], dGH[t, :, 2 * H :], zdh)
-                xp.matmul(dGH[t], W_hh, out=carry)  # via all three hidden products      (8.10a)
+                backend.matmul(dGH[t], W_hh, out=carry)  # via all three hidden products      (8.10a)
             carry += zdh  # via z * h_{t-1}                                               (8.10a)
         else:
             W_hn, W_rz = W_hh[2 * H :], W_hh[: 2 * H]
@@ -405,9 +406,9 @@ class GRU(Recurrent):
             for t in range(T) if rec.reverse else range(T - 1, -1, -1):
                 da_z, da_n = dgx[t, :, H : 2 * H], dgx[t, :, 2 * H :]
                 fused[0](dY[t], carry, rdh, z[t], n[t], prev[t], da_z, da_n, zdh)  # (8.5)-(8.7)
-                xp.matmul(dgx[t, :, 2 * H :], W_hn, out=drh)  # dL/d(r * h_{t-1})        (8.8b)
+                backend.matmul(dgx[t, :, 2 * H :], W_hn, out=drh)  # dL/d(r * h_{t-1})        (8.8b)
                 fused[1](drh, r[t], prev[t], dgx[t, :, :H], rdh)  # dL/da_r               (8.9b)
-                xp.matmul(dgx[t, :, : 2 * H], W_rz, out=carry)  # via r's and z's products (8.10b)
+                backend.matmul(dgx[t, :, : 2 * H], W_rz, out=carry)  # via r's and z's products (8.10b)
             carry += rdh  # via r * h_{t-1}                                               (8.10b)
             carry += zdh  # via z * h_{t-1}                                               (8.10b)
         return self._hidden_grads(rec, dgx, dGH, carry)

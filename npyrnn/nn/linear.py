@@ -63,7 +63,7 @@ class Linear(Module):
         if x.dtype != self.dtype or backend.get_array_module(x) is not xp:
             raise ValueError(f"Linear.forward: expected a {xp.__name__} array of dtype {self.dtype}, got {x.dtype}")
         self._x = x
-        y = xp.matmul(x, self.params["weight"].T)  # (N, out)          (2.12)
+        y = backend.matmul(x, self.params["weight"].T)  # (N, out)          (2.12)
         if self.bias:
             y += self.params["bias"]
         return y
@@ -80,7 +80,7 @@ class Linear(Module):
             Where to write `y`; a new array when omitted.
         """
         xp = backend.get_array_module(x)
-        y = xp.matmul(x, self.params["weight"].T, out=out)  # (N, out)                  (2.12)
+        y = backend.matmul(x, self.params["weight"].T, out=out)  # (N, out)                  (2.12)
         if self.bias:
             xp.add(y, self.params["bias"], out=y)
         return y
@@ -106,8 +106,7 @@ class Linear(Module):
                 f"Linear.backward: expected dy of shape ({x.shape[0]}, {self.out_features}), "
                 f"got {shape_str(getattr(dy, 'shape', ()))}"
             )
-        xp = backend.get_array_module(dy)
-        self.grads["weight"] += xp.matmul(dy.T, x)  # dW = dy^T x, one product over all rows (2.13)
+        self.grads["weight"] += backend.matmul(dy.T, x)  # dW = dy^T x, one product over all rows (2.13)
         if self.bias:
             self.grads["bias"] += dy.sum(axis=0)  # db = sum_n dy_n                  (2.14)
-        return xp.matmul(dy, self.params["weight"], out=out)  # dx = dy W  (2.15)
+        return backend.matmul(dy, self.params["weight"], out=out)  # dx = dy W  (2.15)

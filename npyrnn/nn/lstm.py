@@ -15,6 +15,7 @@ h_t = m_t W_hr^T  (proj_size > 0), else h_t = m_t                           (9.5
 One matrix product per step serves all four gates, as in cuDNN.
 """
 
+from npyrnn import backend
 from npyrnn.nn import kernels
 from npyrnn.nn.recurrent import Recurrent, hidden_product
 
@@ -138,11 +139,11 @@ class LSTM(Recurrent):
         fused = kernels.get(xp, "lstm_fwd", self.dtype)  # None when the fused kernels are off or unavailable
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):
             a = G[t]
-            xp.matmul(Hs[p + t], W_hhT, out=gh)  # h_{t-1} W_hh^T, all four gates         (9.1)
+            backend.matmul(Hs[p + t], W_hhT, out=gh)  # h_{t-1} W_hh^T, all four gates         (9.1)
             if fused is not None:  # the element-wise lines below in one fused kernel      (9.1)-(9.4)
                 fused(*_gates(gh, H), C[p + t], *_gates(a, H), C[o + t], rec.TC[t], rec.M[t])
                 if W_hrT is not None:
-                    xp.matmul(rec.M[t], W_hrT, out=Hs[o + t])  # h_t = m_t W_hr^T         (9.5)
+                    backend.matmul(rec.M[t], W_hrT, out=Hs[o + t])  # h_t = m_t W_hr^T         (9.5)
                 continue
             a += gh  # a_t                                                                 (9.1)
             a *= s  # sigma for i, f, o and tanh for g in four passes over all gates       (9.2)
@@ -157,7 +158,7 @@ class LSTM(Recurrent):
             xp.tanh(c, out=rec.TC[t])
             xp.multiply(og, rec.TC[t], out=rec.M[t])  # m_t = o * tanh(c_t)               (9.4)
             if W_hrT is not None:
-                xp.matmul(rec.M[t], W_hrT, out=Hs[o + t])  # h_t = m_t W_hr^T             (9.5)
+                backend.matmul(rec.M[t], W_hrT, out=Hs[o + t])  # h_t = m_t W_hr^T             (9.5)
 
     def stepper(self, state):
         """A function that advances the LSTM by one time step, for generation.
@@ -278,7 +279,7 @@ class LSTM(Recurrent):
         for t in range(T) if rec.reverse else range(T - 1, -1, -1):
             if fused is not None and W_hr is None:  # (9.6), (9.9)-(9.12) in one fused kernel
                 fused(dY[t], carry_h, *_gates(G[t], H), TC[t], C[p + t], *_gates(dG[t], H), carry_c)
-                xp.matmul(dG[t], W_hh, out=carry_h)  # c^h_{t-1} = da_t W_hh              (9.13)
+                backend.matmul(dG[t], W_hh, out=carry_h)  # c^h_{t-1} = da_t W_hh              (9.13)
                 continue
             dh = dh_step if dHs is None else dHs[t]
             if has_h:
@@ -286,13 +287,13 @@ class LSTM(Recurrent):
             else:
                 dh[...] = dY[t]  # (9.6)
             if W_hr is not None:
-                xp.matmul(dh, W_hr, out=dm)  # dm_t = dh_t W_hr                           (9.7)
+                backend.matmul(dh, W_hr, out=dm)  # dm_t = dh_t W_hr                           (9.7)
                 dm_t = dm
             else:
                 dm_t = dh  # h_t = m_t
             if fused is not None:  # (9.9)-(9.12) in one fused kernel
                 fused(dm_t, *_gates(G[t], H), TC[t], C[p + t], *_gates(dG[t], H), carry_c)
-                xp.matmul(dG[t], W_hh, out=carry_h)  # c^h_{t-1} = da_t W_hh              (9.13)
+                backend.matmul(dG[t], W_hh, out=carry_h)  # c^h_{t-1} = da_t W_hh              (9.13)
                 continue
             xp.multiply(dm_t, S[t, :, 3 * H :], out=dG[t, :, 3 * H :])  # dL/da_o        (9.9)
             xp.multiply(dm_t, K[t], out=dc)
@@ -300,14 +301,14 @@ class LSTM(Recurrent):
                 dc += carry_c  # dc_t = c^c_t + dm_t o (1 - tanh^2(c_t))                 (9.10)
             xp.multiply(dc[:, None, :], S4[t, :, :3], out=dG4[t, :, :3])  # da_i, da_f, da_g (9.11)
             xp.multiply(dc, f[t], out=carry_c)  # c^c_{t-1} = dc_t * f                    (9.12)
-            xp.matmul(dG[t], W_hh, out=carry_h)  # c^h_{t-1} = da_t W_hh                  (9.13)
+            backend.matmul(dG[t], W_hh, out=carry_h)  # c^h_{t-1} = da_t W_hh                  (9.13)
             has_h = has_c = True
         prev = Hs[p : p + T].reshape(T * B, P)  # h_{t-1} for every t, in time order
         dW = self._buffer("dW_hh", W_hh.shape, xp)
-        self._g("weight_hh", rec.k, rec.suffix)[...] += xp.matmul(dG.reshape(T * B, 4 * H).T, prev, out=dW)  # (9.14)
+        self._g("weight_hh", rec.k, rec.suffix)[...] += backend.matmul(dG.reshape(T * B, 4 * H).T, prev, out=dW)  # (9.14)
         if W_hr is not None:  # sum_t dh_t^T m_t                                            (9.8)
             dW = self._buffer("dW_hr", W_hr.shape, xp)
-            self._g("weight_hr", rec.k, rec.suffix)[...] += xp.matmul(
+            self._g("weight_hr", rec.k, rec.suffix)[...] += backend.matmul(
                 dHs.reshape(T * B, P).T, rec.M.reshape(T * B, H), out=dW
             )
         return dG, carry_h, carry_c

@@ -331,7 +331,7 @@ class Recurrent(Module):
                     table = self._input_table(k, suffix, self._buffer("table", (self.input_size, GH), xp))
                     backend.take_rows(table, inp, out=rec.gx)
                 else:
-                    xp.matmul(inp.reshape(T * B, -1), self._p("weight_ih", k, suffix).T, out=rec.gx.reshape(T * B, GH))
+                    backend.matmul(inp.reshape(T * B, -1), self._p("weight_ih", k, suffix).T, out=rec.gx.reshape(T * B, GH))
                     if self.bias:
                         rec.gx += self._input_bias(k, suffix)
                 rec.Hs[p * T] = 0 if h0 is None else h0[k * D + d]  # h_0 sits at index 0 or T
@@ -411,7 +411,7 @@ class Recurrent(Module):
                     self._g("weight_ih", k, suffix)[...] += _scatter_columns(inp.reshape(-1), dG2, self.input_size, xp)
                 else:  # sum_t dgx_t^T x_t, one product for all steps and gates           (2.8)
                     dW = self._buffer(f"dW_ih{k}", W_ih.shape, xp)
-                    self._g("weight_ih", k, suffix)[...] += xp.matmul(dG2.T, inp.reshape(T * B, -1), out=dW)
+                    self._g("weight_ih", k, suffix)[...] += backend.matmul(dG2.T, inp.reshape(T * B, -1), out=dW)
                 if self.bias:
                     db = dG2.sum(axis=0)  # sum over t and b                              (2.9)
                     self._g("bias_ih", k, suffix)[...] += db
@@ -420,9 +420,9 @@ class Recurrent(Module):
                     if dX is None:  # layer k-1's dout: workspace; the caller's dx: new
                         shape = (T * B, W_ih.shape[1])
                         dX = self._buffer(f"dX{k}", shape, xp) if k > 0 else xp.empty(shape, dtype=self.dtype)
-                        xp.matmul(dG2, W_ih, out=dX)
+                        backend.matmul(dG2, W_ih, out=dX)
                     else:
-                        dX += xp.matmul(dG2, W_ih)
+                        dX += backend.matmul(dG2, W_ih)
             if mask is not None:  # back through the dropout below this layer             (10.3)
                 dX *= mask.reshape(T * B, -1)
             dY = None if dX is None else dX.reshape(T, B, -1)
@@ -465,7 +465,7 @@ class Recurrent(Module):
                 if k == 0 and x_t.dtype.kind in "iu":  # token ids
                     backend.take_rows(table, x_t, out=xw)  # onehot(x_t) W_ih^T + b        (5.1)
                 else:
-                    xp.matmul(x_t if k == 0 else h[k - 1], W_ihT[k], out=xw)  # x_t W_ih^T   (2.1)
+                    backend.matmul(x_t if k == 0 else h[k - 1], W_ihT[k], out=xw)  # x_t W_ih^T   (2.1)
                     if bias[k] is not None:
                         xp.add(xw, bias[k], out=xw)
                 cell_steps[k]()
@@ -482,7 +482,7 @@ def hidden_product(W, B, xp):
     if B == 1:
         return lambda h, out: xp.dot(W, h[0], out=out[0])
     WT = W.T
-    return lambda h, out: xp.matmul(h, WT, out=out)
+    return lambda h, out: backend.matmul(h, WT, out=out)
 
 
 def sigmoid_(a, xp):
@@ -503,7 +503,7 @@ def _scatter_columns(ids, dG2, num_columns, xp):
     """
     if num_columns <= ONE_HOT_MAX:
         onehot = (ids[:, None] == xp.arange(num_columns)).astype(dG2.dtype)  # (T*B, V)
-        return xp.matmul(dG2.T, onehot)  # (G*H, V)
+        return backend.matmul(dG2.T, onehot)  # (G*H, V)
     dW_T = xp.zeros((num_columns, dG2.shape[1]), dtype=dG2.dtype)
     backend.index_add(dW_T, ids, dG2)
     return dW_T.T

@@ -17,6 +17,7 @@ the driver writes x_t W_ih^T + b_ih + b_hh where h_t will go, and the loop turns
 into a_t, then h_t, in place.
 """
 
+from npyrnn import backend
 from npyrnn.nn import kernels
 from npyrnn.nn.module import check_choice
 from npyrnn.nn.recurrent import ONE_HOT_MAX, Recurrent, hidden_product  # noqa: F401 (ONE_HOT_MAX: re-exported)
@@ -142,7 +143,7 @@ class RNN(Recurrent):
         fused = kernels.get(xp, f"rnn_fwd_{self.nonlinearity}", self.dtype)  # None when the fused kernels are off or unavailable
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):
             h = Hs[o + t]  # holds x_t W_ih^T + b_ih + b_hh
-            xp.matmul(Hs[p + t], W_hhT, out=tmp)  # h_{t-1} W_hh^T                        (2.1)
+            backend.matmul(Hs[p + t], W_hhT, out=tmp)  # h_{t-1} W_hh^T                        (2.1)
             if fused is not None:  # the two lines below in one fused kernel
                 fused(h, tmp, h)
                 continue
@@ -249,9 +250,9 @@ class RNN(Recurrent):
                 da += carry  # dL/dh_t = dout_t + (from step t+1)                        (2.3)
             if fused is None:
                 da *= fprime[t]  # dL/da_t = dL/dh_t * f'(a_t)                         (2.4)
-            xp.matmul(da, W_hh, out=step_carry)  # dL/dh_{t-1} via a_t                 (2.6)
+            backend.matmul(da, W_hh, out=step_carry)  # dL/dh_{t-1} via a_t                 (2.6)
             carry = step_carry
         prev = Hs[p : p + T].reshape(T * B, H)  # h_{t-1} for every t, in time order
         dW = self._buffer("dW_hh", (H, H), xp)  # a workspace: no 1 MB allocation per call
-        self._g("weight_hh", rec.k, rec.suffix)[...] += xp.matmul(dA.reshape(T * B, H).T, prev, out=dW)  # (2.7)
+        self._g("weight_hh", rec.k, rec.suffix)[...] += backend.matmul(dA.reshape(T * B, H).T, prev, out=dW)  # (2.7)
         return dA, carry, None

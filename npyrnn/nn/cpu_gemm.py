@@ -1,0 +1,504 @@
+"""Matrix products split into blocks fixed by their shape and shared between the cores (the `fast` extra, Numba).
+
+Why. NumPy's OpenBLAS splits a product between its threads, and those threads wait for each
+other while they work: when another process holds one of the cores, the thread that lost its
+core holds up every product, and a training run can keep a quarter of its speed or less
+(docs/performance.md, "A busy machine"). One thread is steady but leaves a core idle.
+
+What. `matmul(a, b, out)` computes `out = a @ b` as at most two blocks, each one call of NumPy's
+own OpenBLAS at one thread:
+
+- `blocks(m, n, k)` cuts the longest of the product's rows, columns or inner dimension (a
+  32-row recurrent step by columns or by k, a weight gradient over all T*B rows by k, whose
+  two partial sums are added in a fixed order). The shape alone decides, so a product gives the
+  same bits whatever the number of threads and however busy the machine is.
+- The calling thread and the helper threads claim blocks with an atomic compare-and-swap: the
+  caller from the front, the helpers from the back. A helper writes into a scratch buffer and
+  the caller copies its block in.
+- A helper that has not finished its block within the time the caller's own block took (at
+  least 20 us) after the caller is done has lost its core: the caller takes the block back and
+  computes it itself. So a busy machine slows a product to about one thread's speed; the
+  late helper's writes land in its part of the scratch, which nothing reads before it is done.
+- Idle helpers spin for a few microseconds, then yield the core for 2 ms, then sleep in
+  steps of 50 us and, after 200 ms, of 1 ms.
+
+`start(helpers)` sets NumPy's OpenBLAS to one thread and starts the helpers (0 helpers: every
+block on the calling thread, the same bits); `stop()` ends them and gives OpenBLAS its count
+back. `backend.set_cpu_threads` calls these, and `backend.matmul`, through which the layers
+ask for their products, hands the products here while they are on.
+
+The threads share one int64 array (`_ctl`); the helpers run compiled code that never takes the
+GIL. Needs Numba, NumPy's OpenBLAS with its 64-bit-integer interface (NumPy's wheels), and a C
+library with `sched_yield`, `usleep`, `clock_gettime` and `memcpy`.
+"""
+
+import atexit
+import ctypes
+import functools
+import platform
+import threading
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+__all__ = ["start", "stop", "matmul", "blocks", "helpers", "stats", "why_unavailable"]
+
+BLOCK_MIN = 128  # rows, columns or k: a thinner block costs more than a second core gains
+BLOCK_ALIGN = 16  # block edges on multiples of 16 (64 bytes of float32)
+MAX_BLOCKS = 2  # tuned on 2 cores; more blocks would use more cores and cost more per product
+MIN_FLOPS = 2 * 32 * 64 * 64  # below this a product runs as numpy.matmul
+SPLIT_FLOPS = 2 * 32 * 256 * 384  # below this a product is one block (the RNN at 256 gains nothing from two)
+_JIT = dict(nogil=True, cache=True)
+
+# the shared control block: one int64 array, these indices
+(SEQ, STOP, NCH, CS, AXIS, M, N, K, A, LDA, TA, B, LDB, TB, S, DT, POSTS, HELPER_BLOCKS, TAKEOVERS) = range(19)
+STATE = 24  # STATE + i: block i's state, seq * 4 + FREE, HELPER, DONE or CALLER
+FREE, HELPER, DONE, CALLER = 0, 1, 2, 3
+CTL_SIZE = STATE + MAX_BLOCKS
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+
+
+# ------------------------------------------------------------------------------ atomics
+def _slot(context, builder, sig, args):
+    ary = context.make_array(sig.args[0])(context, builder, args[0])
+    return cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]])
+
+
+@intrinsic
+def _load(typingctx, arr, idx):
+    """ctl[idx], read atomically."""
+
+    def codegen(context, builder, sig, args):
+        return builder.load_atomic(_slot(context, builder, sig, args), "seq_cst", 8)
+
+    return types.int64(arr, idx), codegen
+
+
+@intrinsic
+def _store(typingctx, arr, idx, val):
+    """ctl[idx] = val, written atomically after every earlier write."""
+
+    def codegen(context, builder, sig, args):
+        builder.store_atomic(args[2], _slot(context, builder, sig, args), "seq_cst", 8)
+        return context.get_dummy_value()
+
+    return types.void(arr, idx, val), codegen
+
+
+@intrinsic
+def _cas(typingctx, arr, idx, old, new):
+    """If ctl[idx] == old, set it to new; whether it did (atomic compare-and-swap)."""
+
+    def codegen(context, builder, sig, args):
+        pair = builder.cmpxchg(_slot(context, builder, sig, args), args[2], args[3], "seq_cst", "seq_cst")
+        return builder.extract_value(pair, 1)
+
+    return types.boolean(arr, idx, old, new), codegen
+
+
+@intrinsic
+def _pause(typingctx):
+    """The CPU's spin-wait hint (x86 `pause`; nothing elsewhere)."""
+
+    def codegen(context, builder, sig, args):
+        if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+# ------------------------------------------------------------------------------ C functions
+# The compiled code calls these by fixed names that `_register` binds, in every process, to the
+# functions found here: NumPy's own OpenBLAS (its 64-bit-integer interface, as NumPy's wheels
+# ship it) and the C library. Fixed names let Numba cache the compiled code on disk.
+I32, I64, F32, F64 = types.int32, types.int64, types.float32, types.float64
+_SIGNATURES = {  # pointers are passed as int64 addresses
+    "sgemm": types.void(I32, I32, I32, I64, I64, I64, F32, I64, I64, I64, I64, F32, I64, I64),
+    "dgemm": types.void(I32, I32, I32, I64, I64, I64, F64, I64, I64, I64, I64, F64, I64, I64),
+    "openblas_get_num_threads": types.int32(),
+    "sched_yield": types.int32(),
+    "usleep": types.int32(types.uint32),
+    "clock_gettime": types.int32(I32, I64),
+    "memcpy": types.int64(I64, I64, I64),
+}
+
+
+def _register():
+    """Bind `npyrnn_gemm_<name>` to each C function; return NumPy's OpenBLAS (ctypes) for its thread count."""
+    import llvmlite.binding as llvm
+    from threadpoolctl import threadpool_info
+
+    libs = [i for i in threadpool_info() if i.get("internal_api") == "openblas" and "numpy" in i.get("filepath", "")]
+    if not libs:
+        raise OSError("NumPy's BLAS is not OpenBLAS")
+    lib = ctypes.CDLL(libs[0]["filepath"])
+    prefix = next((p for p in ("scipy_", "") if hasattr(lib, f"{p}cblas_sgemm64_")), None)
+    if prefix is None:
+        raise OSError("NumPy's OpenBLAS has no 64-bit-integer cblas_sgemm")
+    libc = ctypes.CDLL(None)
+    for name in _SIGNATURES:
+        if name in ("sched_yield", "usleep", "clock_gettime", "memcpy"):
+            fn = getattr(libc, name)
+        elif name.startswith("openblas"):
+            fn = getattr(lib, f"{prefix}{name}64_")
+        else:
+            fn = getattr(lib, f"{prefix}cblas_{name}64_")
+        llvm.add_symbol(f"npyrnn_gemm_{name}", ctypes.cast(fn, ctypes.c_void_p).value)
+    return lib, prefix
+
+
+try:
+    _lib, _prefix = _register()
+    _why = None
+except (OSError, AttributeError, ImportError) as exc:
+    _why = f"unavailable ({exc})"
+_sgemm, _dgemm, _get_threads, _yield, _usleep, _clock_gettime, _memcpy = (
+    types.ExternalFunction(f"npyrnn_gemm_{name}", sig) for name, sig in _SIGNATURES.items()
+)
+
+
+def _set_blas_threads(n):
+    getattr(_lib, f"{_prefix}openblas_set_num_threads64_")(ctypes.c_int(int(n)))
+
+
+def _blas_thread_count():
+    fn = getattr(_lib, f"{_prefix}openblas_get_num_threads64_")
+    fn.restype = ctypes.c_int
+    return fn()
+
+
+CLOCK_MONOTONIC = 1
+
+
+# ------------------------------------------------------------------------------ compiled
+# Compiled at the first call, then cached on disk (never called where _why says unavailable).
+
+@njit(**_JIT)
+def _now(ts):
+    """Nanoseconds of the monotonic clock; ts: the calling thread's int64 (2,) array, a struct timespec."""
+    _clock_gettime(np.int32(CLOCK_MONOTONIC), np.int64(ts.ctypes.data))
+    return ts[0] * 1_000_000_000 + ts[1]
+
+@njit(**_JIT)
+def _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis):
+    """Block i of op(a) op(b), one single-threaded gemm into dst (leading dimension ldd).
+
+    axis 0: rows [i cs, (i + 1) cs) of the product, at their place in dst; axis 1: its
+    columns; axis 2: the whole (m, n) product over k in [i cs, (i + 1) cs) only, at dst's
+    start (a partial sum). The last block is cut at m, n or k.
+    """
+    item = 4 if dt == 0 else 8
+    a0, b0, d0 = a, b, dst
+    if axis == 0:
+        r0 = i * cs
+        a0 = a + item * (r0 * lda if ta == NO_TRANS else r0)  # row r0 of op(a)
+        d0 = dst + item * r0 * ldd
+        m = min(m - r0, cs)
+    elif axis == 1:
+        n0 = i * cs
+        b0 = b + item * (n0 * ldb if tb == TRANS else n0)  # column n0 of op(b)
+        d0 = dst + item * n0
+        n = min(n - n0, cs)
+    else:
+        k0 = i * cs
+        a0 = a + item * (k0 if ta == NO_TRANS else k0 * lda)  # column k0 of op(a)
+        b0 = b + item * (k0 * ldb if tb == NO_TRANS else k0)  # row k0 of op(b)
+        k = min(k - k0, cs)
+    if dt == 0:
+        _sgemm(np.int32(ROW_MAJOR), np.int32(ta), np.int32(tb), m, n, k, np.float32(1.0), a0, lda, b0, ldb, np.float32(0.0), d0, ldd)
+    else:
+        _dgemm(np.int32(ROW_MAJOR), np.int32(ta), np.int32(tb), m, n, k, 1.0, a0, lda, b0, ldb, 0.0, d0, ldd)
+
+@njit(**_JIT)
+def _target(axis, i, nch, c, ldc, s, m, n, item, helper):
+    """Where block i goes, and its leading dimension.
+
+    The caller's blocks go into c, a helper's into the scratch s at the same place (rows of
+    n). A partial sum over k (axis 2) goes into an (m, n) region of the scratch: region i
+    when a helper computes it, region nch + i when the caller does (block 0: into c), so a
+    block the caller took back never shares memory with the helper still writing it.
+    """
+    if axis == 2 and helper:
+        return s + item * i * m * n, n
+    if axis == 2 and i > 0:
+        return s + item * (nch + i) * m * n, n
+    return (s, n) if helper else (c, ldc)
+
+
+@njit(**_JIT)
+def _copy_block(dt, m, n, s, c, ldc, i, cs, axis):
+    """A helper's block i from the scratch into c, row by row (axis 2: block 0's partial sum)."""
+    item = 4 if dt == 0 else 8
+    src = s
+    r0, r1, n0, width = 0, m, 0, n
+    if axis == 0:
+        r0, r1 = i * cs, min(m, (i + 1) * cs)
+    elif axis == 1:
+        n0, width = i * cs, min(n - i * cs, cs)
+    for r in range(r0, r1):
+        _memcpy(c + item * (r * ldc + n0), src + item * (r * n + n0), np.int64(item * width))
+
+@njit(**_JIT)
+def _product(ctl, ts, a_arr, b_arr, c_arr, s_arr, ta, lda, tb, ldb, ldc, nch, cs, axis, helpers):
+    """c = op(a) op(b) in nch blocks, shared with the helpers; False if OpenBLAS is not at one thread.
+
+    For axis 2, c holds block 0's partial sum on return, and the scratch the others (see
+    `_target`), for the caller to add in order.
+    """
+    if _get_threads() != 1:
+        return False
+    m, k, n = c_arr.shape[0], a_arr.shape[1], c_arr.shape[1]
+    a, b, c, s = np.int64(a_arr.ctypes.data), np.int64(b_arr.ctypes.data), np.int64(c_arr.ctypes.data), np.int64(s_arr.ctypes.data)
+    item = a_arr.itemsize
+    dt = 0 if item == 4 else 1
+    if helpers == 0 or nch == 1:
+        for i in range(nch):
+            dst, ldd = _target(axis, i, nch, c, ldc, s, m, n, item, False)
+            _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis)
+        return True
+    seq = ctl[SEQ] + 1
+    ctl[NCH] = nch
+    ctl[CS] = cs
+    ctl[AXIS] = axis
+    ctl[M] = m
+    ctl[N] = n
+    ctl[K] = k
+    ctl[A] = a
+    ctl[LDA] = lda
+    ctl[TA] = ta
+    ctl[B] = b
+    ctl[LDB] = ldb
+    ctl[TB] = tb
+    ctl[S] = s
+    ctl[DT] = dt
+    for i in range(nch):
+        _store(ctl, STATE + i, seq * 4 + FREE)
+    _store(ctl, SEQ, seq)  # the helpers may start: every field above is written
+    ctl[POSTS] += 1
+    start = _now(ts)
+    mine = 0
+    for i in range(nch):  # the caller's blocks, from the front
+        if _cas(ctl, STATE + i, seq * 4 + FREE, seq * 4 + CALLER):
+            dst, ldd = _target(axis, i, nch, c, ldc, s, m, n, item, False)
+            _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis)
+            mine += 1
+    grace = max((_now(ts) - start) // max(mine, 1), 20_000)  # as long as one block took here, at least 20 us
+    for i in range(nch):  # the helpers' blocks: copy in, or take back from a helper that lost its core
+        if _load(ctl, STATE + i) == seq * 4 + CALLER:
+            continue
+        deadline = _now(ts) + grace
+        spins = 0
+        while _load(ctl, STATE + i) == seq * 4 + HELPER:
+            _pause()
+            spins += 1
+            if spins % 64 == 0 and _now(ts) > deadline:
+                break
+        if _cas(ctl, STATE + i, seq * 4 + HELPER, seq * 4 + CALLER):  # taken back
+            dst, ldd = _target(axis, i, nch, c, ldc, s, m, n, item, False)
+            _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis)
+            ctl[TAKEOVERS] += 1
+        else:  # DONE, in the scratch
+            if axis != 2 or i == 0:
+                _copy_block(dt, m, n, s, c, ldc, i, cs, axis)
+            ctl[HELPER_BLOCKS] += 1
+    return True
+
+@njit(**_JIT)
+def _helper(ctl, ts):
+    """A helper thread's life: wait for a product, claim blocks from the back, compute them into the scratch."""
+    seen = _load(ctl, SEQ)
+    idle_since = _now(ts)
+    spins = 0
+    while _load(ctl, STOP) == 0:
+        seq = _load(ctl, SEQ)
+        if seq == seen:  # nothing new: spin, then yield, then sleep, the longer the idler
+            spins += 1
+            if spins < 2000:
+                _pause()
+                continue
+            idle = _now(ts) - idle_since
+            if idle < 2_000_000:  # 2 ms
+                _yield()
+            elif idle < 200_000_000:  # 200 ms
+                _usleep(np.uint32(50))
+            else:
+                _usleep(np.uint32(1000))
+            continue
+        seen = seq
+        # the fields belong to seq if a claim below succeeds: seq's blocks are open until then
+        nch, cs, axis, m, n, k = ctl[NCH], ctl[CS], ctl[AXIS], ctl[M], ctl[N], ctl[K]
+        a, lda, ta, b, ldb, tb = ctl[A], ctl[LDA], ctl[TA], ctl[B], ctl[LDB], ctl[TB]
+        s, dt = ctl[S], ctl[DT]
+        for i in range(nch - 1, -1, -1):
+            if _cas(ctl, STATE + i, seq * 4 + FREE, seq * 4 + HELPER):
+                dst, ldd = _target(axis, i, nch, 0, 0, s, m, n, 4 if dt == 0 else 8, True)
+                _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis)
+                _cas(ctl, STATE + i, seq * 4 + HELPER, seq * 4 + DONE)  # fails if the caller took it back
+        spins = 0
+        idle_since = _now(ts)
+
+
+# ------------------------------------------------------------------------------ Python side
+_ctl = np.zeros(CTL_SIZE, dtype=np.int64)
+_NO_SCRATCH = {"f": np.zeros(1, dtype=np.float32), "d": np.zeros(1, dtype=np.float64)}
+_clock = np.zeros(2, dtype=np.int64)  # the calling thread's struct timespec (products run one at a time)
+_threads = []  # the running helpers
+_lock = threading.Lock()  # one product at a time shares the control block
+_scratch = {}  # dtype char -> 1-D array the helper (and partial sums over k) write into
+_retired = []  # scratch arrays outgrown: a helper that lost its core may still write into one
+_blas_threads = None  # NumPy's OpenBLAS thread count before start(), restored by stop()
+_started = False
+
+
+def why_unavailable():
+    """None when the split products can run here; else why not, in words."""
+    return _why
+
+
+def helpers():
+    """The number of helper threads running, or None when the split products are off."""
+    return len(_threads) if _started else None
+
+
+def start(num_helpers):
+    """Split products with `num_helpers` helper threads, at most MAX_BLOCKS - 1 (0: every block on the calling thread).
+
+    A product has at most MAX_BLOCKS blocks, so more helpers would only wait. Sets NumPy's
+    OpenBLAS to one thread (each block is a single-threaded product); `stop()` gives it its
+    count back. Calling it again changes the number of helpers.
+    """
+    global _started, _blas_threads
+    if _why is not None:
+        raise RuntimeError(f"npyrnn's split products are {_why}")
+    stop()
+    if _blas_threads is None:
+        _blas_threads = _blas_thread_count()
+    _set_blas_threads(1)
+    _ctl[STOP] = 0
+    for j in range(min(int(num_helpers), MAX_BLOCKS - 1)):
+        thread = threading.Thread(target=_helper, args=(_ctl, np.zeros(2, dtype=np.int64)), name=f"npyrnn-gemm-helper-{j}",
+                                  daemon=True)
+        thread.start()
+        _threads.append(thread)
+    _started = True
+
+
+def stop():
+    """End the helpers and give NumPy's OpenBLAS its thread count back; products go to numpy.matmul again."""
+    global _started, _blas_threads
+    if not _started:
+        return
+    with _lock:
+        _ctl[STOP] = 1
+        for thread in _threads:
+            thread.join()
+        _threads.clear()
+        _ctl[STOP] = 0
+        _started = False
+    if _blas_threads is not None:
+        _set_blas_threads(_blas_threads)
+        _blas_threads = None
+
+
+atexit.register(stop)
+
+
+def stats():
+    """Counters since the process began: products posted to helpers, blocks the helpers did, blocks taken back."""
+    return {"posted": int(_ctl[POSTS]), "helper_blocks": int(_ctl[HELPER_BLOCKS]), "taken_back": int(_ctl[TAKEOVERS])}
+
+
+@functools.lru_cache(maxsize=1024)
+def blocks(m, n, k):
+    """(axis, number of blocks, size of a block) for an (m, k) by (k, n) product: the shape alone decides.
+
+    The longest of m, n and k is cut: rows (axis 0), columns (axis 1), or the sum over k
+    (axis 2: partial products added in order), into at most MAX_BLOCKS blocks of at least
+    BLOCK_MIN, on multiples of BLOCK_ALIGN; a product under SPLIT_FLOPS is one block. A
+    recurrent step's product (32 rows) is cut by columns or by k, a weight gradient over all
+    T*B rows by k (each thread reads half of both operands), an output layer over all rows by
+    rows.
+    """
+    axis, length = max(((0, m), (1, n), (2, k)), key=lambda pair: (pair[1], -pair[0]))
+    if 2 * m * n * k < SPLIT_FLOPS:
+        return 1, 1, n
+    nch = max(1, min(MAX_BLOCKS, length // BLOCK_MIN))
+    size = -(-length // nch)
+    size = -(-size // BLOCK_ALIGN) * BLOCK_ALIGN
+    return axis, -(-length // size), size
+
+
+def _operand(x):
+    """(transposed, leading dimension) of a 2-D array for a row-major gemm, or None."""
+    item = x.itemsize
+    rows, cols = x.shape
+    s0, s1 = x.strides
+    if s1 == item and s0 % item == 0 and s0 >= cols * item:
+        return NO_TRANS, s0 // item
+    if s0 == item and s1 % item == 0 and s1 >= rows * item:
+        return TRANS, s1 // item
+    return None
+
+
+def _scratch_for(dt, need):
+    """The scratch array for `dt`, at least `need` elements long (None when nothing needs one).
+
+    A helper whose block was taken back may still be writing into its part of the scratch.
+    Nothing reads that part until a helper finishes a newer block there, and with one helper
+    that is the same helper, done with the old block; an outgrown array is kept for it.
+    """
+    if not need:
+        return None
+    scratch = _scratch.get(dt.char)
+    if scratch is None or scratch.size < need:
+        if scratch is not None:
+            _retired.append(scratch)
+        scratch = _scratch[dt.char] = np.empty(max(need, 1 << 16), dtype=dt)
+    return scratch
+
+
+def matmul(a, b, out):
+    """out = a @ b for 2-D float32 or float64 NumPy arrays through the split products; whether it did.
+
+    False (and nothing written) when the products are off, or the arrays are not ones this
+    takes: other dtypes or ranks, strides that are not a row or column layout, a size-1 or tiny
+    product, out overlapping an input, another thread using the products. The caller then uses
+    numpy.matmul.
+    """
+    if not _started or a.ndim != 2 or b.ndim != 2 or out.ndim != 2:
+        return False
+    dt = a.dtype
+    if dt != b.dtype or dt != out.dtype or dt.char not in "fd":
+        return False
+    m, k = a.shape
+    n = b.shape[1]
+    if b.shape[0] != k or out.shape != (m, n) or min(m, n, k) < 2 or 2 * m * n * k < MIN_FLOPS:
+        return False
+    pa, pb, pc = _operand(a), _operand(b), _operand(out)
+    if pa is None or pb is None or pc is None or pc[0] != NO_TRANS:
+        return False
+    if np.may_share_memory(out, a) or np.may_share_memory(out, b):
+        return False
+    if not _lock.acquire(blocking=False):
+        return False
+    try:
+        axis, nch, cs = blocks(m, n, k)
+        helpers_now = len(_threads)
+        scratch = _scratch_for(dt, 2 * nch * m * n if axis == 2 else (m * n if helpers_now and nch > 1 else 0))
+        if not _product(_ctl, _clock, a, b, out, _NO_SCRATCH[dt.char] if scratch is None else scratch,
+                        pa[0], pa[1], pb[0], pb[1], pc[1], nch, cs, axis, helpers_now):
+            return False
+        if axis == 2:  # the partial sums over k, added in order, from where `_target` put them
+            seq = int(_ctl[SEQ])
+            for i in range(1, nch):
+                by_helper = helpers_now and nch > 1 and int(_ctl[STATE + i]) == seq * 4 + DONE
+                region = i if by_helper else nch + i
+                np.add(out, scratch[region * m * n : (region + 1) * m * n].reshape(m, n), out=out)
+        return True
+    finally:
+        _lock.release()
