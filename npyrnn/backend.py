@@ -113,6 +113,8 @@ def set_backend(new_name):
             "(set NPYRNN_BACKEND=numpy or NPYRNN_BACKEND=cupy)"
         )
     module = numpy if key == "numpy" else _import_cupy()
+    if key != "numpy" and _split is not None:  # the split products are NumPy's: OpenBLAS gets its count back
+        set_cpu_threads(None, split=False)
     name, xp = key, module
     return module
 
@@ -166,13 +168,13 @@ def matmul(a, b, out=None):
     """``a @ b`` (into ``out``), as ``numpy.matmul`` or ``cupy.matmul`` of the module that owns ``a``.
 
     On NumPy, while `set_cpu_threads` has the split products on, 2-D float products go to
-    ``npyrnn.nn.cpu_gemm`` (fixed column blocks shared by the cores: the same bits at every
-    thread count and load); anything it does not take goes to ``numpy.matmul``.
+    ``npyrnn.nn.cpu_gemm`` (blocks fixed by the product's shape, shared by two cores: the same
+    bits at every thread count and load); anything it does not take goes to ``numpy.matmul``.
     """
-    if _split is not None and type(a) is numpy.ndarray:
+    if _split is not None and type(a) is numpy.ndarray and type(b) is numpy.ndarray:
         if out is None and a.ndim == 2 and b.ndim == 2 and a.dtype == b.dtype:
             out = numpy.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
-        if out is not None and type(b) is numpy.ndarray and type(out) is numpy.ndarray and _split.matmul(a, b, out):
+        if type(out) is numpy.ndarray and _split.matmul(a, b, out):
             return out
     return get_array_module(a).matmul(a, b, out=out)
 
@@ -221,18 +223,19 @@ def memory_bytes():
 def set_cpu_threads(n, split=None):
     """Set how many cores NumPy's matrix products use: n, or None for every core this process may use.
 
-    With the ``fast`` extra (Numba) and NumPy's OpenBLAS, the products of the layers are split
-    into column blocks fixed by their shape and shared between the calling thread and n - 1
-    helper threads (``npyrnn.nn.cpu_gemm``); OpenBLAS itself runs at one thread. The result
-    is then the same bit for bit at every thread count, and a busy machine slows a product
-    down to about one thread's speed, never far below. Set the environment variable
-    ``NPYRNN_SPLIT_PRODUCTS=0``, or pass ``split=False``, to turn this off (``split=None``: the
-    variable decides).
+    With the ``fast`` extra (Numba) and NumPy's OpenBLAS, on NumPy, the layers' products are
+    split into at most two blocks fixed by their shape, computed by the calling thread and, for
+    n > 1, one helper thread (``npyrnn.nn.cpu_gemm``); OpenBLAS itself runs at one thread. The
+    result is then the same bit for bit at every thread count, and a busy machine slows a
+    product down to about one thread's speed, never far below. ``split=False``, or the
+    environment variable ``NPYRNN_SPLIT_PRODUCTS=0`` with ``split=None``, turns this off;
+    ``split=True`` asks for it whatever the variable says.
 
-    Otherwise (and on CuPy) this limits the BLAS (and OpenMP) thread pools to n threads with threadpoolctl
-    (None leaves them as they are). OpenBLAS's threads wait for each other, so on a machine
+    Otherwise this limits the BLAS (and OpenMP) thread pools to n threads with threadpoolctl
+    (n None leaves them as they are). OpenBLAS's threads wait for each other, so on a machine
     where other processes compete for the cores one thread is steadier (docs/performance.md
     measures both); float32 products may then differ in their last bits between thread counts.
+    Either way, n given also limits the other thread pools threadpoolctl finds.
     """
     global _split
     if _split is not None:
@@ -244,7 +247,7 @@ def set_cpu_threads(n, split=None):
         except ImportError:
             raise BackendError("setting the thread count needs threadpoolctl: pip install threadpoolctl") from None
         threadpool_limits(limits=int(n))
-    cpu_gemm = _split_module() if (split is None or split) and name == "numpy" else None
+    cpu_gemm = _split_module(asked=split) if split is not False and name == "numpy" else None
     if cpu_gemm is not None:
         cpu_gemm.start((_usable_cores() if n is None else int(n)) - 1)  # NumPy's OpenBLAS now at one thread
         _split = cpu_gemm
@@ -266,9 +269,9 @@ def _split_enabled():
     raise BackendError(f"{SPLIT_ENV} must be 0 (OpenBLAS's own threads) or 1 (split products, the default), got {value!r}")
 
 
-def _split_module():
-    """``npyrnn.nn.cpu_gemm`` when the split products can and may run here, else None."""
-    if not _split_enabled():
+def _split_module(asked=None):
+    """``npyrnn.nn.cpu_gemm`` when the split products can run here and are asked for (None: the variable decides), else None."""
+    if asked is None and not _split_enabled():
         return None
     try:
         import numba  # noqa: F401  (the fast extra)

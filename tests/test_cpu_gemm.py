@@ -8,7 +8,10 @@ cell's gradients against torch with the products on; the thread counts given bac
 Runs wherever Numba is installed and NumPy's BLAS is OpenBLAS with its 64-bit interface.
 """
 
+import gc
+import multiprocessing
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -103,7 +106,8 @@ def test_blocks_depend_on_the_shape_alone_and_cover_it():
         assert (count - 1) * size < length <= count * size
 
 
-@pytest.mark.parametrize("kind", ["int", "mixed", "1-D", "overlap", "out F order", "out strided", "size 1", "not started"])
+@pytest.mark.parametrize("kind", ["int", "mixed", "big-endian", "1-D", "overlap", "read-only out", "out F order", "out strided",
+                                  "negative strides", "zero strides", "size 1", "not started"])
 def test_declines_what_it_does_not_take_and_leaves_out_alone(kind):
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((64, 64)), rng.standard_normal((64, 64))
@@ -113,6 +117,14 @@ def test_declines_what_it_does_not_take_and_leaves_out_alone(kind):
         a, b, out = a.astype(np.int64), b.astype(np.int64), out.astype(np.int64)
     elif kind == "mixed":
         b = b.astype(np.float32)
+    elif kind == "big-endian":
+        a, b, out = a.astype(">f8"), b.astype(">f8"), out.astype(">f8")
+    elif kind == "read-only out":
+        out.flags.writeable = False
+    elif kind == "negative strides":
+        a = a[::-1]
+    elif kind == "zero strides":
+        b = np.broadcast_to(b[:1], b.shape)
     elif kind == "1-D":
         b = b[:, 0]
     elif kind == "overlap":
@@ -155,7 +167,6 @@ def test_thread_counts_given_back(monkeypatch):
     before = numpy_blas_threads()
     backend.set_cpu_threads(None, split=True)
     assert numpy_blas_threads() == 1  # every block is a single-threaded product
-    assert backend.split_products() == len(backend._split._threads) + 1
     assert sum(t.name.startswith("npyrnn-gemm-helper") for t in threading.enumerate()) == backend.split_products() - 1
     backend.set_cpu_threads(None, split=False)
     assert numpy_blas_threads() == before and backend.split_products() is None
@@ -163,59 +174,124 @@ def test_thread_counts_given_back(monkeypatch):
     monkeypatch.setenv(backend.SPLIT_ENV, "0")
     backend.set_cpu_threads(None)
     assert backend.split_products() is None
+    backend.set_cpu_threads(None, split=True)  # asked for in so many words: on whatever the variable says
+    assert backend.split_products() is not None
+    backend.set_cpu_threads(None, split=False)
     monkeypatch.setenv(backend.SPLIT_ENV, "sometimes")
     with pytest.raises(BackendError, match="NPYRNN_SPLIT_PRODUCTS must be 0"):
         backend.set_cpu_threads(None)
 
 
-# ------------------------------------------------------------------------------ a helper that stalls
+# ------------------------------------------------------------------------------ helpers played by the test
 @njit(nogil=True)
-def _stalling_helper(ctl, seen, stall_us, garbage):
-    """A helper that claims the last block of the next product, stalls, then scribbles over its scratch."""
+def _fake_helper(ctl, seen, stall_us, garbage):
+    """The helper's part, played for a test: claim the last block of the next product, then either
+    compute it as the helper does (stall_us 0) or stall, scribbling over the helper's scratch."""
     while cpu_gemm._load(ctl, cpu_gemm.SEQ) == seen:
         cpu_gemm._pause()
     seq = cpu_gemm._load(ctl, cpu_gemm.SEQ)
-    i = ctl[cpu_gemm.NCH] - 1
-    s = ctl[cpu_gemm.S]
-    claimed = cpu_gemm._cas(ctl, cpu_gemm.STATE + i, seq * 4 + cpu_gemm.FREE, seq * 4 + cpu_gemm.HELPER)
-    if claimed:  # it has lost its core, yet writes now and then: the caller takes the block back meanwhile
-        for _ in range(stall_us // 1000):
-            cpu_gemm._memcpy(s, np.int64(garbage.ctypes.data), np.int64(garbage.nbytes))  # over its scratch
-            cpu_gemm._usleep(np.uint32(1000))
-        cpu_gemm._cas(ctl, cpu_gemm.STATE + i, seq * 4 + cpu_gemm.HELPER, seq * 4 + cpu_gemm.DONE)
-    return claimed
+    nch, cs, axis, m, n, k = ctl[cpu_gemm.NCH], ctl[cpu_gemm.CS], ctl[cpu_gemm.AXIS], ctl[cpu_gemm.M], ctl[cpu_gemm.N], ctl[cpu_gemm.K]
+    s, dt = ctl[cpu_gemm.S], ctl[cpu_gemm.DT]
+    i = nch - 1
+    if not cpu_gemm._cas(ctl, cpu_gemm.STATE + i, seq * 4 + cpu_gemm.FREE, seq * 4 + cpu_gemm.HELPER):
+        return False
+    if stall_us == 0:
+        dst, ldd = cpu_gemm._target(axis, i, 0, 0, s, 0, m, n, 4 if dt == 0 else 8, True)
+        cpu_gemm._block(dt, ctl[cpu_gemm.TA], ctl[cpu_gemm.TB], m, n, k, ctl[cpu_gemm.A], ctl[cpu_gemm.LDA],
+                        ctl[cpu_gemm.B], ctl[cpu_gemm.LDB], dst, ldd, i, cs, axis)
+    for _ in range(stall_us // 1000):  # it has lost its core, yet writes now and then
+        cpu_gemm._memcpy(s, np.int64(garbage.ctypes.data), np.int64(garbage.nbytes))
+        cpu_gemm._usleep(np.uint32(1000))
+    cpu_gemm._cas(ctl, cpu_gemm.STATE + i, seq * 4 + cpu_gemm.HELPER, seq * 4 + cpu_gemm.DONE)  # fails if taken back
+    cpu_gemm._store(ctl, cpu_gemm.HDONE, seq)
+    return True
 
 
-@pytest.mark.parametrize("shape", [(32, 512, 768), (768, 1120, 256)], ids=["by columns", "by k"])
-def test_a_stalled_helper_is_overtaken_and_its_late_writes_land_nowhere(shape):
+def with_fake_helper(stall_us, garbage, run, counter):
+    """`run()` while the test plays the helper, again until the fake helper has claimed a block and
+    `stats()[counter]` has grown by one (the first try may find the fake helper still compiling)."""
+    cpu_gemm.start(0)
+    cpu_gemm._threads.append(threading.current_thread())  # the products now count one helper: the fake one
+    try:
+        for _ in range(20):
+            before = cpu_gemm.stats()[counter]
+            result = {}
+            seen = int(cpu_gemm._ctl[cpu_gemm.SEQ])
+            fake = threading.Thread(target=lambda: result.update(claimed=_fake_helper(cpu_gemm._ctl, seen, stall_us, garbage)))
+            fake.start()
+            try:
+                value = run()
+            finally:
+                fake.join()
+            if result["claimed"] and cpu_gemm.stats()[counter] == before + 1:
+                return value
+        pytest.fail(f"the fake helper never claimed a block with {counter} counted")
+    finally:
+        cpu_gemm._threads.clear()
+
+
+SHAPES = {"by rows": (1120, 256, 128), "by columns": (32, 512, 768), "by k": (768, 1120, 256)}
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["a, b", "a.T, b.T"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_a_block_the_helper_computes_is_copied_in_right(shape, transposed):
+    m, k, n = shape
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((k, m)).T if transposed else rng.standard_normal((m, k))
+    b = rng.standard_normal((n, k)).T if transposed else rng.standard_normal((k, n))
+    expected = product(0, a, b)
+    out = np.full((m, n), np.nan)
+    with_fake_helper(0, np.zeros(1), lambda: cpu_gemm.matmul(a, b, out), "helper_blocks")
+    assert np.array_equal(out, expected)  # block 0 the caller's, the last the helper's, copied in
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_a_stalled_helper_is_overtaken_and_what_it_touches_late_is_safe(shape):
     m, k, n = shape
     rng = np.random.default_rng(2)
     a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
-    expected = product(0, a, b)
-    garbage = np.full((2 if k > n else 1) * m * n, np.nan, dtype=np.float32)  # the helpers' part of the scratch
-    cpu_gemm.start(0)
-    cpu_gemm._threads.append(threading.current_thread())  # the products now count one helper: ours below
-    try:
-        for _ in range(20):  # until our helper wins the claim (it nearly always does at once)
-            taken = cpu_gemm.stats()["taken_back"]
-            result = {}
-            seen = int(cpu_gemm._ctl[cpu_gemm.SEQ])
-            stall = threading.Thread(target=lambda: result.update(claimed=_stalling_helper(cpu_gemm._ctl, seen, 200_000, garbage)))
-            stall.start()
-            out = np.full((m, n), np.nan, dtype=np.float32)
-            assert cpu_gemm.matmul(a, b, out)
-            assert np.array_equal(out, expected)  # the caller computed the stalled block itself
-            again = np.full((m, n), np.nan, dtype=np.float32)
-            assert cpu_gemm.matmul(a, b, again)  # while the stalled helper still writes
-            stall.join()
-            assert np.array_equal(again, expected)  # its late writes landed where nothing reads
-            if result["claimed"]:
-                assert cpu_gemm.stats()["taken_back"] == taken + 1
-                break
-        else:
-            pytest.fail("the stalling helper never claimed a block")
-    finally:
-        cpu_gemm._threads.clear()
+    c, d = rng.standard_normal((300, 1000)).astype(np.float32), rng.standard_normal((1000, 200)).astype(np.float32)
+    expected, other = product(0, a, b), product(0, c, d)
+    axis, count, _ = cpu_gemm.blocks(m, n, k)
+    garbage = np.full((count if axis == 2 else 1) * m * n, np.nan, dtype=np.float32)  # all the helper's scratch holds
+    kept = {}
+
+    def run():
+        taken = cpu_gemm.stats()["taken_back"]
+        a_, b_ = a.copy(), b.copy()
+        kept["a"], kept["b"] = weakref.ref(a_), weakref.ref(b_)
+        out = np.full((m, n), np.nan, dtype=np.float32)
+        assert cpu_gemm.matmul(a_, b_, out)
+        del a_, b_  # the caller lets go: the stalled helper may still read them
+        gc.collect()
+        if cpu_gemm.stats()["taken_back"] > taken:
+            assert kept["a"]() is not None and kept["b"]() is not None  # kept for it
+        assert np.array_equal(out, expected)  # the caller computed the stalled block itself
+        again = np.full((300, 200), np.nan, dtype=np.float32)
+        assert cpu_gemm.matmul(c, d, again)  # another shape, split by k, while the helper still scribbles
+        assert np.array_equal(again, other)
+        return True
+
+    with_fake_helper(200_000, garbage, run, "taken_back")
+    cpu_gemm.start(1)  # a real helper, and one more product: what was kept for the fake one goes
+    assert cpu_gemm.matmul(c, d, np.empty((300, 200), dtype=np.float32))
+    gc.collect()
+    assert kept["a"]() is None and kept["b"]() is None
+
+
+def test_a_forked_child_starts_with_the_products_off():
+    backend.set_cpu_threads(2, split=True)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        child = pool.apply(_in_child)
+    assert child == (None, None, True)
+    assert backend.split_products() == 2  # the parent's are untouched
+
+
+def _in_child():
+    a = np.random.default_rng(0).standard_normal((200, 300))
+    return backend.split_products(), cpu_gemm.helpers(), bool(np.array_equal(backend.matmul(a, a.T), a @ a.T))
 
 
 # ------------------------------------------------------------------------------ layers and training

@@ -12,22 +12,24 @@ own OpenBLAS at one thread:
   32-row recurrent step by columns or by k, a weight gradient over all T*B rows by k, whose
   two partial sums are added in a fixed order). The shape alone decides, so a product gives the
   same bits whatever the number of threads and however busy the machine is.
-- The calling thread and the helper threads claim blocks with an atomic compare-and-swap: the
-  caller from the front, the helpers from the back. A helper writes into a scratch buffer and
-  the caller copies its block in.
+- The calling thread and one helper thread claim blocks with an atomic compare-and-swap: the
+  caller from the front, the helper from the back. The helper writes into its scratch array
+  and the caller copies its block in.
 - A helper that has not finished its block within the time the caller's own block took (at
   least 20 us) after the caller is done has lost its core: the caller takes the block back and
-  computes it itself. So a busy machine slows a product to about one thread's speed; the
-  late helper's writes land in its part of the scratch, which nothing reads before it is done.
-- Idle helpers spin for a few microseconds, then yield the core for 2 ms, then sleep in
+  computes it itself. So a busy machine slows a product to about one thread's speed. The late
+  helper's writes land in its own scratch, which nothing reads before it finishes a newer
+  block, and the arrays it may still read are kept alive until it says it is done (`_kept`).
+- An idle helper spins for a few microseconds, then yields the core for 2 ms, then sleeps in
   steps of 50 us and, after 200 ms, of 1 ms.
 
-`start(helpers)` sets NumPy's OpenBLAS to one thread and starts the helpers (0 helpers: every
-block on the calling thread, the same bits); `stop()` ends them and gives OpenBLAS its count
-back. `backend.set_cpu_threads` calls these, and `backend.matmul`, through which the layers
-ask for their products, hands the products here while they are on.
+`start(helpers)` sets NumPy's OpenBLAS to one thread and starts the helper (0: every block on
+the calling thread, the same bits); `stop()` ends it and gives OpenBLAS its count back.
+`backend.set_cpu_threads` calls these, and `backend.matmul`, through which the layers ask for
+their products, hands the products here while they are on. A forked child starts with them
+off.
 
-The threads share one int64 array (`_ctl`); the helpers run compiled code that never takes the
+The threads share one int64 array (`_ctl`); the helper runs compiled code that never takes the
 GIL. Needs Numba, NumPy's OpenBLAS with its 64-bit-integer interface (NumPy's wheels), and a C
 library with `sched_yield`, `usleep`, `clock_gettime` and `memcpy`.
 """
@@ -35,6 +37,7 @@ library with `sched_yield`, `usleep`, `clock_gettime` and `memcpy`.
 import atexit
 import ctypes
 import functools
+import os
 import platform
 import threading
 
@@ -48,13 +51,13 @@ __all__ = ["start", "stop", "matmul", "blocks", "helpers", "stats", "why_unavail
 
 BLOCK_MIN = 128  # rows, columns or k: a thinner block costs more than a second core gains
 BLOCK_ALIGN = 16  # block edges on multiples of 16 (64 bytes of float32)
-MAX_BLOCKS = 2  # tuned on 2 cores; more blocks would use more cores and cost more per product
+MAX_BLOCKS = 2  # and so one helper: more blocks cost more per product on 2 cores, and `_scratch` relies on one
 MIN_FLOPS = 2 * 32 * 64 * 64  # below this a product runs as numpy.matmul
 SPLIT_FLOPS = 2 * 32 * 256 * 384  # below this a product is one block (the RNN at 256 gains nothing from two)
 _JIT = dict(nogil=True, cache=True)
 
 # the shared control block: one int64 array, these indices
-(SEQ, STOP, NCH, CS, AXIS, M, N, K, A, LDA, TA, B, LDB, TB, S, DT, POSTS, HELPER_BLOCKS, TAKEOVERS) = range(19)
+(SEQ, STOP, NCH, CS, AXIS, M, N, K, A, LDA, TA, B, LDB, TB, S, DT, POSTS, HELPER_BLOCKS, TAKEOVERS, HDONE, DECLINED) = range(21)
 STATE = 24  # STATE + i: block i's state, seq * 4 + FREE, HELPER, DONE or CALLER
 FREE, HELPER, DONE, CALLER = 0, 1, 2, 3
 CTL_SIZE = STATE + MAX_BLOCKS
@@ -128,12 +131,18 @@ _SIGNATURES = {  # pointers are passed as int64 addresses
 }
 
 
+def _is_numpys(path):
+    """Whether a library path is NumPy's own OpenBLAS (in numpy.libs beside the package, or inside it)."""
+    package = os.path.dirname(np.__file__)
+    return os.path.dirname(path) in (package + ".libs", package) or path.startswith(package + os.sep)
+
+
 def _register():
     """Bind `npyrnn_gemm_<name>` to each C function; return NumPy's OpenBLAS (ctypes) for its thread count."""
     import llvmlite.binding as llvm
     from threadpoolctl import threadpool_info
 
-    libs = [i for i in threadpool_info() if i.get("internal_api") == "openblas" and "numpy" in i.get("filepath", "")]
+    libs = [i for i in threadpool_info() if i.get("internal_api") == "openblas" and _is_numpys(i.get("filepath", ""))]
     if not libs:
         raise OSError("NumPy's BLAS is not OpenBLAS")
     lib = ctypes.CDLL(libs[0]["filepath"])
@@ -215,19 +224,20 @@ def _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis):
         _dgemm(np.int32(ROW_MAJOR), np.int32(ta), np.int32(tb), m, n, k, 1.0, a0, lda, b0, ldb, 0.0, d0, ldd)
 
 @njit(**_JIT)
-def _target(axis, i, nch, c, ldc, s, m, n, item, helper):
+def _target(axis, i, c, ldc, hs, ps, m, n, item, helper):
     """Where block i goes, and its leading dimension.
 
-    The caller's blocks go into c, a helper's into the scratch s at the same place (rows of
-    n). A partial sum over k (axis 2) goes into an (m, n) region of the scratch: region i
-    when a helper computes it, region nch + i when the caller does (block 0: into c), so a
-    block the caller took back never shares memory with the helper still writing it.
+    The caller's blocks go into c, the helper's into its scratch hs at the same place (rows of
+    n). A partial sum over k (axis 2) goes into (m, n) region i of hs when the helper computes
+    it, of ps (the caller's partial sums, which no helper writes) when the caller does, block
+    0's into c. So memory the caller reads or writes is never memory a helper that lost its
+    core may still be writing.
     """
-    if axis == 2 and helper:
-        return s + item * i * m * n, n
+    if helper:
+        return (hs + item * i * m * n if axis == 2 else hs), n
     if axis == 2 and i > 0:
-        return s + item * (nch + i) * m * n, n
-    return (s, n) if helper else (c, ldc)
+        return ps + item * i * m * n, n
+    return c, ldc
 
 
 @njit(**_JIT)
@@ -244,23 +254,26 @@ def _copy_block(dt, m, n, s, c, ldc, i, cs, axis):
         _memcpy(c + item * (r * ldc + n0), src + item * (r * n + n0), np.int64(item * width))
 
 @njit(**_JIT)
-def _product(ctl, ts, a_arr, b_arr, c_arr, s_arr, ta, lda, tb, ldb, ldc, nch, cs, axis, helpers):
-    """c = op(a) op(b) in nch blocks, shared with the helpers; False if OpenBLAS is not at one thread.
+def _product(ctl, ts, a_arr, b_arr, c_arr, hs_arr, ps_arr, ta, lda, tb, ldb, ldc, nch, cs, axis, helpers):
+    """c = op(a) op(b) in nch blocks, shared with the helper.
 
-    For axis 2, c holds block 0's partial sum on return, and the scratch the others (see
-    `_target`), for the caller to add in order.
+    Returns 0 (nothing done) if OpenBLAS is not at one thread, 1 when done, 2 when done and a
+    block was taken back from the helper (which may still be reading a and b). For axis 2, c
+    holds block 0's partial sum on return and `_target`'s regions the others, for the caller
+    to add in order.
     """
     if _get_threads() != 1:
-        return False
+        return 0
     m, k, n = c_arr.shape[0], a_arr.shape[1], c_arr.shape[1]
-    a, b, c, s = np.int64(a_arr.ctypes.data), np.int64(b_arr.ctypes.data), np.int64(c_arr.ctypes.data), np.int64(s_arr.ctypes.data)
+    a, b, c = np.int64(a_arr.ctypes.data), np.int64(b_arr.ctypes.data), np.int64(c_arr.ctypes.data)
+    hs, ps = np.int64(hs_arr.ctypes.data), np.int64(ps_arr.ctypes.data)
     item = a_arr.itemsize
     dt = 0 if item == 4 else 1
     if helpers == 0 or nch == 1:
         for i in range(nch):
-            dst, ldd = _target(axis, i, nch, c, ldc, s, m, n, item, False)
+            dst, ldd = _target(axis, i, c, ldc, hs, ps, m, n, item, False)
             _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis)
-        return True
+        return 1
     seq = ctl[SEQ] + 1
     ctl[NCH] = nch
     ctl[CS] = cs
@@ -274,21 +287,22 @@ def _product(ctl, ts, a_arr, b_arr, c_arr, s_arr, ta, lda, tb, ldb, ldc, nch, cs
     ctl[B] = b
     ctl[LDB] = ldb
     ctl[TB] = tb
-    ctl[S] = s
+    ctl[S] = hs
     ctl[DT] = dt
     for i in range(nch):
         _store(ctl, STATE + i, seq * 4 + FREE)
-    _store(ctl, SEQ, seq)  # the helpers may start: every field above is written
+    _store(ctl, SEQ, seq)  # the helper may start: every field above is written
     ctl[POSTS] += 1
     start = _now(ts)
     mine = 0
     for i in range(nch):  # the caller's blocks, from the front
         if _cas(ctl, STATE + i, seq * 4 + FREE, seq * 4 + CALLER):
-            dst, ldd = _target(axis, i, nch, c, ldc, s, m, n, item, False)
+            dst, ldd = _target(axis, i, c, ldc, hs, ps, m, n, item, False)
             _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis)
             mine += 1
     grace = max((_now(ts) - start) // max(mine, 1), 20_000)  # as long as one block took here, at least 20 us
-    for i in range(nch):  # the helpers' blocks: copy in, or take back from a helper that lost its core
+    result = 1
+    for i in range(nch):  # the helper's blocks: copy in, or take back if it lost its core
         if _load(ctl, STATE + i) == seq * 4 + CALLER:
             continue
         deadline = _now(ts) + grace
@@ -299,14 +313,15 @@ def _product(ctl, ts, a_arr, b_arr, c_arr, s_arr, ta, lda, tb, ldb, ldc, nch, cs
             if spins % 64 == 0 and _now(ts) > deadline:
                 break
         if _cas(ctl, STATE + i, seq * 4 + HELPER, seq * 4 + CALLER):  # taken back
-            dst, ldd = _target(axis, i, nch, c, ldc, s, m, n, item, False)
+            dst, ldd = _target(axis, i, c, ldc, hs, ps, m, n, item, False)
             _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis)
             ctl[TAKEOVERS] += 1
-        else:  # DONE, in the scratch
+            result = 2
+        else:  # DONE, in the helper's scratch
             if axis != 2 or i == 0:
-                _copy_block(dt, m, n, s, c, ldc, i, cs, axis)
+                _copy_block(dt, m, n, hs, c, ldc, i, cs, axis)
             ctl[HELPER_BLOCKS] += 1
-    return True
+    return result
 
 @njit(**_JIT)
 def _helper(ctl, ts):
@@ -336,9 +351,10 @@ def _helper(ctl, ts):
         s, dt = ctl[S], ctl[DT]
         for i in range(nch - 1, -1, -1):
             if _cas(ctl, STATE + i, seq * 4 + FREE, seq * 4 + HELPER):
-                dst, ldd = _target(axis, i, nch, 0, 0, s, m, n, 4 if dt == 0 else 8, True)
+                dst, ldd = _target(axis, i, 0, 0, s, 0, m, n, 4 if dt == 0 else 8, True)
                 _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis)
                 _cas(ctl, STATE + i, seq * 4 + HELPER, seq * 4 + DONE)  # fails if the caller took it back
+        _store(ctl, HDONE, seq)  # done with seq's memory: what the caller kept alive for it may go
         spins = 0
         idle_since = _now(ts)
 
@@ -347,10 +363,11 @@ def _helper(ctl, ts):
 _ctl = np.zeros(CTL_SIZE, dtype=np.int64)
 _NO_SCRATCH = {"f": np.zeros(1, dtype=np.float32), "d": np.zeros(1, dtype=np.float64)}
 _clock = np.zeros(2, dtype=np.int64)  # the calling thread's struct timespec (products run one at a time)
-_threads = []  # the running helpers
+_threads = []  # the running helper (at most one)
 _lock = threading.Lock()  # one product at a time shares the control block
-_scratch = {}  # dtype char -> 1-D array the helper (and partial sums over k) write into
-_retired = []  # scratch arrays outgrown: a helper that lost its core may still write into one
+_helper_scratch = {}  # dtype char -> 1-D array the helper writes its blocks into
+_partials = {}  # dtype char -> 1-D array of the caller's partial sums over k (no helper writes it)
+_kept = []  # (seq, arrays): memory a helper that lost its core may still touch, kept until it is done with seq
 _blas_threads = None  # NumPy's OpenBLAS thread count before start(), restored by stop()
 _started = False
 
@@ -366,11 +383,12 @@ def helpers():
 
 
 def start(num_helpers):
-    """Split products with `num_helpers` helper threads, at most MAX_BLOCKS - 1 (0: every block on the calling thread).
+    """Split products with a helper thread (num_helpers >= 1) or without (0: every block on the calling thread).
 
-    A product has at most MAX_BLOCKS blocks, so more helpers would only wait. Sets NumPy's
-    OpenBLAS to one thread (each block is a single-threaded product); `stop()` gives it its
-    count back. Calling it again changes the number of helpers.
+    A product has at most two blocks, so one helper is all there is work for, and the scratch
+    arrays are safe for exactly one (see `_scratch`). Sets NumPy's OpenBLAS to one thread
+    (each block is a single-threaded product); `stop()` gives it its count back. Calling it
+    again changes the number of helpers.
     """
     global _started, _blas_threads
     if _why is not None:
@@ -380,8 +398,8 @@ def start(num_helpers):
         _blas_threads = _blas_thread_count()
     _set_blas_threads(1)
     _ctl[STOP] = 0
-    for j in range(min(int(num_helpers), MAX_BLOCKS - 1)):
-        thread = threading.Thread(target=_helper, args=(_ctl, np.zeros(2, dtype=np.int64)), name=f"npyrnn-gemm-helper-{j}",
+    if int(num_helpers) > 0:
+        thread = threading.Thread(target=_helper, args=(_ctl, np.zeros(2, dtype=np.int64)), name="npyrnn-gemm-helper",
                                   daemon=True)
         thread.start()
         _threads.append(thread)
@@ -389,15 +407,16 @@ def start(num_helpers):
 
 
 def stop():
-    """End the helpers and give NumPy's OpenBLAS its thread count back; products go to numpy.matmul again."""
+    """End the helper and give NumPy's OpenBLAS its thread count back; products go to numpy.matmul again."""
     global _started, _blas_threads
     if not _started:
         return
     with _lock:
         _ctl[STOP] = 1
         for thread in _threads:
-            thread.join()
+            thread.join()  # after any block it was still computing: nothing it touches is in use any more
         _threads.clear()
+        _kept.clear()
         _ctl[STOP] = 0
         _started = False
     if _blas_threads is not None:
@@ -405,12 +424,29 @@ def stop():
         _blas_threads = None
 
 
+def _forget_after_fork():
+    """In a forked child: no helper thread exists there, so the products are off; OpenBLAS gets its count back."""
+    global _started, _blas_threads, _lock
+    _threads.clear()
+    _kept.clear()
+    _lock = threading.Lock()
+    _ctl[:] = 0
+    _started = False
+    if _blas_threads is not None and _why is None:
+        _set_blas_threads(_blas_threads)
+    _blas_threads = None
+
+
 atexit.register(stop)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def stats():
-    """Counters since the process began: products posted to helpers, blocks the helpers did, blocks taken back."""
-    return {"posted": int(_ctl[POSTS]), "helper_blocks": int(_ctl[HELPER_BLOCKS]), "taken_back": int(_ctl[TAKEOVERS])}
+    """Counters since the process began: products posted to the helper, blocks the helper did, blocks taken
+    back from it, and products declined because OpenBLAS was not at one thread or another thread was in."""
+    return {"posted": int(_ctl[POSTS]), "helper_blocks": int(_ctl[HELPER_BLOCKS]), "taken_back": int(_ctl[TAKEOVERS]),
+            "declined": int(_ctl[DECLINED])}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -445,20 +481,21 @@ def _operand(x):
     return None
 
 
-def _scratch_for(dt, need):
-    """The scratch array for `dt`, at least `need` elements long (None when nothing needs one).
+def _scratch(arrays, dt, need):
+    """The array in `arrays` for `dt`, at least `need` elements long (a placeholder when nothing is needed).
 
-    A helper whose block was taken back may still be writing into its part of the scratch.
-    Nothing reads that part until a helper finishes a newer block there, and with one helper
-    that is the same helper, done with the old block; an outgrown array is kept for it.
+    An outgrown array the helper writes into is kept (in `_kept`) until the helper is done with
+    the product now posted: a helper that lost its core may still be writing into it. Nothing
+    reads the helper's part before the helper finishes a newer block there, and with one helper
+    that is the same thread, done with the old one.
     """
     if not need:
-        return None
-    scratch = _scratch.get(dt.char)
+        return _NO_SCRATCH[dt.char]
+    scratch = arrays.get(dt.char)
     if scratch is None or scratch.size < need:
-        if scratch is not None:
-            _retired.append(scratch)
-        scratch = _scratch[dt.char] = np.empty(max(need, 1 << 16), dtype=dt)
+        if scratch is not None and arrays is _helper_scratch:
+            _kept.append((int(_ctl[SEQ]), (scratch,)))
+        scratch = arrays[dt.char] = np.empty(max(need, 1 << 16), dtype=dt)
     return scratch
 
 
@@ -466,14 +503,15 @@ def matmul(a, b, out):
     """out = a @ b for 2-D float32 or float64 NumPy arrays through the split products; whether it did.
 
     False (and nothing written) when the products are off, or the arrays are not ones this
-    takes: other dtypes or ranks, strides that are not a row or column layout, a size-1 or tiny
-    product, out overlapping an input, another thread using the products. The caller then uses
-    numpy.matmul.
+    takes: other dtypes or byte orders, other ranks, strides that are not a row or column
+    layout, a read-only out, a size-1 or tiny product, out overlapping an input, OpenBLAS not
+    at one thread, another thread using the products. The caller then uses numpy.matmul (whose
+    float32 bits may differ).
     """
     if not _started or a.ndim != 2 or b.ndim != 2 or out.ndim != 2:
         return False
     dt = a.dtype
-    if dt != b.dtype or dt != out.dtype or dt.char not in "fd":
+    if dt != b.dtype or dt != out.dtype or dt.char not in "fd" or not dt.isnative or not out.flags.writeable:
         return False
     m, k = a.shape
     n = b.shape[1]
@@ -485,20 +523,28 @@ def matmul(a, b, out):
     if np.may_share_memory(out, a) or np.may_share_memory(out, b):
         return False
     if not _lock.acquire(blocking=False):
+        _ctl[DECLINED] += 1
         return False
     try:
+        if _kept:  # let go of what the helper has finished with
+            done = int(_ctl[HDONE])
+            _kept[:] = [entry for entry in _kept if entry[0] > done]
         axis, nch, cs = blocks(m, n, k)
         helpers_now = len(_threads)
-        scratch = _scratch_for(dt, 2 * nch * m * n if axis == 2 else (m * n if helpers_now and nch > 1 else 0))
-        if not _product(_ctl, _clock, a, b, out, _NO_SCRATCH[dt.char] if scratch is None else scratch,
-                        pa[0], pa[1], pb[0], pb[1], pc[1], nch, cs, axis, helpers_now):
+        hs = _scratch(_helper_scratch, dt, (nch * m * n if axis == 2 else m * n) if helpers_now and nch > 1 else 0)
+        ps = _scratch(_partials, dt, nch * m * n if axis == 2 else 0)
+        done = _product(_ctl, _clock, a, b, out, hs, ps, pa[0], pa[1], pb[0], pb[1], pc[1], nch, cs, axis, helpers_now)
+        if not done:
+            _ctl[DECLINED] += 1
             return False
+        seq = int(_ctl[SEQ])
+        if done == 2:  # the helper may still be reading a and b (and writing hs): keep them alive for it
+            _kept.append((seq, (a, b, hs)))
         if axis == 2:  # the partial sums over k, added in order, from where `_target` put them
-            seq = int(_ctl[SEQ])
             for i in range(1, nch):
-                by_helper = helpers_now and nch > 1 and int(_ctl[STATE + i]) == seq * 4 + DONE
-                region = i if by_helper else nch + i
-                np.add(out, scratch[region * m * n : (region + 1) * m * n].reshape(m, n), out=out)
+                by_helper = helpers_now and int(_ctl[STATE + i]) == seq * 4 + DONE
+                region = (hs if by_helper else ps)[i * m * n : (i + 1) * m * n]
+                np.add(out, region.reshape(m, n), out=out)
         return True
     finally:
         _lock.release()
