@@ -53,7 +53,7 @@ BLOCK_MIN = 128  # rows, columns or k: a thinner block costs more than a second 
 BLOCK_ALIGN = 16  # block edges on multiples of 16 (64 bytes of float32)
 MAX_BLOCKS = 2  # and so one helper: more blocks cost more per product on 2 cores, and `_scratch` relies on one
 MIN_FLOPS = 2 * 32 * 64 * 64  # below this a product runs as numpy.matmul
-SPLIT_FLOPS = 2 * 32 * 256 * 384  # below this a product is one block (the RNN at 256 gains nothing from two)
+SPLIT_FLOPS = 2 * 32 * 128 * 256  # below this a product is one block: halves of it cost more than they gain
 _JIT = dict(nogil=True, cache=True)
 
 # the shared control block: one int64 array, these indices
