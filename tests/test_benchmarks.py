@@ -381,6 +381,15 @@ def test_bench_split_runs_quiet():
     assert re.search(r"^busy=0: blas-2 [\d,]+ us, blas-1 [\d,]+ us, split [\d,]+ us$", out, re.M), out
 
 
+def test_bench_products_runs_quiet():
+    pytest.importorskip("numba", reason="bench_products.py times the split products of the fast extra")
+    out = run_script("bench_products.py", "--reps", "1", "--calls", "1", "--gap", "0")
+    assert out.startswith("busy=0, median us a call over 1 reps of 1 calls")
+    for name in ("rnn512 step forward", "gru256 dW_hh", "output logits (256)"):
+        assert re.search(rf"^{re.escape(name)} \(\d+x\d+ by \d+x\d+, \d blocks? by (rows|columns|k)\): "
+                         rf"openblas-1 [\d,.]+, openblas-2 [\d,.]+, split-1 [\d,.]+, split-2 [\d,.]+$", out, re.M), out
+
+
 def test_bench_thread_policies_runs_quiet():
     out = run_script("bench_thread_policies.py", "--reps", "1", "--busy", "0")
     for model in ("rnn 512", "lstm 256"):

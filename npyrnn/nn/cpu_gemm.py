@@ -40,6 +40,7 @@ import functools
 import os
 import platform
 import threading
+import time
 
 import numpy as np
 from llvmlite import ir
@@ -57,7 +58,8 @@ SPLIT_FLOPS = 2 * 32 * 128 * 256  # below this a product is one block: halves of
 _JIT = dict(nogil=True, cache=True)
 
 # the shared control block: one int64 array, these indices
-(SEQ, STOP, NCH, CS, AXIS, M, N, K, A, LDA, TA, B, LDB, TB, S, DT, POSTS, HELPER_BLOCKS, TAKEOVERS, HDONE, DECLINED) = range(21)
+(SEQ, STOP, NCH, CS, AXIS, M, N, K, A, LDA, TA, B, LDB, TB, S, DT, POSTS, HELPER_BLOCKS, TAKEOVERS, HDONE, DECLINED,
+ READY) = range(22)
 STATE = 24  # STATE + i: block i's state, seq * 4 + FREE, HELPER, DONE or CALLER
 FREE, HELPER, DONE, CALLER = 0, 1, 2, 3
 CTL_SIZE = STATE + MAX_BLOCKS
@@ -327,6 +329,7 @@ def _product(ctl, ts, a_arr, b_arr, c_arr, hs_arr, ps_arr, ta, lda, tb, ldb, ldc
 def _helper(ctl, ts):
     """A helper thread's life: wait for a product, claim blocks from the back, compute them into the scratch."""
     seen = _load(ctl, SEQ)
+    _store(ctl, READY, 1)
     idle_since = _now(ts)
     spins = 0
     while _load(ctl, STOP) == 0:
@@ -403,6 +406,9 @@ def start(num_helpers):
                                   daemon=True)
         thread.start()
         _threads.append(thread)
+        deadline = time.monotonic() + 10.0
+        while _ctl[READY] == 0 and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.0005)  # lets the helper take the GIL once, to enter its compiled loop
     _started = True
 
 
@@ -418,6 +424,7 @@ def stop():
         _threads.clear()
         _kept.clear()
         _ctl[STOP] = 0
+        _ctl[READY] = 0
         _started = False
     if _blas_threads is not None:
         _set_blas_threads(_blas_threads)
