@@ -260,18 +260,22 @@ def split_products():
     return None if helpers is None else helpers + 1
 
 
-def _split_enabled():
-    value = os.environ.get(SPLIT_ENV, "").strip().lower()
+def env_switch(variable, off, on):
+    """An on/off environment variable, on by default: unset, 1, true, on or yes; 0, false, off or no.
+
+    Anything else is one clear error that names `off` and `on`, what 0 and 1 choose.
+    """
+    value = os.environ.get(variable, "").strip().lower()
     if value in ("", "1", "true", "on", "yes"):
         return True
     if value in ("0", "false", "off", "no"):
         return False
-    raise BackendError(f"{SPLIT_ENV} must be 0 (OpenBLAS's own threads) or 1 (split products, the default), got {value!r}")
+    raise BackendError(f"{variable} must be 0 ({off}) or 1 ({on}, the default), got {value!r}")
 
 
 def _split_module(asked=None):
     """``npyrnn.nn.cpu_gemm`` when the split products can run here and are asked for (None: the variable decides), else None."""
-    if asked is None and not _split_enabled():
+    if asked is None and not env_switch(SPLIT_ENV, "OpenBLAS's own threads", "split products"):
         return None
     try:
         import numba  # noqa: F401  (the fast extra)

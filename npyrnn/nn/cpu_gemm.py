@@ -59,7 +59,7 @@ _JIT = dict(nogil=True, cache=True)
 
 # the shared control block: one int64 array, these indices
 (SEQ, STOP, NCH, CS, AXIS, M, N, K, A, LDA, TA, B, LDB, TB, S, DT, POSTS, HELPER_BLOCKS, TAKEOVERS, HDONE, DECLINED,
- READY) = range(22)
+ READY, MIN_GRACE) = range(23)
 STATE = 24  # STATE + i: block i's state, seq * 4 + FREE, HELPER, DONE or CALLER
 FREE, HELPER, DONE, CALLER = 0, 1, 2, 3
 CTL_SIZE = STATE + MAX_BLOCKS
@@ -302,7 +302,7 @@ def _product(ctl, ts, a_arr, b_arr, c_arr, hs_arr, ps_arr, ta, lda, tb, ldb, ldc
             dst, ldd = _target(axis, i, c, ldc, hs, ps, m, n, item, False)
             _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis)
             mine += 1
-    grace = max((_now(ts) - start) // max(mine, 1), 20_000)  # as long as one block took here, at least 20 us
+    grace = max((_now(ts) - start) // max(mine, 1), ctl[MIN_GRACE])  # as long as one block took here, at least 20 us
     result = 1
     for i in range(nch):  # the helper's blocks: copy in, or take back if it lost its core
         if _load(ctl, STATE + i) == seq * 4 + CALLER:
@@ -364,6 +364,7 @@ def _helper(ctl, ts):
 
 # ------------------------------------------------------------------------------ Python side
 _ctl = np.zeros(CTL_SIZE, dtype=np.int64)
+_ctl[MIN_GRACE] = 20_000  # ns
 _NO_SCRATCH = {"f": np.zeros(1, dtype=np.float32), "d": np.zeros(1, dtype=np.float64)}
 _clock = np.zeros(2, dtype=np.int64)  # the calling thread's struct timespec (products run one at a time)
 _threads = []  # the running helper (at most one)
@@ -438,6 +439,7 @@ def _forget_after_fork():
     _kept.clear()
     _lock = threading.Lock()
     _ctl[:] = 0
+    _ctl[MIN_GRACE] = 20_000
     _started = False
     if _blas_threads is not None and _why is None:
         _set_blas_threads(_blas_threads)

@@ -37,7 +37,7 @@ import os
 import warnings
 from types import SimpleNamespace
 
-from npyrnn.errors import BackendError
+from npyrnn import backend
 from npyrnn.nn.recurrent import sigmoid_  # the array-op sigmoid the twins share with the cells
 
 __all__ = ["get", "enabled", "set_enabled", "status", "prepare", "ENV"]
@@ -68,12 +68,7 @@ def enabled():
     """Whether fused kernels may be used: `set_enabled`'s value, else `NPYRNN_FUSED` (default on)."""
     if _override is not None:
         return _override
-    value = os.environ.get(ENV, "").strip().lower()
-    if value in ("", "1", "true", "on", "yes"):
-        return True
-    if value in ("0", "false", "off", "no"):
-        return False
-    raise BackendError(f"{ENV} must be 0 (array operations) or 1 (fused kernels, the default), got {value!r}")
+    return backend.env_switch(ENV, "array operations", "fused kernels")
 
 
 def set_enabled(flag):
@@ -91,8 +86,6 @@ def status(xp=None):
     'unavailable (...)' where the backend has no kernels or a probe failed.
     """
     if xp is None:
-        from npyrnn import backend
-
         xp = backend.xp
     key = xp.__name__
     if key in _failures:
