@@ -454,6 +454,7 @@ def train_run(settings, out, resume=False, overwrite=False, quiet=False, progres
 
     require_safetensors("npyrnn train writes its checkpoints")
     backend.set_cpu_threads(settings.get("threads"))  # a missing threadpoolctl fails before anything is written
+    kernels.enabled()  # and so does a bad NPYRNN_FUSED (NPYRNN_SPLIT_PRODUCTS: in set_cpu_threads)
     check_out_dir(out, resume=resume, overwrite=overwrite)  # before Path(): Path("") is "."
     out = Path(out)
     if settings.get("prefix") is not None:

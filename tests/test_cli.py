@@ -459,6 +459,16 @@ def test_train_bad_input(bad_files, monkeypatch, capsys, change, words):
     assert tree(bad_files) == before  # nothing created: no out/, no runs/, no temporary file
 
 
+@pytest.mark.parametrize("variable", ["NPYRNN_SPLIT_PRODUCTS", "NPYRNN_FUSED"])
+def test_train_bad_switch_variable(bad_files, monkeypatch, capsys, variable):
+    monkeypatch.chdir(bad_files)
+    monkeypatch.setenv(variable, "maybe")
+    before = tree(bad_files)
+    code, stdout, stderr = run(["train", *GOOD], capsys)
+    assert_clean_failure(code, stdout, stderr, f"{variable} must be 0")
+    assert tree(bad_files) == before
+
+
 GENERATE_BAD = {
     "temperature-negative": (["--temperature", "-1"], "--temperature"),
     "top-k-0": (["--top-k", "0"], "--top-k"),
