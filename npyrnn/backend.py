@@ -247,7 +247,8 @@ def set_cpu_threads(n, split=None):
         except ImportError:
             raise BackendError("setting the thread count needs threadpoolctl: pip install threadpoolctl") from None
         threadpool_limits(limits=int(n))
-    cpu_gemm = _split_module(asked=split) if split is not False and name == "numpy" else None
+    wanted = env_switch(SPLIT_ENV, "OpenBLAS's own threads", "split products") if split is None else bool(split)
+    cpu_gemm = _split_module() if wanted and name == "numpy" else None  # a bad variable fails on CuPy too
     if cpu_gemm is not None:
         cpu_gemm.start((_usable_cores() if n is None else int(n)) - 1)  # NumPy's OpenBLAS now at one thread
         _split = cpu_gemm
@@ -273,10 +274,8 @@ def env_switch(variable, off, on):
     raise BackendError(f"{variable} must be 0 ({off}) or 1 ({on}, the default), got {value!r}")
 
 
-def _split_module(asked=None):
-    """``npyrnn.nn.cpu_gemm`` when the split products can run here and are asked for (None: the variable decides), else None."""
-    if asked is None and not env_switch(SPLIT_ENV, "OpenBLAS's own threads", "split products"):
-        return None
+def _split_module():
+    """``npyrnn.nn.cpu_gemm`` when the split products can run here, else None."""
     try:
         import numba  # noqa: F401  (the fast extra)
     except ImportError:
