@@ -45,6 +45,7 @@ __all__ = [
     "memory_bytes",
     "set_cpu_threads",
     "cpu_threads",
+    "numpy_blas",
     "split_products",
     "SPLIT_ENV",
 ]
@@ -294,14 +295,26 @@ def _usable_cores():
 
 def cpu_threads():
     """The thread count of NumPy's own BLAS now, or None where threadpoolctl does not find one."""
+    blas = numpy_blas()
+    return None if blas is None else blas["num_threads"]
+
+
+def numpy_blas():
+    """threadpoolctl's record of NumPy's own BLAS (in numpy.libs beside the package, or inside it),
+    else of the BLAS libraries loaded (SciPy's may be too) the one with most threads; None without
+    threadpoolctl or a BLAS."""
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
         return None
+    package = os.path.dirname(numpy.__file__)
     blas = [lib for lib in threadpool_info() if lib.get("user_api") == "blas"]
-    numpys = [lib for lib in blas if "numpy" in lib.get("filepath", "")]  # others (SciPy's) may be loaded too
-    counts = [lib["num_threads"] for lib in numpys or blas]
-    return max(counts) if counts else None
+    numpys = [lib for lib in blas
+              if os.path.dirname(lib.get("filepath", "")) in (package + ".libs", package)
+              or lib.get("filepath", "").startswith(package + os.sep)]
+    if numpys:
+        return numpys[0]
+    return max(blas, key=lambda lib: lib["num_threads"]) if blas else None
 
 
 def default_rng(seed=None):

@@ -30,11 +30,10 @@ if cpu_gemm.why_unavailable() is not None:
 
 from numba import njit  # noqa: E402
 from reference import to_torch, torch_layer  # noqa: E402
-from threadpoolctl import threadpool_info  # noqa: E402
 
 
 def numpy_blas_threads():
-    return next(i["num_threads"] for i in threadpool_info() if i["internal_api"] == "openblas" and "numpy" in i["filepath"])
+    return backend.numpy_blas()["num_threads"]
 
 
 @pytest.fixture(autouse=True)

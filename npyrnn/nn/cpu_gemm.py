@@ -133,21 +133,16 @@ _SIGNATURES = {  # pointers are passed as int64 addresses
 }
 
 
-def _is_numpys(path):
-    """Whether a library path is NumPy's own OpenBLAS (in numpy.libs beside the package, or inside it)."""
-    package = os.path.dirname(np.__file__)
-    return os.path.dirname(path) in (package + ".libs", package) or path.startswith(package + os.sep)
-
-
 def _register():
     """Bind `npyrnn_gemm_<name>` to each C function; return NumPy's OpenBLAS (ctypes) for its thread count."""
     import llvmlite.binding as llvm
-    from threadpoolctl import threadpool_info
 
-    libs = [i for i in threadpool_info() if i.get("internal_api") == "openblas" and _is_numpys(i.get("filepath", ""))]
-    if not libs:
-        raise OSError("NumPy's BLAS is not OpenBLAS")
-    lib = ctypes.CDLL(libs[0]["filepath"])
+    from npyrnn import backend
+
+    blas = backend.numpy_blas()
+    if blas is None or blas.get("internal_api") != "openblas" or blas.get("filepath") is None:
+        raise OSError("NumPy's BLAS is not OpenBLAS (or threadpoolctl is missing)")
+    lib = ctypes.CDLL(blas["filepath"])
     prefix = next((p for p in ("scipy_", "") if hasattr(lib, f"{p}cblas_sgemm64_")), None)
     if prefix is None:
         raise OSError("NumPy's OpenBLAS has no 64-bit-integer cblas_sgemm")
@@ -246,14 +241,13 @@ def _target(axis, i, c, ldc, hs, ps, m, n, item, helper):
 def _copy_block(dt, m, n, s, c, ldc, i, cs, axis):
     """A helper's block i from the scratch into c, row by row (axis 2: block 0's partial sum)."""
     item = 4 if dt == 0 else 8
-    src = s
     r0, r1, n0, width = 0, m, 0, n
     if axis == 0:
         r0, r1 = i * cs, min(m, (i + 1) * cs)
     elif axis == 1:
         n0, width = i * cs, min(n - i * cs, cs)
     for r in range(r0, r1):
-        _memcpy(c + item * (r * ldc + n0), src + item * (r * n + n0), np.int64(item * width))
+        _memcpy(c + item * (r * ldc + n0), s + item * (r * n + n0), np.int64(item * width))
 
 @njit(**_JIT)
 def _product(ctl, ts, a_arr, b_arr, c_arr, hs_arr, ps_arr, ta, lda, tb, ldb, ldc, nch, cs, axis, helpers):
