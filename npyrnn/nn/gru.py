@@ -348,15 +348,16 @@ class GRU(Recurrent):
             has_carry = True
         return self._hidden_grads(rec, dgx, dGH, carry)
 
-    def _hidden_grads(self, rec, dgx, dGH, carry):
-        """After the backward loop: dW_hh (and dgx's r, z columns); returns (dgx, dh0, None)."""
+    def _hidden_grads(self, rec, dgx, dGH, carry, rz_copied=False):
+        """After the backward loop: dW_hh (and dgx's r, z columns unless `rz_copied`); returns (dgx, dh0, None)."""
         xp = self.xp
         T, B, H = rec.T, rec.B, self.hidden_size
         prev = rec.Hs[rec.p : rec.p + T]
         W_hh = self._p("weight_hh", rec.k, rec.suffix)
         g = self._g("weight_hh", rec.k, rec.suffix)
         if self.reset_after:
-            dgx[:, :, : 2 * H] = dGH[:, :, : 2 * H]  # r and z: the same on both sides  (8.12)
+            if not rz_copied:
+                dgx[:, :, : 2 * H] = dGH[:, :, : 2 * H]  # r and z: the same on both sides  (8.12)
             dW = self._buffer("dW_hh", W_hh.shape, xp)
             g += backend.matmul(dGH.reshape(T * B, 3 * H).T, prev.reshape(T * B, H), out=dW)  # (8.11a)
         else:
@@ -393,11 +394,17 @@ class GRU(Recurrent):
         zdh = self._buffer("step_tmp", (B, H), xp)  # dh_t * z_t of the step before
         zdh[...] = 0
         if self.reset_after:
+            # on the CPU, r's and z's gradients are copied to the input side step by step, while
+            # the step's rows are in cache (one pass over all steps afterwards costs ~1 ms)
+            per_step = xp.__name__ == "numpy"
             for t in range(T) if rec.reverse else range(T - 1, -1, -1):
                 fused[0](dY[t], carry, r[t], z[t], n[t], prev[t], rec.GH[t, :, 2 * H :],  # (8.5)-(8.9a)
                          dGH[t, :, :H], dGH[t, :, H : 2 * H], dgx[t, :, 2 * H :], dGH[t, :, 2 * H :], zdh)
+                if per_step:
+                    dgx[t, :, : 2 * H] = dGH[t, :, : 2 * H]  # r and z: the same on both sides  (8.12)
                 backend.matmul(dGH[t], W_hh, out=carry)  # via all three hidden products      (8.10a)
             carry += zdh  # via z * h_{t-1}                                               (8.10a)
+            return self._hidden_grads(rec, dgx, dGH, carry, rz_copied=per_step)
         else:
             W_hn, W_rz = W_hh[2 * H :], W_hh[: 2 * H]
             drh = self._buffer("drh", (B, H), xp)

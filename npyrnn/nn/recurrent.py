@@ -407,13 +407,16 @@ class Recurrent(Module):
                     dc0[k * D + d] = dc0_d  # (4.6)
                 dG2 = dgx.reshape(T * B, GH)  # the input side's gradient, all steps stacked
                 W_ih = self._p("weight_ih", k, suffix)
+                db = None
                 if k == 0 and is_ids:  # sum_t dgx_t^T onehot(x_t): a scatter into columns (5.2)
-                    self._g("weight_ih", k, suffix)[...] += _scatter_columns(inp.reshape(-1), dG2, self.input_size, xp)
+                    dW, db = _scatter_columns(inp.reshape(-1), dG2, self.input_size, xp, self.bias)
+                    self._g("weight_ih", k, suffix)[...] += dW
                 else:  # sum_t dgx_t^T x_t, one product for all steps and gates           (2.8)
                     dW = self._buffer(f"dW_ih{k}", W_ih.shape, xp)
                     self._g("weight_ih", k, suffix)[...] += backend.matmul(dG2.T, inp.reshape(T * B, -1), out=dW)
                 if self.bias:
-                    db = dG2.sum(axis=0)  # sum over t and b                              (2.9)
+                    if db is None:
+                        db = dG2.sum(axis=0)  # sum over t and b                          (2.9)
                     self._g("bias_ih", k, suffix)[...] += db
                     self._g("bias_hh", k, suffix)[...] += self._bias_hh_grad(rec, db)
                 if needs_dx:  # dL/dx_t = dgx_t W_ih, summed over directions            (2.10, 4.4)
@@ -494,16 +497,25 @@ def sigmoid_(a, xp):
     return a
 
 
-def _scatter_columns(ids, dG2, num_columns, xp):
-    """sum_n dG2[n]^T onehot(ids[n]): the (G*H, V) gradient of a row gather (5.2).
+def _scatter_columns(ids, dG2, num_columns, xp, with_sum=False):
+    """sum_n dG2[n]^T onehot(ids[n]): the (G*H, V) gradient of a row gather (5.2); and sum_n dG2[n] (2.9).
 
     For a small vocabulary one product with a (T*B, V) one-hot matrix, built here once for all
-    T*B rows, is fastest (2*T*B*V*G*H flops in BLAS); for a large one the rows are summed per
-    token with `backend.index_add`.
+    T*B rows, is fastest (2*T*B*V*G*H flops in BLAS); with `with_sum` the matrix gets a last
+    column of ones, and the same product also gives the bias gradient, the sum of all rows
+    (5.3), without a pass of its own over dG2. For a large vocabulary the rows are summed per
+    token with `backend.index_add`, and the bias gradient is the sum of those V per-token sums
+    (5.3).
+
+    Returns (dW, db): dW (G*H, V); db (G*H,), or None without `with_sum`.
     """
     if num_columns <= ONE_HOT_MAX:
-        onehot = (ids[:, None] == xp.arange(num_columns)).astype(dG2.dtype)  # (T*B, V)
-        return backend.matmul(dG2.T, onehot)  # (G*H, V)
+        onehot = xp.zeros((ids.shape[0], num_columns + int(with_sum)), dtype=dG2.dtype)  # (T*B, V [+ 1])
+        onehot[xp.arange(ids.shape[0]), ids] = 1
+        if with_sum:
+            onehot[:, num_columns] = 1  # the column that sums every row             (5.3)
+        dW = backend.matmul(dG2.T, onehot)  # (G*H, V [+ 1])
+        return dW[:, :num_columns], (dW[:, num_columns] if with_sum else None)
     dW_T = xp.zeros((num_columns, dG2.shape[1]), dtype=dG2.dtype)
     backend.index_add(dW_T, ids, dG2)
-    return dW_T.T
+    return dW_T.T, (dW_T.sum(axis=0) if with_sum else None)  # (5.3)
