@@ -48,7 +48,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["start", "stop", "matmul", "blocks", "helpers", "stats", "why_unavailable"]
+__all__ = ["start", "stop", "matmul", "run_loop", "loop_product", "one_blas_thread", "blocks", "helpers", "stats",
+           "why_unavailable"]
 
 BLOCK_MIN = 128  # rows, columns or k: a thinner block costs more than a second core gains
 BLOCK_ALIGN = 16  # block edges on multiples of 16 (64 bytes of float32)
@@ -356,6 +357,40 @@ def _helper(ctl, ts):
         idle_since = _now(ts)
 
 
+@njit(**_JIT)
+def one_blas_thread():
+    """Whether NumPy's OpenBLAS is at one thread, as every block needs (a compiled loop checks before it starts)."""
+    return _get_threads() == 1
+
+
+@njit(**_JIT)
+def loop_product(ctl, ts, a, b, c, hs, ps, tb, plan, helpers):
+    """`matmul` inside a compiled time loop (`npyrnn.nn.cpu_loops`): c = a op(b), the same blocks, the same bits.
+
+    a (m, k) and c (m, n) with contiguous rows; b is (k, n) with tb NO_TRANS, or (n, k) with
+    tb TRANS (a weight used as W^T), rows contiguous either way; plan: int64 (3,), `blocks(m,
+    n, k)`. Partial sums over k are added in order, as `matmul` adds them. Returns 2 when a
+    block was taken back from the helper (which may still read a and b: `run_loop` keeps them),
+    else 1. The loop holds `_lock` (see `run_loop`) and checked `one_blas_thread` before.
+    """
+    item = a.itemsize
+    axis, nch, cs = plan[0], plan[1], plan[2]
+    done = _product(ctl, ts, a, b, c, hs, ps, NO_TRANS, a.strides[0] // item, tb, b.strides[0] // item,
+                    c.strides[0] // item, nch, cs, axis, helpers)
+    if done == 0:
+        raise RuntimeError("npyrnn split products: OpenBLAS left one thread during a compiled loop")
+    if axis == 2:  # the partial sums over k, added in order, from where `_target` put them
+        m, n = c.shape
+        seq = _load(ctl, SEQ)
+        for i in range(1, nch):
+            by_helper = helpers > 0 and _load(ctl, STATE + i) == seq * 4 + DONE
+            region = (hs if by_helper else ps)[i * m * n : (i + 1) * m * n]
+            for r in range(m):
+                for j in range(n):
+                    c[r, j] += region[r * n + j]
+    return done
+
+
 # ------------------------------------------------------------------------------ Python side
 _ctl = np.zeros(CTL_SIZE, dtype=np.int64)
 _ctl[MIN_GRACE] = 20_000  # ns
@@ -500,6 +535,48 @@ def _scratch(arrays, dt, need):
             _kept.append((int(_ctl[SEQ]), (scratch,)))
         scratch = arrays[dt.char] = np.empty(max(need, 1 << 16), dtype=dt)
     return scratch
+
+
+def run_loop(loop, shapes, dtype, keep, *args):
+    """Run a compiled time loop whose step products go through `loop_product`; whether it ran.
+
+    `loop(ctl, ts, hs, ps, helpers, plans, *args)` returns 0 (before doing anything) when OpenBLAS
+    is not at one thread, else 2 if any block was taken back from the helper, else 1; its
+    products are `shapes`, (m, n, k) each, and `plans[j]` is `blocks(*shapes[j])`. The loop
+    holds the products for its whole run. False (nothing run) when the products are off, in use
+    by another thread, or would decline one of these products or `dtype` (the caller then runs
+    its Python loop, whose products go to numpy.matmul). `keep`: the arrays the loop's products
+    read or write, C-contiguous, kept alive for a helper that lost its core.
+    """
+    if not _started or dtype.char not in "fd" or not dtype.isnative:
+        return False
+    if any(min(m, n, k) < 2 or 2 * m * n * k < MIN_FLOPS for m, n, k in shapes):
+        return False
+    if not all(x.flags.c_contiguous and x.dtype == dtype for x in keep):  # strides the loop's products assume
+        return False
+    if not _lock.acquire(blocking=False):
+        _ctl[DECLINED] += 1
+        return False
+    try:
+        if _kept:  # let go of what the helper has finished with
+            done = int(_ctl[HDONE])
+            _kept[:] = [entry for entry in _kept if entry[0] > done]
+        plans = np.array([blocks(m, n, k) for m, n, k in shapes], dtype=np.int64)  # (axis, nch, cs) each
+        helpers_now = len(_threads)
+        hs_need = max((nch * m * n if axis == 2 else m * n) if helpers_now and nch > 1 else 0
+                      for (m, n, _), (axis, nch, _) in zip(shapes, plans))
+        ps_need = max(nch * m * n if axis == 2 else 0 for (m, n, _), (axis, nch, _) in zip(shapes, plans))
+        hs = _scratch(_helper_scratch, dtype, hs_need)
+        ps = _scratch(_partials, dtype, ps_need)
+        done = loop(_ctl, _clock, hs, ps, helpers_now, plans, *args)
+        if not done:
+            _ctl[DECLINED] += 1
+            return False
+        if done == 2:  # the helper may still be reading the loop's inputs (and writing hs): keep them alive for it
+            _kept.append((int(_ctl[SEQ]), tuple(keep) + (hs,)))
+        return True
+    finally:
+        _lock.release()
 
 
 def matmul(a, b, out):

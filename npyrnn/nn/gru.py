@@ -147,6 +147,9 @@ class GRU(Recurrent):
             ghrz = self._buffer("ghrz", (rec.B, 2 * H), xp)
         fused = self._fused_forward(xp)  # None when the fused kernels are off or unavailable
         bias = (b_hn,) if self.reset_after and b_hn is not None else ()
+        loops = self._cpu_loops(xp) if fused is not None and self.reset_after else None
+        if loops is not None and loops.gru_forward(G, rec.GH, Hs, W_hh, b_hn, o, p, rec.reverse):
+            return  # the fused loop below, compiled whole
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):
             h_prev = Hs[p + t]
             rz, n = G[t, :, : 2 * H], G[t, :, 2 * H :]
@@ -397,14 +400,17 @@ class GRU(Recurrent):
             # on the CPU, r's and z's gradients are copied to the input side step by step, while
             # the step's rows are in cache (one pass over all steps afterwards costs ~1 ms)
             per_step = xp.__name__ == "numpy"
-            for t in range(T) if rec.reverse else range(T - 1, -1, -1):
-                fused[0](dY[t], carry, r[t], z[t], n[t], prev[t], rec.GH[t, :, 2 * H :],  # (8.5)-(8.9a)
-                         dGH[t, :, :H], dGH[t, :, H : 2 * H], dgx[t, :, 2 * H :], dGH[t, :, 2 * H :], zdh)
-                if per_step:
-                    dgx[t, :, : 2 * H] = dGH[t, :, : 2 * H]  # r and z: the same on both sides  (8.12)
-                backend.matmul(dGH[t], W_hh, out=carry)  # via all three hidden products      (8.10a)
+            loops = self._cpu_loops(xp)
+            compiled = loops is not None and loops.gru_backward(dY, carry, zdh, G, Hs, rec.GH, dGH, dgx, W_hh, p, rec.reverse)
+            if not compiled:  # the loop below, unless its compiled twin just ran it
+                for t in range(T) if rec.reverse else range(T - 1, -1, -1):
+                    fused[0](dY[t], carry, r[t], z[t], n[t], prev[t], rec.GH[t, :, 2 * H :],  # (8.5)-(8.9a)
+                             dGH[t, :, :H], dGH[t, :, H : 2 * H], dgx[t, :, 2 * H :], dGH[t, :, 2 * H :], zdh)
+                    if per_step:
+                        dgx[t, :, : 2 * H] = dGH[t, :, : 2 * H]  # r and z: the same on both sides  (8.12)
+                    backend.matmul(dGH[t], W_hh, out=carry)  # via all three hidden products    (8.10a)
             carry += zdh  # via z * h_{t-1}                                               (8.10a)
-            return self._hidden_grads(rec, dgx, dGH, carry, rz_copied=per_step)
+            return self._hidden_grads(rec, dgx, dGH, carry, rz_copied=per_step or compiled)
         else:
             W_hn, W_rz = W_hh[2 * H :], W_hh[: 2 * H]
             drh = self._buffer("drh", (B, H), xp)

@@ -137,6 +137,9 @@ class LSTM(Recurrent):
         gh = self._buffer("gh", (rec.B, 4 * H), xp)
         tmp = self._buffer("tmp", (rec.B, H), xp)
         fused = kernels.get(xp, "lstm_fwd", self.dtype)  # None when the fused kernels are off or unavailable
+        loops = self._cpu_loops(xp) if fused is not None and W_hrT is None else None
+        if loops is not None and loops.lstm_forward(G, gh, Hs, C, rec.TC, W_hhT.T, o, p, rec.reverse):
+            return  # the fused loop below, compiled whole
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):
             a = G[t]
             backend.matmul(Hs[p + t], W_hhT, out=gh)  # h_{t-1} W_hh^T, all four gates         (9.1)
@@ -276,33 +279,36 @@ class LSTM(Recurrent):
             if not has_c:
                 carry_c[...] = 0
             has_h = has_c = True
-        for t in range(T) if rec.reverse else range(T - 1, -1, -1):
-            if fused is not None and W_hr is None:  # (9.6), (9.9)-(9.12) in one fused kernel
-                fused(dY[t], carry_h, *_gates(G[t], H), TC[t], C[p + t], *_gates(dG[t], H), carry_c)
-                backend.matmul(dG[t], W_hh, out=carry_h)  # c^h_{t-1} = da_t W_hh              (9.13)
-                continue
-            dh = dh_step if dHs is None else dHs[t]
-            if has_h:
-                xp.add(dY[t], carry_h, out=dh)  # dh_t = dout_t + c^h_t                       (9.6)
-            else:
-                dh[...] = dY[t]  # (9.6)
-            if W_hr is not None:
-                backend.matmul(dh, W_hr, out=dm)  # dm_t = dh_t W_hr                           (9.7)
-                dm_t = dm
-            else:
-                dm_t = dh  # h_t = m_t
-            if fused is not None:  # (9.9)-(9.12) in one fused kernel
-                fused(dm_t, *_gates(G[t], H), TC[t], C[p + t], *_gates(dG[t], H), carry_c)
-                backend.matmul(dG[t], W_hh, out=carry_h)  # c^h_{t-1} = da_t W_hh              (9.13)
-                continue
-            xp.multiply(dm_t, S[t, :, 3 * H :], out=dG[t, :, 3 * H :])  # dL/da_o        (9.9)
-            xp.multiply(dm_t, K[t], out=dc)
-            if has_c:
-                dc += carry_c  # dc_t = c^c_t + dm_t o (1 - tanh^2(c_t))                 (9.10)
-            xp.multiply(dc[:, None, :], S4[t, :, :3], out=dG4[t, :, :3])  # da_i, da_f, da_g (9.11)
-            xp.multiply(dc, f[t], out=carry_c)  # c^c_{t-1} = dc_t * f                    (9.12)
-            backend.matmul(dG[t], W_hh, out=carry_h)  # c^h_{t-1} = da_t W_hh                  (9.13)
-            has_h = has_c = True
+        loops = self._cpu_loops(xp) if fused is not None and W_hr is None else None
+        compiled = loops is not None and loops.lstm_backward(dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, rec.reverse)
+        if not compiled:  # the loop below, unless its compiled twin just ran it
+            for t in range(T) if rec.reverse else range(T - 1, -1, -1):
+                if fused is not None and W_hr is None:  # (9.6), (9.9)-(9.12) in one fused kernel
+                    fused(dY[t], carry_h, *_gates(G[t], H), TC[t], C[p + t], *_gates(dG[t], H), carry_c)
+                    backend.matmul(dG[t], W_hh, out=carry_h)  # c^h_{t-1} = da_t W_hh              (9.13)
+                    continue
+                dh = dh_step if dHs is None else dHs[t]
+                if has_h:
+                    xp.add(dY[t], carry_h, out=dh)  # dh_t = dout_t + c^h_t                       (9.6)
+                else:
+                    dh[...] = dY[t]  # (9.6)
+                if W_hr is not None:
+                    backend.matmul(dh, W_hr, out=dm)  # dm_t = dh_t W_hr                           (9.7)
+                    dm_t = dm
+                else:
+                    dm_t = dh  # h_t = m_t
+                if fused is not None:  # (9.9)-(9.12) in one fused kernel
+                    fused(dm_t, *_gates(G[t], H), TC[t], C[p + t], *_gates(dG[t], H), carry_c)
+                    backend.matmul(dG[t], W_hh, out=carry_h)  # c^h_{t-1} = da_t W_hh              (9.13)
+                    continue
+                xp.multiply(dm_t, S[t, :, 3 * H :], out=dG[t, :, 3 * H :])  # dL/da_o        (9.9)
+                xp.multiply(dm_t, K[t], out=dc)
+                if has_c:
+                    dc += carry_c  # dc_t = c^c_t + dm_t o (1 - tanh^2(c_t))                 (9.10)
+                xp.multiply(dc[:, None, :], S4[t, :, :3], out=dG4[t, :, :3])  # da_i, da_f, da_g (9.11)
+                xp.multiply(dc, f[t], out=carry_c)  # c^c_{t-1} = dc_t * f                    (9.12)
+                backend.matmul(dG[t], W_hh, out=carry_h)  # c^h_{t-1} = da_t W_hh                  (9.13)
+                has_h = has_c = True
         prev = Hs[p : p + T].reshape(T * B, P)  # h_{t-1} for every t, in time order
         dW = self._buffer("dW_hh", W_hh.shape, xp)
         self._g("weight_hh", rec.k, rec.suffix)[...] += backend.matmul(dG.reshape(T * B, 4 * H).T, prev, out=dW)  # (9.14)

@@ -432,6 +432,16 @@ class Recurrent(Module):
         dx = None if is_ids else (dY.swapaxes(0, 1) if self.batch_first else dY)
         return dx, dh0, dc0
 
+    @staticmethod
+    def _cpu_loops(xp):
+        """`npyrnn.nn.cpu_loops` (the fused time loops compiled whole) where it may run: on NumPy
+        while the split products are on (`backend.set_cpu_threads`); else None."""
+        if xp.__name__ != "numpy" or backend.split_products() is None:
+            return None
+        from npyrnn.nn import cpu_loops
+
+        return cpu_loops
+
     # ----------------------------------------------------------------- stepper
     @staticmethod
     def _rows_contiguous(*arrays):

@@ -141,6 +141,9 @@ class RNN(Recurrent):
         W_hhT = self._p("weight_hh", rec.k, rec.suffix).T
         tmp = self._buffer("tmp", (rec.B, self.hidden_size), xp)
         fused = kernels.get(xp, f"rnn_fwd_{self.nonlinearity}", self.dtype)  # None when the fused kernels are off or unavailable
+        loops = self._cpu_loops(xp) if fused is not None else None
+        if loops is not None and loops.rnn_forward(Hs, W_hhT.T, tmp, o, p, rec.reverse, self.nonlinearity == "relu"):
+            return  # the fused loop below, compiled whole
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):
             h = Hs[o + t]  # holds x_t W_ih^T + b_ih + b_hh
             backend.matmul(Hs[p + t], W_hhT, out=tmp)  # h_{t-1} W_hh^T                        (2.1)
@@ -239,19 +242,22 @@ class RNN(Recurrent):
         dA[...] = dY
         carry = dh_n  # dL/dh_T from outside, or nothing
         step_carry = self._buffer("carry", (B, H), xp)
-        if fused is not None and carry is None:
-            step_carry[...] = 0  # the kernel always adds a carry: 0 at the last step
+        if fused is not None:  # the kernel always adds a carry: 0 at the last step
+            step_carry[...] = 0 if carry is None else carry
             carry = step_carry
-        for t in range(T) if rec.reverse else range(T - 1, -1, -1):
-            da = dA[t]
-            if fused is not None:  # da = (da + carry) * f'(a_t) in one fused kernel   (2.3)-(2.5b)
-                fused(Y[t], carry, da)
-            elif carry is not None:
-                da += carry  # dL/dh_t = dout_t + (from step t+1)                        (2.3)
-            if fused is None:
-                da *= fprime[t]  # dL/da_t = dL/dh_t * f'(a_t)                         (2.4)
-            backend.matmul(da, W_hh, out=step_carry)  # dL/dh_{t-1} via a_t                 (2.6)
-            carry = step_carry
+        loops = self._cpu_loops(xp) if fused is not None else None
+        compiled = loops is not None and loops.rnn_backward(Y, dA, W_hh, carry, rec.reverse, self.nonlinearity == "relu")
+        if not compiled:  # the loop below, unless its compiled twin just ran it
+            for t in range(T) if rec.reverse else range(T - 1, -1, -1):
+                da = dA[t]
+                if fused is not None:  # da = (da + carry) * f'(a_t) in one fused kernel   (2.3)-(2.5b)
+                    fused(Y[t], carry, da)
+                elif carry is not None:
+                    da += carry  # dL/dh_t = dout_t + (from step t+1)                        (2.3)
+                if fused is None:
+                    da *= fprime[t]  # dL/da_t = dL/dh_t * f'(a_t)                         (2.4)
+                backend.matmul(da, W_hh, out=step_carry)  # dL/dh_{t-1} via a_t                 (2.6)
+                carry = step_carry
         prev = Hs[p : p + T].reshape(T * B, H)  # h_{t-1} for every t, in time order
         dW = self._buffer("dW_hh", (H, H), xp)  # a workspace: no 1 MB allocation per call
         self._g("weight_hh", rec.k, rec.suffix)[...] += backend.matmul(dA.reshape(T * B, H).T, prev, out=dW)  # (2.7)

@@ -1,0 +1,219 @@
+"""The cells' fused time loops compiled whole, their products split (the `fast` extra, Numba).
+
+Why. With the fused kernels and the split products, a step of the Python time loop is two
+calls, a product and a kernel, but each call costs Python 10 to 20 us around the work (views
+of the step's rows, the product's checks and plan, Numba's conversion of a dozen arrays); at
+B = 32 and H = 256 a step's work is 150 to 250 us, so the calls are 5 to 15% of a minibatch.
+
+What. Each loop here is the fused Python loop of its cell (`_scan`, `_scan_back_fused`),
+statement for statement, compiled: the product of a step is `cpu_gemm.loop_product` (the same
+blocks as `cpu_gemm.matmul`, the same helper, the same bits), the element-wise work a compiled
+copy of the same kernel of `cpu_kernels`. So a loop gives the bits its Python twin gives
+(`tests/test_cpu_loops.py`), and the equations are tagged where the kernels and the Python
+loops tag them.
+
+Used on NumPy while the split products are on (`backend.set_cpu_threads`, as `npyrnn train`
+calls it) and the fused kernels are on; each wrapper returns False, having done nothing, where
+the split products would not take the step's product (a tiny product, another thread using
+them), and the cell then runs its Python loop. Compiled: the Elman RNN (tanh, relu), the GRU
+with `reset_after=True` and the LSTM without a projection, forward and backward. The GRU with
+`reset_after=False` and the LSTM with `proj_size` run their Python loops.
+
+Each wrapper takes the cell's buffers as the Python loop names them; `reverse` runs the time
+loop as the backward direction of a bidirectional layer does.
+"""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from numba import njit
+
+from npyrnn.nn import cpu_gemm, cpu_kernels
+from npyrnn.nn.cpu_gemm import NO_TRANS, TRANS, loop_product, one_blas_thread
+
+__all__ = ["rnn_forward", "rnn_backward", "gru_forward", "gru_backward", "lstm_forward", "lstm_backward"]
+
+_JIT = dict(cache=True, nogil=True, error_model="numpy")
+
+
+def _kernel(kernel):
+    """A compiled copy of a `cpu_kernels` kernel for the loops to call: `cpu_kernels.build` locks the
+    kernel's own dispatcher to the one signature Python calls it with (and one dtype)."""
+    return njit(nogil=True, error_model="numpy")(kernel.py_func)
+
+
+_rnn_fwd_tanh, _rnn_fwd_relu, _rnn_bwd_tanh, _rnn_bwd_relu = map(_kernel, (
+    cpu_kernels.rnn_fwd_tanh, cpu_kernels.rnn_fwd_relu, cpu_kernels.rnn_bwd_tanh, cpu_kernels.rnn_bwd_relu))
+_gru_after_fwd, _gru_after_fwd_nobias, _gru_after_bwd = map(_kernel, (
+    cpu_kernels.gru_after_fwd, cpu_kernels.gru_after_fwd_nobias, cpu_kernels.gru_after_bwd))
+_lstm_fwd, _lstm_bwd_noproj = map(_kernel, (cpu_kernels.lstm_fwd, cpu_kernels.lstm_bwd_noproj))
+
+
+# ------------------------------------------------------------------------------ RNN
+@njit(**_JIT)
+def _rnn_forward(ctl, ts, hs, ps, helpers, plans, Hs, W_hh, tmp, o, p, reverse, relu):
+    """`RNN._scan`: step t reads h_{t-1} from Hs[p+t] and turns Hs[o+t] into h_t."""
+    if not one_blas_thread():
+        return 0
+    T = Hs.shape[0] - 1
+    took = 1
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        h = Hs[o + t]  # holds x_t W_ih^T + b_ih + b_hh
+        took = max(took, loop_product(ctl, ts, Hs[p + t], W_hh, tmp, hs, ps, TRANS, plans[0], helpers))  # (2.1)
+        if relu:
+            _rnn_fwd_relu(h, tmp, h)  # (2.1), (2.2)
+        else:
+            _rnn_fwd_tanh(h, tmp, h)  # (2.1), (2.2)
+    return took
+
+
+@njit(**_JIT)
+def _rnn_backward(ctl, ts, hs, ps, helpers, plans, Y, dA, W_hh, carry, reverse, relu):
+    """`RNN._scan_back` with its fused kernel: dA holds dout, carry dL/dh_T (or 0)."""
+    if not one_blas_thread():
+        return 0
+    T = Y.shape[0]
+    took = 1
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        if relu:
+            _rnn_bwd_relu(Y[t], carry, dA[t])  # (2.3)-(2.5b)
+        else:
+            _rnn_bwd_tanh(Y[t], carry, dA[t])  # (2.3)-(2.5a)
+        took = max(took, loop_product(ctl, ts, dA[t], W_hh, carry, hs, ps, NO_TRANS, plans[0], helpers))  # (2.6)
+    return took
+
+
+def rnn_forward(Hs, W_hh, tmp, o, p, reverse, relu):
+    """The Elman RNN's forward loop over Hs (T+1, B, H); W_hh (H, H), tmp (B, H). Whether it ran."""
+    B, H = tmp.shape
+    return cpu_gemm.run_loop(_rnn_forward, [(B, H, H)], Hs.dtype, (Hs, W_hh, tmp),
+                             Hs, W_hh, tmp, o, p, reverse, relu)
+
+
+def rnn_backward(Y, dA, W_hh, carry, reverse, relu):
+    """The Elman RNN's backward loop: Y (T, B, H) the outputs, dA (T, B, H) dout in, dL/da_t out; carry (B, H)."""
+    B, H = carry.shape
+    return cpu_gemm.run_loop(_rnn_backward, [(B, H, H)], Y.dtype, (Y, dA, W_hh, carry),
+                             Y, dA, W_hh, carry, reverse, relu)
+
+
+# ------------------------------------------------------------------------------ GRU
+@njit(**_JIT)
+def _gru_forward(ctl, ts, hs, ps, helpers, plans, G, GH, Hs, W_hh, b_hn, has_bias, o, p, reverse):
+    """`GRU._scan` with `reset_after=True` and its fused kernel: G the input side, then [r, z, n]."""
+    if not one_blas_thread():
+        return 0
+    T, H = G.shape[0], W_hh.shape[1]
+    took = 1
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        gh, g, h_prev = GH[t], G[t], Hs[p + t]
+        took = max(took, loop_product(ctl, ts, h_prev, W_hh, gh, hs, ps, TRANS, plans[0], helpers))  # (8.1)-(8.3a)
+        if has_bias:  # (8.1), (8.2), (8.3a), (8.4)
+            _gru_after_fwd(gh[:, :H], gh[:, H : 2 * H], h_prev, b_hn,
+                           g[:, :H], g[:, H : 2 * H], g[:, 2 * H :], gh[:, 2 * H :], Hs[o + t])
+        else:
+            _gru_after_fwd_nobias(gh[:, :H], gh[:, H : 2 * H], h_prev,
+                                  g[:, :H], g[:, H : 2 * H], g[:, 2 * H :], gh[:, 2 * H :], Hs[o + t])
+    return took
+
+
+@njit(**_JIT)
+def _gru_backward(ctl, ts, hs, ps, helpers, plans, dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse):
+    """`GRU._scan_back_fused` with `reset_after=True`: carry dL/dh_T (or 0) and zdh 0 in."""
+    if not one_blas_thread():
+        return 0
+    T, H = G.shape[0], W_hh.shape[1]
+    took = 1
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        g, d = G[t], dGH[t]
+        _gru_after_bwd(dY[t], carry, g[:, :H], g[:, H : 2 * H], g[:, 2 * H :], Hs[p + t],  # (8.5)-(8.9a)
+                       GH[t, :, 2 * H :], d[:, :H], d[:, H : 2 * H], dgx[t, :, 2 * H :], d[:, 2 * H :], zdh)
+        dgx[t, :, : 2 * H] = d[:, : 2 * H]  # r and z: the same on both sides                (8.12)
+        took = max(took, loop_product(ctl, ts, d, W_hh, carry, hs, ps, NO_TRANS, plans[0], helpers))  # (8.10a)
+    return took
+
+
+def gru_forward(G, GH, Hs, W_hh, b_hn, o, p, reverse):
+    """The GRU's forward loop (reset_after): G, GH (T, B, 3H), Hs (T+1, B, H), b_hn (H,) or None."""
+    B, H = Hs.shape[1], W_hh.shape[1]
+    b = np.zeros(1, dtype=Hs.dtype) if b_hn is None else b_hn
+    return cpu_gemm.run_loop(_gru_forward, [(B, 3 * H, H)], Hs.dtype, (Hs, W_hh, GH),
+                             G, GH, Hs, W_hh, b, b_hn is not None, o, p, reverse)
+
+
+def gru_backward(dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse):
+    """The GRU's backward loop (reset_after), into dGH and dgx (T, B, 3H); carry, zdh (B, H)."""
+    B, H = carry.shape
+    return cpu_gemm.run_loop(_gru_backward, [(B, H, 3 * H)], Hs.dtype, (dGH, W_hh, carry),
+                             dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse)
+
+
+# ------------------------------------------------------------------------------ LSTM
+@njit(**_JIT)
+def _lstm_forward(ctl, ts, hs, ps, helpers, plans, G, gh, Hs, C, TC, W_hh, o, p, reverse):
+    """`LSTM._scan` without a projection and with its fused kernel: h_t = m_t goes to Hs[o+t]."""
+    if not one_blas_thread():
+        return 0
+    T, H = G.shape[0], W_hh.shape[1]
+    took = 1
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        a = G[t]
+        took = max(took, loop_product(ctl, ts, Hs[p + t], W_hh, gh, hs, ps, TRANS, plans[0], helpers))  # (9.1)
+        _lstm_fwd(gh[:, :H], gh[:, H : 2 * H], gh[:, 2 * H : 3 * H], gh[:, 3 * H :], C[p + t],  # (9.1)-(9.4)
+                  a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :], C[o + t], TC[t], Hs[o + t])
+    return took
+
+
+@njit(**_JIT)
+def _lstm_backward(ctl, ts, hs, ps, helpers, plans, dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse):
+    """`LSTM._scan_back` without a projection and with its fused kernel: carries dL/dh_T, dL/dc_T (or 0) in."""
+    if not one_blas_thread():
+        return 0
+    T, H = G.shape[0], W_hh.shape[1]
+    took = 1
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        a, d = G[t], dG[t]
+        _lstm_bwd_noproj(dY[t], carry_h, a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :],  # (9.6), (9.9)-(9.12)
+                         TC[t], C[p + t], d[:, :H], d[:, H : 2 * H], d[:, 2 * H : 3 * H], d[:, 3 * H :], carry_c)
+        took = max(took, loop_product(ctl, ts, d, W_hh, carry_h, hs, ps, NO_TRANS, plans[0], helpers))  # (9.13)
+    return took
+
+
+def lstm_forward(G, gh, Hs, C, TC, W_hh, o, p, reverse):
+    """The LSTM's forward loop (no projection): G (T, B, 4H), gh (B, 4H), Hs and C (T+1, B, H), TC (T, B, H)."""
+    B, H = Hs.shape[1], W_hh.shape[1]
+    return cpu_gemm.run_loop(_lstm_forward, [(B, 4 * H, H)], Hs.dtype, (Hs, W_hh, gh),
+                             G, gh, Hs, C, TC, W_hh, o, p, reverse)
+
+
+def lstm_backward(dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse):
+    """The LSTM's backward loop (no projection), into dG (T, B, 4H); carries (B, H)."""
+    B, H = carry_h.shape
+    return cpu_gemm.run_loop(_lstm_backward, [(B, H, 4 * H)], G.dtype, (dG, W_hh, carry_h),
+                             dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse)
+
+
+# ------------------------------------------------------------------------------ the disk cache
+def _drop_stale_cache(loops):
+    """Numba keys a cached function to its own file: a loop cached before `cpu_gemm.py` or
+    `cpu_kernels.py` changed would run their old code. Drop the cached loops when those files
+    differ from what they were compiled with (a `.deps` file beside each loop's cache)."""
+    stamp = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (cpu_gemm, cpu_kernels))).hexdigest()
+    for loop in loops:
+        try:
+            deps = Path(loop._cache.cache_path) / f"cpu_loops.{loop.py_func.__name__}.deps"
+            if not deps.is_file() or deps.read_text() != stamp:
+                loop._cache.flush()
+                deps.write_text(stamp)
+        except (AttributeError, OSError):  # no cache (or none writable): Numba compiles afresh anyway
+            pass
+
+
+_drop_stale_cache((_rnn_forward, _rnn_backward, _gru_forward, _gru_backward, _lstm_forward, _lstm_backward))

@@ -1,0 +1,264 @@
+"""The cells' time loops compiled whole (`npyrnn.nn.cpu_loops`, the `fast` extra): the bits of
+their Python twins, at 0 and 1 helper, safe when the helper loses its core, and declined where
+the split products would decline the step's product.
+
+Each case runs a layer twice from the same weights and inputs, with the compiled loops and with
+`Recurrent._cpu_loops` returning None (the fused Python loops, whose products go through the same
+split products), and asserts every output and gradient equal bit for bit. The Python loops are
+checked against torch (tests/test_cells.py, test_cpu_gemm.py), so the compiled ones are too.
+Runs wherever Numba is installed and NumPy's BLAS is OpenBLAS with its 64-bit interface.
+"""
+
+import gc
+import os
+import subprocess
+import sys
+import threading
+import weakref
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("numba", reason="the compiled loops need Numba (pip install 'npyrnn[fast]')")
+
+from npyrnn import backend  # noqa: E402
+from npyrnn.nn import GRU, LSTM, RNN, cpu_gemm, kernels  # noqa: E402
+from npyrnn.nn.recurrent import Recurrent  # noqa: E402
+
+if cpu_gemm.why_unavailable() is not None:
+    pytest.skip(f"split products {cpu_gemm.why_unavailable()}", allow_module_level=True)
+
+from npyrnn.nn import cpu_loops  # noqa: E402
+from test_cpu_gemm import with_fake_helper  # noqa: E402
+
+CELLS = {  # every cell and variant with a compiled loop
+    "rnn tanh": (RNN, {}),
+    "rnn relu": (RNN, {"nonlinearity": "relu"}),
+    "gru": (GRU, {}),
+    "gru no bias": (GRU, {"bias": False}),
+    "lstm": (LSTM, {}),
+}
+PYTHON_ONLY = {  # variants that keep their Python loops
+    "gru reset before": (GRU, {"reset_after": False}),
+    "lstm proj": (LSTM, {"proj_size": 24}),
+}
+
+
+@pytest.fixture(autouse=True)
+def _on_numpy():
+    backend.set_backend("numpy")  # the conftest fixtures restore the backend and stop the products
+    kernels.set_enabled(True)  # whatever NPYRNN_FUSED says: these tests are about the compiled kernels' loops
+    yield
+    kernels.set_enabled(None)
+    backend.set_cpu_threads(None, split=False)
+
+
+def split(helpers):
+    """The split products on with `helpers` helpers, as `npyrnn train --threads` turns them on."""
+    backend.set_cpu_threads(helpers + 1, split=True)
+    assert backend.split_products() == helpers + 1
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """A list of (loop name, whether it ran) for every call of a compiled loop's wrapper."""
+    calls = []
+    for name in cpu_loops.__all__:
+        wrapped = getattr(cpu_loops, name)
+
+        def spy(*args, _wrapped=wrapped, _name=name):
+            result = _wrapped(*args)
+            calls.append((_name, result))
+            return result
+
+        monkeypatch.setattr(cpu_loops, name, spy)
+    return calls
+
+
+def run_layer(cls, kwargs, *, compiled, dtype="float32", T=9, B=32, H=96, I=12, ids=False, layers=2,
+              bidirectional=True, batch_first=False, states=True, seed=0, calls=2):
+    """Forward and backward of a fresh layer `calls` times; every result of the last call, copied."""
+    original = Recurrent.__dict__["_cpu_loops"]
+    if not compiled:
+        Recurrent._cpu_loops = staticmethod(lambda xp: None)
+    try:
+        layer = cls(I, H, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, dtype=dtype,
+                    init="uniform", seed=seed, **kwargs)
+        rng = np.random.default_rng(seed + 1)
+        shape = (B, T) if batch_first else (T, B)
+        x = rng.integers(0, I, shape) if ids else rng.standard_normal(shape + (I,)).astype(dtype)
+        D, P = 2 if bidirectional else 1, kwargs.get("proj_size") or H
+        h0 = rng.standard_normal((layers * D, B, P)).astype(dtype) if states else None
+        c0 = rng.standard_normal((layers * D, B, H)).astype(dtype) if states else None
+        cell_state = cls is LSTM
+        dout = rng.standard_normal(shape + (D * P,)).astype(dtype)
+        for _ in range(calls):
+            layer.zero_grad()
+            out, hn = layer.forward(x, (h0, c0) if cell_state and states else h0)
+            dh_n = hn if not cell_state else (hn[0], hn[1])  # any gradient of the final state
+            dx, dh0 = layer.backward(dout, dh_n if states else None)
+        flat = [out, dx] + (list(hn) if cell_state else [hn]) + (list(dh0) if cell_state else [dh0])
+        return [None if a is None else a.copy() for a in flat] + [layer.grads[k].copy() for k in sorted(layer.grads)]
+    finally:
+        Recurrent._cpu_loops = original
+
+
+def same_bits(a, b):
+    return len(a) == len(b) and all((x is None and y is None) or np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("helpers", [0, 1])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_compiled_loops_give_the_python_loops_bits(cell, dtype, helpers, ran):
+    cls, kwargs = CELLS[cell]
+    split(helpers)
+    compiled = run_layer(cls, kwargs, compiled=True, dtype=dtype)
+    assert ran and all(result for _, result in ran)  # every loop of both layers, both directions, ran compiled
+    assert {name.split("_")[1] for name, _ in ran} == {"forward", "backward"}
+    python = run_layer(cls, kwargs, compiled=False, dtype=dtype)
+    assert same_bits(compiled, python)
+
+
+@pytest.mark.parametrize("cell", PYTHON_ONLY)
+def test_variants_without_a_compiled_loop_run_their_python_loops(cell, ran):
+    cls, kwargs = PYTHON_ONLY[cell]
+    split(1)
+    run_layer(cls, kwargs, compiled=True)
+    assert ran == []
+
+
+def test_token_ids_batch_first_and_no_states(ran):
+    split(1)
+    for cls, kwargs in CELLS.values():
+        args = dict(ids=True, batch_first=True, states=False, layers=1, bidirectional=False, I=28)
+        assert same_bits(run_layer(cls, kwargs, compiled=True, **args), run_layer(cls, kwargs, compiled=False, **args))
+    assert len(ran) == 2 * len(CELLS) * 2 and all(result for _, result in ran)
+
+
+@settings(derandomize=True, max_examples=30, deadline=None)
+@given(
+    cell=st.sampled_from(sorted(CELLS)),
+    T=st.integers(1, 5),
+    B=st.sampled_from([1, 2, 17, 32]),
+    H=st.sampled_from([1, 3, 40, 64, 130]),
+    layers=st.integers(1, 2),
+    bidirectional=st.booleans(),
+    batch_first=st.booleans(),
+    states=st.booleans(),
+    ids=st.booleans(),
+    helpers=st.integers(0, 1),
+)
+def test_any_shape_gives_the_python_loops_bits(cell, T, B, H, layers, bidirectional, batch_first, states, ids, helpers):
+    """Size-1 and tiny shapes (declined: the Python loop runs) and two calls in a row on one layer."""
+    cls, kwargs = CELLS[cell]
+    split(helpers)
+    args = dict(T=T, B=B, H=H, I=5, layers=layers, bidirectional=bidirectional, batch_first=batch_first,
+                states=states, ids=ids, calls=2)
+    assert same_bits(run_layer(cls, kwargs, compiled=True, **args), run_layer(cls, kwargs, compiled=False, **args))
+
+
+def test_declined_where_the_split_products_would_decline(ran):
+    split(1)
+    run_layer(RNN, {}, compiled=True, H=8, B=4)  # 2*4*8*8 flops: a product for numpy.matmul
+    assert ran and not any(result for _, result in ran)
+    backend.set_cpu_threads(2, split=False)
+    ran.clear()
+    run_layer(GRU, {}, compiled=True)  # the split products off: the compiled loops are not asked
+    assert ran == []
+    split(1)
+    kernels.set_enabled(False)
+    run_layer(GRU, {}, compiled=True)  # the fused kernels off: the array operations' loops
+    assert ran == []
+
+
+def test_declined_for_strides_it_does_not_assume_and_while_another_thread_has_the_products():
+    split(1)
+    rng = np.random.default_rng(0)
+    T, B, H = 4, 32, 64
+    G, GH = rng.standard_normal((T, B, 3 * H)).astype(np.float32), np.empty((T, B, 3 * H), np.float32)
+    Hs = np.zeros((T + 1, B, H), np.float32)
+    W = rng.standard_normal((3 * H, H)).astype(np.float32)
+    assert not cpu_loops.gru_forward(G, GH, Hs, np.asfortranarray(W), None, 1, 0, False)
+    assert not cpu_loops.gru_forward(G, GH, Hs, W.astype(np.float64), None, 1, 0, False)
+    with cpu_gemm._lock:  # another thread's product in progress
+        assert not cpu_loops.gru_forward(G, GH, Hs, W, None, 1, 0, False)
+    assert cpu_loops.gru_forward(G, GH, Hs, W, None, 1, 0, False)
+
+
+def test_a_stalled_helper_during_a_compiled_loop(ran):
+    """The helper claims a block of the loop's first product and stalls, scribbling over its scratch:
+    the loop takes the block back, finishes with the same bits, and keeps what the helper may read."""
+    x = np.random.default_rng(1).integers(0, 12, (9, 32))  # token ids: the loop's are the only products
+    split(0)
+    expected, _ = GRU(12, 160, init="uniform", seed=0).forward(x)  # step products of 2*32*160*480 flops: 2 blocks
+    layer = GRU(12, 160, init="uniform", seed=0)
+    garbage = np.full(32 * 480, np.nan, dtype=np.float32)  # all the helper's scratch holds
+    kept = {}
+
+    def run():
+        taken = cpu_gemm.stats()["taken_back"]
+        ran.clear()
+        out, _ = layer.forward(x)
+        assert ran == [("gru_forward", True)]
+        if cpu_gemm.stats()["taken_back"] > taken:  # (else the fake helper was late: with_fake_helper tries again)
+            W = layer.params["weight_hh_l0"]
+            assert any(any(a is W for a in arrays) for _, arrays in cpu_gemm._kept)  # kept for the stalled helper
+            kept["W"] = weakref.ref(W)
+        return out.copy()
+
+    out = with_fake_helper(200_000, garbage, run, "taken_back")
+    assert np.array_equal(out, expected)
+    layer.params["weight_hh_l0"] = layer.params["weight_hh_l0"].copy()  # the layer lets go of the old weight
+    split(1)  # a real helper and one more product: what was kept for the fake one goes
+    assert cpu_gemm.matmul(np.ones((300, 1000), np.float32), np.ones((1000, 200), np.float32),
+                           np.empty((300, 200), np.float32))
+    gc.collect()
+    assert kept["W"]() is None
+
+
+def test_two_threads_each_with_a_layer():
+    """Two Python threads training at once: one holds the products, the other's loops run in Python
+    (numpy.matmul); both get their own right answers."""
+    split(1)
+    expected = {seed: run_layer(GRU, {}, compiled=False, seed=seed, layers=1, calls=1) for seed in (1, 2)}
+    results, errors = {}, []
+
+    def work(seed):
+        try:
+            for _ in range(5):
+                results[seed] = run_layer(GRU, {}, compiled=True, seed=seed, layers=1, calls=1)
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for seed in (1, 2):  # float32: numpy.matmul's bits may differ from the split products' in the last place
+        assert all(np.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(results[seed], expected[seed])
+                   if a is not None)
+
+
+def test_compiles_whatever_the_kernels_were_built_for(tmp_path):
+    """`cpu_kernels.build` locks a kernel's dispatcher to the signatures Python asked for: a loop
+    compiled afterwards (in a fresh process, with an empty Numba cache) for a dtype the kernel was
+    not built for still compiles, as it calls its own copy of the kernel."""
+    code = (
+        "import numpy as np\n"
+        "from npyrnn import backend\n"
+        "from npyrnn.nn import cpu_gemm, cpu_kernels, cpu_loops, kernels\n"
+        "cpu_kernels.build(kernels.SPECS['rnn_bwd_tanh'], 'float64')  # locked to float64\n"
+        "backend.set_cpu_threads(2, split=True)\n"
+        "f = np.float32\n"
+        "Y, dA, W, carry = np.ones((3, 32, 64), f), np.ones((3, 32, 64), f), np.ones((64, 64), f), np.zeros((32, 64), f)\n"
+        "assert cpu_loops.rnn_backward(Y, dA, W, carry, False, False)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
