@@ -79,6 +79,9 @@ def parse_args(argv):
     p.add_argument("--openblas", action="store_true", default=None,
                    help="train section: also time npyrnn with OpenBLAS's own threads instead of its split products "
                         "(npyrnn-openblas), to measure what the split products pay")
+    p.add_argument("--pyloops", action="store_true", default=None,
+                   help="train section: also time npyrnn with its compiled time loops off (npyrnn-pyloops), "
+                        "to measure what the compiled loops pay")
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-steps", type=int)

@@ -35,6 +35,7 @@ class Config:
     cells: tuple = ("rnn", "gru", "lstm")  # which cells' rows every section measures (--cells)
     arrayops: bool = False  # train: also time npyrnn with its fused kernels off (--arrayops)
     openblas: bool = False  # train: also time npyrnn with OpenBLAS's own threads instead of split products (--openblas)
+    pyloops: bool = False  # train: also time npyrnn with its compiled time loops off (--pyloops)
     threads: int = 1  # cores for every library (bench_train's --threads)
 
 

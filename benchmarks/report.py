@@ -95,7 +95,7 @@ def r3(s):
 
 def render_train(results):
     train = results["train"]
-    peers = [name for name in ("torch", "jax", "npyrnn-arrayops", "npyrnn-openblas") if any(name in r["tokens_per_s"] for r in train.values())]
+    peers = [name for name in ("torch", "jax", "npyrnn-arrayops", "npyrnn-openblas", "npyrnn-pyloops") if any(name in r["tokens_per_s"] for r in train.values())]
     rows = []
     for kind, r in train.items():
         tps = r["tokens_per_s"]

@@ -394,3 +394,16 @@ def test_bench_thread_policies_runs_quiet():
     out = run_script("bench_thread_policies.py", "--reps", "1", "--busy", "0")
     for model in ("rnn 512", "lstm 256"):
         assert re.search(rf"^busy=0 {model}: every-core [\d,]+, recurrence-1 [\d,]+, one [\d,]+ tokens/s$", out, re.M), out
+
+
+def test_npyrnn_variants(tmp_path):
+    """--arrayops, --openblas and --pyloops time npyrnn again with its fused kernels, split products or
+    compiled loops off, in the same pairs, and report each ratio."""
+    results, stdout = run_bench(tmp_path, "--only", "train", "--cells", "gru", "--arrayops", "--openblas", "--pyloops")
+    for kind in ("gru-scratch", "gru-concise"):
+        row = results["train"][kind]
+        variants = {"npyrnn-arrayops", "npyrnn-openblas", "npyrnn-pyloops"}
+        assert {"npyrnn", "torch"} | variants <= set(row["tokens_per_s"])
+        for name in variants:
+            assert_summary(row[f"ratio_npyrnn_over_{name}"], 1)
+    assert "npyrnn-pyloops" in stdout

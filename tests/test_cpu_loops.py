@@ -3,8 +3,8 @@ their Python twins, at 0 and 1 helper, safe when the helper loses its core, and 
 the split products would decline the step's product.
 
 Each case runs a layer twice from the same weights and inputs, with the compiled loops and with
-`Recurrent._cpu_loops` returning None (the fused Python loops, whose products go through the same
-split products), and asserts every output and gradient equal bit for bit. The Python loops are
+`cpu_loops.enabled = False` (the fused Python loops, whose products go through the same split
+products), and asserts every output and gradient equal bit for bit. The Python loops are
 checked against torch (tests/test_cells.py, test_cpu_gemm.py), so the compiled ones are too.
 Runs wherever Numba is installed and NumPy's BLAS is OpenBLAS with its 64-bit interface.
 """
@@ -25,7 +25,6 @@ pytest.importorskip("numba", reason="the compiled loops need Numba (pip install 
 
 from npyrnn import backend  # noqa: E402
 from npyrnn.nn import GRU, LSTM, RNN, cpu_gemm, kernels  # noqa: E402
-from npyrnn.nn.recurrent import Recurrent  # noqa: E402
 
 if cpu_gemm.why_unavailable() is not None:
     pytest.skip(f"split products {cpu_gemm.why_unavailable()}", allow_module_level=True)
@@ -80,9 +79,7 @@ def ran(monkeypatch):
 def run_layer(cls, kwargs, *, compiled, dtype="float32", T=9, B=32, H=96, I=12, ids=False, layers=2,
               bidirectional=True, batch_first=False, states=True, seed=0, calls=2):
     """Forward and backward of a fresh layer `calls` times; every result of the last call, copied."""
-    original = Recurrent.__dict__["_cpu_loops"]
-    if not compiled:
-        Recurrent._cpu_loops = staticmethod(lambda xp: None)
+    cpu_loops.enabled = compiled
     try:
         layer = cls(I, H, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, dtype=dtype,
                     init="uniform", seed=seed, **kwargs)
@@ -102,7 +99,7 @@ def run_layer(cls, kwargs, *, compiled, dtype="float32", T=9, B=32, H=96, I=12, 
         flat = [out, dx] + (list(hn) if cell_state else [hn]) + (list(dh0) if cell_state else [dh0])
         return [None if a is None else a.copy() for a in flat] + [layer.grads[k].copy() for k in sorted(layer.grads)]
     finally:
-        Recurrent._cpu_loops = original
+        cpu_loops.enabled = True
 
 
 def same_bits(a, b):

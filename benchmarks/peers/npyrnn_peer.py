@@ -111,3 +111,22 @@ class NpyrnnArrayOps(NpyrnnLM):
             return super().train()
         finally:
             kernels.set_enabled(None)
+
+
+class NpyrnnPythonLoops(NpyrnnLM):
+    """The same model and loop with the compiled time loops off (``cpu_loops.enabled = False``): each
+    step's product and fused kernel called from Python, as before the compiled loops.
+
+    Beside ``NpyrnnLM`` it measures what the compiled loops (``npyrnn.nn.cpu_loops``) pay.
+    """
+
+    name = "npyrnn-pyloops"
+
+    def train(self):
+        from npyrnn.nn import cpu_loops
+
+        cpu_loops.enabled = False
+        try:
+            return super().train()
+        finally:
+            cpu_loops.enabled = True

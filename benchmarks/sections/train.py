@@ -12,7 +12,8 @@ chapter 9's scratch and concise GRU and LSTM in torch (``gru-scratch``, ``gru-co
 With ``cfg.arrayops`` (``--arrayops``) npyrnn is timed a second time with its fused kernels off
 (``npyrnn-arrayops``), so ``ratio_npyrnn_over_npyrnn-arrayops`` is what the kernels pay; with
 ``cfg.openblas`` (``--openblas``) once more with OpenBLAS's own threads instead of the split
-products (``npyrnn-openblas``), so ``ratio_npyrnn_over_npyrnn-openblas`` is what those pay.
+products (``npyrnn-openblas``), so ``ratio_npyrnn_over_npyrnn-openblas`` is what those pay; with
+``cfg.pyloops`` (``--pyloops``) once more with the compiled time loops off (``npyrnn-pyloops``).
 """
 
 import statistics
@@ -34,6 +35,11 @@ def peers(cfg, corpus, vocab, threads, with_jax):
 
         for kind, group in impls.items():
             group.append(NpyrnnOpenBLAS(cfg, vocab, corpus, hidden(cfg, kind), **npyrnn_options(kind)))
+    if cfg.pyloops:  # npyrnn once more with its compiled loops off, to measure what they pay
+        from benchmarks.peers.npyrnn_peer import NpyrnnPythonLoops
+
+        for kind, group in impls.items():
+            group.append(NpyrnnPythonLoops(cfg, vocab, corpus, hidden(cfg, kind), **npyrnn_options(kind)))
     if with_jax:
         impls["scratch"].append(jax_rnn.JaxPeer(cfg, cfg.hidden_scratch, threads))
     return impls

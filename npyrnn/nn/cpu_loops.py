@@ -34,6 +34,8 @@ from npyrnn.nn.cpu_gemm import NO_TRANS, TRANS, loop_product, one_blas_thread
 
 __all__ = ["rnn_forward", "rnn_backward", "gru_forward", "gru_backward", "lstm_forward", "lstm_backward"]
 
+enabled = True  # False: the cells run their Python loops (benchmarks/bench_train.py --pyloops measures both)
+
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
 
 

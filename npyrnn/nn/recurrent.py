@@ -440,7 +440,7 @@ class Recurrent(Module):
             return None
         from npyrnn.nn import cpu_loops
 
-        return cpu_loops
+        return cpu_loops if cpu_loops.enabled else None
 
     # ----------------------------------------------------------------- stepper
     @staticmethod
