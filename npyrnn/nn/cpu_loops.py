@@ -15,9 +15,9 @@ loops tag them.
 Used on NumPy while the split products are on (`backend.set_cpu_threads`, as `npyrnn train`
 calls it) and the fused kernels are on; each wrapper returns False, having done nothing, where
 the split products would not take the step's product (a tiny product, another thread using
-them), and the cell then runs its Python loop. Compiled: the Elman RNN (tanh, relu), the GRU
-with `reset_after=True` and the LSTM without a projection, forward and backward. The GRU with
-`reset_after=False` and the LSTM with `proj_size` run their Python loops.
+them), and the cell then runs its Python loop. Compiled, forward and backward: the Elman RNN
+(tanh, relu), the GRU with the reset gate after the product (torch's) or before it (d2l's),
+the LSTM with and without a projection.
 
 Each wrapper takes the cell's buffers as the Python loop names them; `reverse` runs the time
 loop as the backward direction of a bidirectional layer does.
@@ -32,7 +32,8 @@ from numba import njit
 from npyrnn.nn import cpu_gemm, cpu_kernels
 from npyrnn.nn.cpu_gemm import NO_TRANS, TRANS, loop_product, one_blas_thread
 
-__all__ = ["rnn_forward", "rnn_backward", "gru_forward", "gru_backward", "lstm_forward", "lstm_backward"]
+__all__ = ["rnn_forward", "rnn_backward", "gru_forward", "gru_backward", "gru_before_forward", "gru_before_backward",
+           "lstm_forward", "lstm_backward", "lstm_proj_forward", "lstm_proj_backward"]
 
 enabled = True  # False: the cells run their Python loops (benchmarks/bench_train.py --pyloops measures both)
 
@@ -49,7 +50,9 @@ _rnn_fwd_tanh, _rnn_fwd_relu, _rnn_bwd_tanh, _rnn_bwd_relu = map(_kernel, (
     cpu_kernels.rnn_fwd_tanh, cpu_kernels.rnn_fwd_relu, cpu_kernels.rnn_bwd_tanh, cpu_kernels.rnn_bwd_relu))
 _gru_after_fwd, _gru_after_fwd_nobias, _gru_after_bwd = map(_kernel, (
     cpu_kernels.gru_after_fwd, cpu_kernels.gru_after_fwd_nobias, cpu_kernels.gru_after_bwd))
-_lstm_fwd, _lstm_bwd_noproj = map(_kernel, (cpu_kernels.lstm_fwd, cpu_kernels.lstm_bwd_noproj))
+_gru_before_rz, _gru_before_n, _gru_before_bwd_a, _gru_before_bwd_b = map(_kernel, (
+    cpu_kernels.gru_before_rz, cpu_kernels.gru_before_n, cpu_kernels.gru_before_bwd_a, cpu_kernels.gru_before_bwd_b))
+_lstm_fwd, _lstm_bwd, _lstm_bwd_noproj = map(_kernel, (cpu_kernels.lstm_fwd, cpu_kernels.lstm_bwd, cpu_kernels.lstm_bwd_noproj))
 
 
 # ------------------------------------------------------------------------------ RNN
@@ -155,6 +158,57 @@ def gru_backward(dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse):
                              dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse)
 
 
+@njit(**_JIT)
+def _gru_before_forward(ctl, ts, hs, ps, helpers, plans, G, ghrz, tmp, RH, Hs, W_hh, o, p, reverse):
+    """`GRU._scan` with `reset_after=False` (d2l's GRU) and its two fused kernels."""
+    if not one_blas_thread():
+        return 0
+    T, H = G.shape[0], W_hh.shape[1]
+    W_rz, W_hn = W_hh[: 2 * H], W_hh[2 * H :]
+    took = 1
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        g, h_prev = G[t], Hs[p + t]
+        took = max(took, loop_product(ctl, ts, h_prev, W_rz, ghrz, hs, ps, TRANS, plans[0], helpers))  # (8.1, 8.2)
+        _gru_before_rz(ghrz[:, :H], ghrz[:, H:], h_prev, g[:, :H], g[:, H : 2 * H], RH[t])  # (8.1), (8.2)
+        took = max(took, loop_product(ctl, ts, RH[t], W_hn, tmp, hs, ps, TRANS, plans[1], helpers))  # (8.3b)
+        _gru_before_n(tmp, g[:, H : 2 * H], h_prev, g[:, 2 * H :], Hs[o + t])  # (8.3b), (8.4)
+    return took
+
+
+@njit(**_JIT)
+def _gru_before_backward(ctl, ts, hs, ps, helpers, plans, dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p, reverse):
+    """`GRU._scan_back_fused` with `reset_after=False`: carry dL/dh_T (or 0), zdh and rdh 0 in."""
+    if not one_blas_thread():
+        return 0
+    T, H = G.shape[0], W_hh.shape[1]
+    W_rz, W_hn = W_hh[: 2 * H], W_hh[2 * H :]
+    took = 1
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        g, d, h_prev = G[t], dgx[t], Hs[p + t]
+        _gru_before_bwd_a(dY[t], carry, rdh, g[:, H : 2 * H], g[:, 2 * H :], h_prev,  # (8.5)-(8.7)
+                          d[:, H : 2 * H], d[:, 2 * H :], zdh)
+        took = max(took, loop_product(ctl, ts, d[:, 2 * H :], W_hn, drh, hs, ps, NO_TRANS, plans[0], helpers))  # (8.8b)
+        _gru_before_bwd_b(drh, g[:, :H], h_prev, d[:, :H], rdh)  # (8.9b)
+        took = max(took, loop_product(ctl, ts, d[:, : 2 * H], W_rz, carry, hs, ps, NO_TRANS, plans[1], helpers))  # (8.10b)
+    return took
+
+
+def gru_before_forward(G, ghrz, tmp, RH, Hs, W_hh, o, p, reverse):
+    """d2l's GRU's forward loop (reset before): G (T, B, 3H), ghrz (B, 2H), tmp (B, H), RH (T, B, H)."""
+    B, H = Hs.shape[1], W_hh.shape[1]
+    return cpu_gemm.run_loop(_gru_before_forward, [(B, 2 * H, H), (B, H, H)], Hs.dtype, (Hs, W_hh, ghrz, RH, tmp),
+                             G, ghrz, tmp, RH, Hs, W_hh, o, p, reverse)
+
+
+def gru_before_backward(dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p, reverse):
+    """d2l's GRU's backward loop (reset before), into dgx (T, B, 3H); carry, zdh, rdh, drh (B, H)."""
+    B, H = carry.shape
+    return cpu_gemm.run_loop(_gru_before_backward, [(B, H, H), (B, H, 2 * H)], Hs.dtype, (dgx, W_hh, drh, carry),
+                             dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p, reverse)
+
+
 # ------------------------------------------------------------------------------ LSTM
 @njit(**_JIT)
 def _lstm_forward(ctl, ts, hs, ps, helpers, plans, G, gh, Hs, C, TC, W_hh, o, p, reverse):
@@ -202,6 +256,59 @@ def lstm_backward(dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse):
                              dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse)
 
 
+@njit(**_JIT)
+def _lstm_proj_forward(ctl, ts, hs, ps, helpers, plans, G, gh, Hs, C, TC, M, W_hh, W_hr, o, p, reverse):
+    """`LSTM._scan` with a projection: m_t goes to M[t], h_t = m_t W_hr^T to Hs[o+t]."""
+    if not one_blas_thread():
+        return 0
+    T, H = G.shape[0], W_hr.shape[1]
+    took = 1
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        a = G[t]
+        took = max(took, loop_product(ctl, ts, Hs[p + t], W_hh, gh, hs, ps, TRANS, plans[0], helpers))  # (9.1)
+        _lstm_fwd(gh[:, :H], gh[:, H : 2 * H], gh[:, 2 * H : 3 * H], gh[:, 3 * H :], C[p + t],  # (9.1)-(9.4)
+                  a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :], C[o + t], TC[t], M[t])
+        took = max(took, loop_product(ctl, ts, M[t], W_hr, Hs[o + t], hs, ps, TRANS, plans[1], helpers))  # (9.5)
+    return took
+
+
+@njit(**_JIT)
+def _lstm_proj_backward(ctl, ts, hs, ps, helpers, plans, dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, p,
+                        reverse):
+    """`LSTM._scan_back` with a projection and its fused kernel: carries dL/dh_T, dL/dc_T (or 0) in."""
+    if not one_blas_thread():
+        return 0
+    T, H = G.shape[0], W_hr.shape[1]
+    took = 1
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        a, d, dh, dy = G[t], dG[t], dHs[t], dY[t]
+        for b in range(dh.shape[0]):
+            for j in range(dh.shape[1]):
+                dh[b, j] = dy[b, j] + carry_h[b, j]  # dh_t = dout_t + c^h_t                    (9.6)
+        took = max(took, loop_product(ctl, ts, dh, W_hr, dm, hs, ps, NO_TRANS, plans[0], helpers))  # (9.7)
+        _lstm_bwd(dm, a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :], TC[t], C[p + t],  # (9.9)-(9.12)
+                  d[:, :H], d[:, H : 2 * H], d[:, 2 * H : 3 * H], d[:, 3 * H :], carry_c)
+        took = max(took, loop_product(ctl, ts, d, W_hh, carry_h, hs, ps, NO_TRANS, plans[1], helpers))  # (9.13)
+    return took
+
+
+def lstm_proj_forward(G, gh, Hs, C, TC, M, W_hh, W_hr, o, p, reverse):
+    """The LSTM's forward loop with a projection: Hs (T+1, B, P), M and TC (T, B, H), W_hr (P, H)."""
+    B, P, H = Hs.shape[1], W_hr.shape[0], W_hr.shape[1]
+    return cpu_gemm.run_loop(_lstm_proj_forward, [(B, 4 * H, P), (B, P, H)], Hs.dtype, (Hs, W_hh, W_hr, gh, M),
+                             G, gh, Hs, C, TC, M, W_hh, W_hr, o, p, reverse)
+
+
+def lstm_proj_backward(dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, p, reverse):
+    """The LSTM's backward loop with a projection, into dG (T, B, 4H) and dHs (T, B, P)."""
+    B, P, H = carry_h.shape[0], W_hr.shape[0], W_hr.shape[1]
+    return cpu_gemm.run_loop(_lstm_proj_backward, [(B, H, P), (B, P, 4 * H)], G.dtype,
+                             (dHs, W_hr, dm, dG, W_hh, carry_h),
+                             dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, p, reverse)
+
+
 # ------------------------------------------------------------------------------ the disk cache
 def _drop_stale_cache(loops):
     """Numba keys a cached function to its own file: a loop cached before `cpu_gemm.py` or
@@ -218,4 +325,5 @@ def _drop_stale_cache(loops):
             pass
 
 
-_drop_stale_cache((_rnn_forward, _rnn_backward, _gru_forward, _gru_backward, _lstm_forward, _lstm_backward))
+_drop_stale_cache((_rnn_forward, _rnn_backward, _gru_forward, _gru_backward, _gru_before_forward, _gru_before_backward,
+                   _lstm_forward, _lstm_backward, _lstm_proj_forward, _lstm_proj_backward))

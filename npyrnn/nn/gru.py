@@ -147,8 +147,9 @@ class GRU(Recurrent):
             ghrz = self._buffer("ghrz", (rec.B, 2 * H), xp)
         fused = self._fused_forward(xp)  # None when the fused kernels are off or unavailable
         bias = (b_hn,) if self.reset_after and b_hn is not None else ()
-        loops = self._cpu_loops(xp) if fused is not None and self.reset_after else None
-        if loops is not None and loops.gru_forward(G, rec.GH, Hs, W_hh, b_hn, o, p, rec.reverse):
+        loops = self._cpu_loops(xp) if fused is not None else None
+        if loops is not None and (loops.gru_forward(G, rec.GH, Hs, W_hh, b_hn, o, p, rec.reverse) if self.reset_after
+                                  else loops.gru_before_forward(G, ghrz, tmp, rec.RH, Hs, W_hh, o, p, rec.reverse)):
             return  # the fused loop below, compiled whole
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):
             h_prev = Hs[p + t]
@@ -416,12 +417,16 @@ class GRU(Recurrent):
             drh = self._buffer("drh", (B, H), xp)
             rdh = self._buffer("rdh", (B, H), xp)  # drh_t * r_t of the step before
             rdh[...] = 0
-            for t in range(T) if rec.reverse else range(T - 1, -1, -1):
-                da_z, da_n = dgx[t, :, H : 2 * H], dgx[t, :, 2 * H :]
-                fused[0](dY[t], carry, rdh, z[t], n[t], prev[t], da_z, da_n, zdh)  # (8.5)-(8.7)
-                backend.matmul(dgx[t, :, 2 * H :], W_hn, out=drh)  # dL/d(r * h_{t-1})        (8.8b)
-                fused[1](drh, r[t], prev[t], dgx[t, :, :H], rdh)  # dL/da_r               (8.9b)
-                backend.matmul(dgx[t, :, : 2 * H], W_rz, out=carry)  # via r's and z's products (8.10b)
+            loops = self._cpu_loops(xp)
+            compiled = loops is not None and loops.gru_before_backward(dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p,
+                                                                       rec.reverse)
+            if not compiled:  # the loop below, unless its compiled twin just ran it
+                for t in range(T) if rec.reverse else range(T - 1, -1, -1):
+                    da_z, da_n = dgx[t, :, H : 2 * H], dgx[t, :, 2 * H :]
+                    fused[0](dY[t], carry, rdh, z[t], n[t], prev[t], da_z, da_n, zdh)  # (8.5)-(8.7)
+                    backend.matmul(dgx[t, :, 2 * H :], W_hn, out=drh)  # dL/d(r * h_{t-1})      (8.8b)
+                    fused[1](drh, r[t], prev[t], dgx[t, :, :H], rdh)  # dL/da_r             (8.9b)
+                    backend.matmul(dgx[t, :, : 2 * H], W_rz, out=carry)  # via r's and z's products (8.10b)
             carry += rdh  # via r * h_{t-1}                                               (8.10b)
             carry += zdh  # via z * h_{t-1}                                               (8.10b)
         return self._hidden_grads(rec, dgx, dGH, carry)

@@ -137,8 +137,10 @@ class LSTM(Recurrent):
         gh = self._buffer("gh", (rec.B, 4 * H), xp)
         tmp = self._buffer("tmp", (rec.B, H), xp)
         fused = kernels.get(xp, "lstm_fwd", self.dtype)  # None when the fused kernels are off or unavailable
-        loops = self._cpu_loops(xp) if fused is not None and W_hrT is None else None
-        if loops is not None and loops.lstm_forward(G, gh, Hs, C, rec.TC, W_hhT.T, o, p, rec.reverse):
+        loops = self._cpu_loops(xp) if fused is not None else None
+        if loops is not None and (loops.lstm_forward(G, gh, Hs, C, rec.TC, W_hhT.T, o, p, rec.reverse) if W_hrT is None
+                                  else loops.lstm_proj_forward(G, gh, Hs, C, rec.TC, rec.M, W_hhT.T, W_hrT.T, o, p,
+                                                               rec.reverse)):
             return  # the fused loop below, compiled whole
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):
             a = G[t]
@@ -279,8 +281,10 @@ class LSTM(Recurrent):
             if not has_c:
                 carry_c[...] = 0
             has_h = has_c = True
-        loops = self._cpu_loops(xp) if fused is not None and W_hr is None else None
-        compiled = loops is not None and loops.lstm_backward(dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, rec.reverse)
+        loops = self._cpu_loops(xp) if fused is not None else None
+        compiled = loops is not None and (
+            loops.lstm_backward(dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, rec.reverse) if W_hr is None
+            else loops.lstm_proj_backward(dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, p, rec.reverse))
         if not compiled:  # the loop below, unless its compiled twin just ran it
             for t in range(T) if rec.reverse else range(T - 1, -1, -1):
                 if fused is not None and W_hr is None:  # (9.6), (9.9)-(9.12) in one fused kernel
