@@ -30,7 +30,7 @@ if cpu_gemm.why_unavailable() is not None:
     pytest.skip(f"split products {cpu_gemm.why_unavailable()}", allow_module_level=True)
 
 from npyrnn.nn import cpu_loops  # noqa: E402
-from test_cpu_gemm import with_fake_helper  # noqa: E402
+from test_cpu_gemm import patient_caller, with_fake_helper  # noqa: E402,F401 (a fixture)
 
 CELLS = {  # every cell and variant, each with its compiled loops
     "rnn tanh": (RNN, {}),
@@ -105,7 +105,11 @@ def run_layer(cls, kwargs, *, compiled, dtype="float32", T=9, B=32, H=96, I=12, 
 
 
 def same_bits(a, b):
-    return len(a) == len(b) and all((x is None and y is None) or np.array_equal(x, y) for x, y in zip(a, b))
+    """Every array the same bit for bit (-0.0 is not 0.0, a NaN equals the same NaN)."""
+    def bits(x):
+        return None if x is None else (x.shape, x.dtype, np.ascontiguousarray(x).tobytes())
+
+    return len(a) == len(b) and all(bits(x) == bits(y) for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("helpers", [0, 1])
@@ -152,7 +156,15 @@ def test_any_shape_gives_the_python_loops_bits(cell, T, B, H, layers, bidirectio
     split(helpers)
     args = dict(T=T, B=B, H=H, I=5, layers=layers, bidirectional=bidirectional, batch_first=batch_first,
                 states=states, ids=ids, calls=2)
-    assert same_bits(run_layer(cls, kwargs, compiled=True, **args), run_layer(cls, kwargs, compiled=False, **args))
+    ran, run_loop = [], cpu_gemm.run_loop
+    cpu_gemm.run_loop = lambda *a, **k: ran.append(run_loop(*a, **k)) or ran[-1]
+    try:
+        compiled = run_layer(cls, kwargs, compiled=True, **args)
+    finally:
+        cpu_gemm.run_loop = run_loop
+    if B == 32 and H >= 64 and "proj_size" not in kwargs:  # every step product at least 0.26 MFLOP
+        assert ran and all(ran)
+    assert same_bits(compiled, run_layer(cls, kwargs, compiled=False, **args))
 
 
 def test_declined_where_the_split_products_would_decline(ran):
@@ -183,38 +195,138 @@ def test_declined_for_strides_it_does_not_assume_and_while_another_thread_has_th
     assert cpu_loops.gru_forward(G, GH, Hs, W, None, 1, 0, False)
 
 
-def test_a_stalled_helper_during_a_compiled_loop(ran):
-    """The helper claims a block of the loop's first product and stalls, scribbling over its scratch:
-    the loop takes the block back, finishes with the same bits, and keeps what the helper may read."""
-    x = np.random.default_rng(1).integers(0, 12, (9, 32))  # token ids: the loop's are the only products
+FAKE_HELPER_CASES = {  # the first product each loop posts: split by columns, by k, the second of two products
+    "gru forward": (GRU, {}, "forward"),
+    "gru backward": (GRU, {}, "backward"),
+    "gru reset before, backward": (GRU, {"reset_after": False}, "backward"),
+    "lstm proj backward": (LSTM, {"proj_size": 96}, "backward"),
+}
+
+
+def fake_helper_case(cls, kwargs, direction, stall_us):
+    """The loop's outputs with a helper played by the test, which claims the loop's first posted
+    block and computes it (stall_us 0) or stalls scribbling over its scratch; and the same at 0
+    helpers. Returns (got, expected, the layer's W_hh kept for the helper, its weakref)."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 12, (9, 32))  # token ids: no input-side product posts before the loop's
+    dout = rng.standard_normal((9, 32, kwargs.get("proj_size") or 160)).astype(np.float32)
+
+    def make():
+        layer = cls(12, 160, init="uniform", seed=0, **kwargs)
+        out, _ = layer.forward(x)
+        return layer, out
+
+    def results(layer, out):
+        if direction == "forward":
+            return [out.copy()]
+        layer.zero_grad()
+        _, dh0 = layer.backward(dout)
+        return [a.copy() for a in (dh0 if isinstance(dh0, tuple) else (dh0,))] + [layer.grads["weight_hh_l0"].copy()]
+
     split(0)
-    expected, _ = GRU(12, 160, init="uniform", seed=0).forward(x)  # step products of 2*32*160*480 flops: 2 blocks
-    layer = GRU(12, 160, init="uniform", seed=0)
-    garbage = np.full(32 * 480, np.nan, dtype=np.float32)  # all the helper's scratch holds
+    expected = results(*make())
+    layer, out = make()  # the forward outside the fake helper's reach: it claims from the backward's loop
     kept = {}
 
     def run():
-        taken = cpu_gemm.stats()["taken_back"]
-        ran.clear()
-        out, _ = layer.forward(x)
-        assert ran == [("gru_forward", True)]
-        if cpu_gemm.stats()["taken_back"] > taken:  # (else the fake helper was late: with_fake_helper tries again)
-            W = layer.params["weight_hh_l0"]
-            assert any(any(a is W for a in arrays) for _, arrays in cpu_gemm._kept)  # kept for the stalled helper
-            kept["W"] = weakref.ref(W)
-        return out.copy()
+        real_run_loop, taken = cpu_gemm.run_loop, []
 
-    out = with_fake_helper(200_000, garbage, run, "taken_back")
-    assert np.array_equal(out, expected)
-    layer.params["weight_hh_l0"] = layer.params["weight_hh_l0"].copy()  # the layer lets go of the old weight
+        def spy(*args):  # the blocks taken back inside the compiled loop
+            before = cpu_gemm.stats()["taken_back"]
+            result = real_run_loop(*args)
+            taken.append(cpu_gemm.stats()["taken_back"] - before)
+            return result
+
+        cpu_gemm.run_loop = spy
+        try:
+            got = results(*(make() if direction == "forward" else (layer, out)))
+        finally:
+            cpu_gemm.run_loop = real_run_loop
+        if stall_us and sum(taken):  # (a late fake helper may claim a product after the loop instead)
+            W = [a for _, arrays in cpu_gemm._kept for a in arrays if a.shape == (cls.GATES * 160, kwargs.get("proj_size") or 160)]
+            assert W, "the weight the stalled helper may read is not kept"
+            kept["W"] = weakref.ref(W[0])
+        return got
+
+    for _ in range(20):  # until the fake helper claimed a block inside the compiled loop
+        split(0)
+        got = with_fake_helper(stall_us, np.full(32 * 640 * 2, np.nan, np.float32), run,
+                               "taken_back" if stall_us else "helper_blocks")
+        if not stall_us or "W" in kept:
+            return got, expected, kept
+    pytest.fail("the fake helper never stalled inside the compiled loop")
+
+
+@pytest.mark.parametrize("case", FAKE_HELPER_CASES)
+def test_a_block_the_helper_computes_in_a_compiled_loop(case, patient_caller):
+    got, expected, _ = fake_helper_case(*FAKE_HELPER_CASES[case], stall_us=0)
+    assert same_bits(got, expected)
+
+
+@pytest.mark.parametrize("case", FAKE_HELPER_CASES)
+def test_a_stalled_helper_during_a_compiled_loop(case):
+    """The loop takes the stalled block back, finishes with the same bits, and keeps what the helper
+    may still read until a helper says it is done."""
+    got, expected, kept = fake_helper_case(*FAKE_HELPER_CASES[case], stall_us=200_000)
+    assert same_bits(got, expected)
     split(1)  # a real helper and one more product: what was kept for the fake one goes
     assert cpu_gemm.matmul(np.ones((300, 1000), np.float32), np.ones((1000, 200), np.float32),
                            np.empty((300, 200), np.float32))
     gc.collect()
-    assert kept["W"]() is None
+    assert kept["W"]() is None or kept["W"]() is not None and not any(
+        kept["W"]() is a for _, arrays in cpu_gemm._kept for a in arrays)
 
 
-def test_two_threads_each_with_a_layer():
+def test_a_read_only_broadcast_dout(ran):
+    split(1)
+    for cls, kwargs in CELLS.values():
+        layer_args = dict(init="uniform", seed=0, bidirectional=True, batch_first=True, **kwargs)
+        x = np.random.default_rng(0).standard_normal((32, 6, 8)).astype(np.float32)
+        outs = []
+        for compiled in (True, False):
+            cpu_loops.enabled = compiled
+            try:
+                layer = cls(8, HIDDEN[cls], **layer_args)
+                out, _ = layer.forward(x)
+                dout = np.broadcast_to(np.linspace(-1, 1, out.shape[-1], dtype=np.float32), out.shape)  # read-only
+                dx, _ = layer.backward(dout)
+                outs.append([out.copy(), dx.copy()] + [layer.grads[k].copy() for k in sorted(layer.grads)])
+            finally:
+                cpu_loops.enabled = True
+        assert same_bits(*outs)
+    assert ran and all(result for _, result in ran)
+
+
+def test_the_disk_cache_is_keyed_to_the_kernels_and_products_sources(tmp_path):
+    """A loop cached by one process loads in the next, unless cpu_kernels.py (or cpu_gemm.py) differs."""
+    code = (
+        "import sys, numpy as np\n"
+        "from npyrnn.nn import cpu_kernels\n"
+        "if sys.argv[1] == 'changed':\n"
+        "    cpu_kernels.SOURCE_DIGEST = 'another'  # as if the file had changed\n"
+        "from npyrnn import backend\n"
+        "from npyrnn.nn import cpu_loops\n"
+        "backend.set_cpu_threads(1, split=True)\n"
+        "f = np.float32\n"
+        "Y, dA, W, carry = np.ones((3, 32, 64), f), np.ones((3, 32, 64), f), np.ones((64, 64), f), np.zeros((32, 64), f)\n"
+        "assert cpu_loops.rnn_backward(Y, dA, W, carry, False, False)\n"
+        "stats = cpu_loops._rnn_backward.stats\n"
+        "print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))\n"
+    )
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NPYRNN_BACKEND="numpy")
+
+    def hits_misses(kind):
+        result = subprocess.run([sys.executable, "-c", code, kind], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return tuple(int(v) for v in result.stdout.split())
+
+    assert hits_misses("same") == (0, 1)  # compiled, saved
+    assert hits_misses("same") == (1, 0)  # loaded
+    assert hits_misses("changed") == (0, 1)  # compiled again
+    assert hits_misses("changed") == (1, 0)
+
+
+def test_two_threads_each_with_a_layer(ran):
     """Two Python threads training at once: one holds the products, the other's loops run in Python
     (numpy.matmul); both get their own right answers."""
     split(1)
@@ -228,12 +340,14 @@ def test_two_threads_each_with_a_layer():
         except Exception as exc:  # noqa: BLE001 (reported below)
             errors.append(exc)
 
+    ran.clear()
     threads = [threading.Thread(target=work, args=(seed,)) for seed in (1, 2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors
+    assert any(result for _, result in ran)  # (while the other thread's products went to numpy.matmul)
     for seed in (1, 2):  # float32: numpy.matmul's bits may differ from the split products' in the last place
         assert all(np.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(results[seed], expected[seed])
                    if a is not None)
@@ -254,6 +368,6 @@ def test_compiles_whatever_the_kernels_were_built_for(tmp_path):
         "assert cpu_loops.rnn_backward(Y, dA, W, carry, False, False)\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NPYRNN_BACKEND="numpy")  # (CI runs a pass on CuPy's stand-in)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -48,6 +48,19 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+def _source_digest(path):
+    """sha256 of a module's source as it was imported (`cpu_loops` keys its disk cache to it), or None."""
+    import hashlib
+
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+SOURCE_DIGEST = _source_digest(__file__)
+
 __all__ = ["start", "stop", "matmul", "run_loop", "loop_product", "one_blas_thread", "blocks", "helpers", "stats",
            "why_unavailable"]
 
@@ -254,13 +267,21 @@ def _copy_block(dt, m, n, s, c, ldc, i, cs, axis):
 def _product(ctl, ts, a_arr, b_arr, c_arr, hs_arr, ps_arr, ta, lda, tb, ldb, ldc, nch, cs, axis, helpers):
     """c = op(a) op(b) in nch blocks, shared with the helper.
 
-    Returns 0 (nothing done) if OpenBLAS is not at one thread, 1 when done, 2 when done and a
-    block was taken back from the helper (which may still be reading a and b). For axis 2, c
-    holds block 0's partial sum on return and `_target`'s regions the others, for the caller
-    to add in order.
+    Returns 0 (nothing done) if OpenBLAS is not at one thread, else what `_blocks_of` returns.
     """
     if _get_threads() != 1:
         return 0
+    return _blocks_of(ctl, ts, a_arr, b_arr, c_arr, hs_arr, ps_arr, ta, lda, tb, ldb, ldc, nch, cs, axis, helpers)
+
+
+@njit(**_JIT)
+def _blocks_of(ctl, ts, a_arr, b_arr, c_arr, hs_arr, ps_arr, ta, lda, tb, ldb, ldc, nch, cs, axis, helpers):
+    """`_product` past its check of OpenBLAS's thread count (a compiled loop checks once, first).
+
+    Returns 1 when done, 2 when done and a block was taken back from the helper (which may
+    still be reading a and b). For axis 2, c holds block 0's partial sum on return and
+    `_target`'s regions the others, for the caller to add in order.
+    """
     m, k, n = c_arr.shape[0], a_arr.shape[1], c_arr.shape[1]
     a, b, c = np.int64(a_arr.ctypes.data), np.int64(b_arr.ctypes.data), np.int64(c_arr.ctypes.data)
     hs, ps = np.int64(hs_arr.ctypes.data), np.int64(ps_arr.ctypes.data)
@@ -371,14 +392,14 @@ def loop_product(ctl, ts, a, b, c, hs, ps, tb, plan, helpers):
     tb TRANS (a weight used as W^T), rows contiguous either way; plan: int64 (3,), `blocks(m,
     n, k)`. Partial sums over k are added in order, as `matmul` adds them. Returns 2 when a
     block was taken back from the helper (which may still read a and b: `run_loop` keeps them),
-    else 1. The loop holds `_lock` (see `run_loop`) and checked `one_blas_thread` before.
+    else 1. The loop holds `_lock` (see `run_loop`) and checked `one_blas_thread` when it began
+    (should another thread change OpenBLAS's count meanwhile, each block still computes the
+    right product, with OpenBLAS's threads inside it).
     """
     item = a.itemsize
     axis, nch, cs = plan[0], plan[1], plan[2]
-    done = _product(ctl, ts, a, b, c, hs, ps, NO_TRANS, a.strides[0] // item, tb, b.strides[0] // item,
-                    c.strides[0] // item, nch, cs, axis, helpers)
-    if done == 0:
-        raise RuntimeError("npyrnn split products: OpenBLAS left one thread during a compiled loop")
+    done = _blocks_of(ctl, ts, a, b, c, hs, ps, NO_TRANS, a.strides[0] // item, tb, b.strides[0] // item,
+                      c.strides[0] // item, nch, cs, axis, helpers)
     if axis == 2:  # the partial sums over k, added in order, from where `_target` put them
         m, n = c.shape
         seq = _load(ctl, SEQ)
@@ -447,7 +468,7 @@ def stop():
     global _started, _blas_threads
     if not _started:
         return
-    with _lock:
+    with _lock:  # after the product or compiled loop in progress, if any
         _ctl[STOP] = 1
         for thread in _threads:
             thread.join()  # after any block it was still computing: nothing it touches is in use any more
@@ -456,9 +477,9 @@ def stop():
         _ctl[STOP] = 0
         _ctl[READY] = 0
         _started = False
-    if _blas_threads is not None:
-        _set_blas_threads(_blas_threads)
-        _blas_threads = None
+        if _blas_threads is not None:
+            _set_blas_threads(_blas_threads)
+            _blas_threads = None
 
 
 def _forget_after_fork():
@@ -558,6 +579,8 @@ def run_loop(loop, shapes, dtype, keep, *args):
         _ctl[DECLINED] += 1
         return False
     try:
+        if not _started:  # stopped while this thread waited for nothing: `stop` holds the lock to stop
+            return False
         if _kept:  # let go of what the helper has finished with
             done = int(_ctl[HDONE])
             _kept[:] = [entry for entry in _kept if entry[0] > done]
@@ -568,7 +591,11 @@ def run_loop(loop, shapes, dtype, keep, *args):
         ps_need = max(nch * m * n if axis == 2 else 0 for (m, n, _), (axis, nch, _) in zip(shapes, plans))
         hs = _scratch(_helper_scratch, dtype, hs_need)
         ps = _scratch(_partials, dtype, ps_need)
-        done = loop(_ctl, _clock, hs, ps, helpers_now, plans, *args)
+        try:
+            done = loop(_ctl, _clock, hs, ps, helpers_now, plans, *args)
+        except BaseException:  # (a kernel's check, say) a block may have been taken back before it
+            _kept.append((int(_ctl[SEQ]), tuple(keep) + (hs,)))
+            raise
         if not done:
             _ctl[DECLINED] += 1
             return False

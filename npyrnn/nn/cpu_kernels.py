@@ -35,6 +35,14 @@ from numba.extending import overload
 
 __all__ = ["build"]
 
+try:  # sha256 of this source as imported: `cpu_loops` keys its disk cache to it
+    import hashlib
+
+    with open(__file__, "rb") as _f:
+        SOURCE_DIGEST = hashlib.sha256(_f.read()).hexdigest()
+except OSError:
+    SOURCE_DIGEST = None
+
 _JIT = dict(cache=True, nogil=True, error_model="numpy")  # no fastmath: every operation rounded as written
 
 

@@ -23,9 +23,6 @@ Each wrapper takes the cell's buffers as the Python loop names them; `reverse` r
 loop as the backward direction of a bidirectional layer does.
 """
 
-import hashlib
-from pathlib import Path
-
 import numpy as np
 from numba import njit
 
@@ -310,20 +307,18 @@ def lstm_proj_backward(dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, 
 
 
 # ------------------------------------------------------------------------------ the disk cache
-def _drop_stale_cache(loops):
-    """Numba keys a cached function to its own file: a loop cached before `cpu_gemm.py` or
-    `cpu_kernels.py` changed would run their old code. Drop the cached loops when those files
-    differ from what they were compiled with (a `.deps` file beside each loop's cache)."""
-    stamp = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (cpu_gemm, cpu_kernels))).hexdigest()
+def _key_cache_to_sources(loops):
+    """Numba keys a cached function to its own file's stamp, so a loop cached before `cpu_gemm.py`
+    or `cpu_kernels.py` changed would run their old code. Fold their sources, as this process
+    imported them, into each loop's stamp: a loop cached with other sources is compiled again."""
+    sources = (cpu_gemm.SOURCE_DIGEST, cpu_kernels.SOURCE_DIGEST)
     for loop in loops:
         try:
-            deps = Path(loop._cache.cache_path) / f"cpu_loops.{loop.py_func.__name__}.deps"
-            if not deps.is_file() or deps.read_text() != stamp:
-                loop._cache.flush()
-                deps.write_text(stamp)
-        except (AttributeError, OSError):  # no cache (or none writable): Numba compiles afresh anyway
+            index = loop._cache._cache_file  # Numba's IndexDataCacheFile (internal)
+            index._source_stamp = (index._source_stamp, sources)
+        except AttributeError:  # another Numba's internals: its own stamp alone
             pass
 
 
-_drop_stale_cache((_rnn_forward, _rnn_backward, _gru_forward, _gru_backward, _gru_before_forward, _gru_before_backward,
-                   _lstm_forward, _lstm_backward, _lstm_proj_forward, _lstm_proj_backward))
+_key_cache_to_sources((_rnn_forward, _rnn_backward, _gru_forward, _gru_backward, _gru_before_forward,
+                       _gru_before_backward, _lstm_forward, _lstm_backward, _lstm_proj_forward, _lstm_proj_backward))
