@@ -23,6 +23,7 @@ HOST_SIDE = {
     "generate.py": "draws sampled tokens on the host, so both backends give the same text from one seed",
     "nn/cpu_kernels.py": "the Numba-compiled kernels, which run on NumPy arrays only (kernels.get hands them out on NumPy)",
     "nn/cpu_gemm.py": "the split products, NumPy's OpenBLAS called on NumPy arrays only (backend.matmul hands them out on NumPy)",
+    "nn/cpu_loops.py": "the compiled time loops, on NumPy arrays only (Recurrent._cpu_loops hands them out on NumPy)",
 }
 COMPUTE_MODULES = sorted({path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")} - set(HOST_SIDE))
 
