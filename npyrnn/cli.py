@@ -16,7 +16,6 @@ import copy
 import json
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 

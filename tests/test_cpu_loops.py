@@ -195,6 +195,26 @@ def test_declined_for_strides_it_does_not_assume_and_while_another_thread_has_th
     assert cpu_loops.gru_forward(G, GH, Hs, W, None, 1, 0, False)
 
 
+def test_declined_when_openblas_is_not_at_one_thread_and_the_python_loop_gives_the_same(ran):
+    """Another thread gave NumPy's OpenBLAS two threads (threadpoolctl, say): every block must be a
+    single-threaded product, so the loops decline, and the Python loops (numpy.matmul) run."""
+    expected = run_layer(GRU, {}, compiled=False)
+    split(1)
+    declined = cpu_gemm.stats()["declined"]
+    cpu_gemm._set_blas_threads(2)
+    try:
+        got = run_layer(GRU, {}, compiled=True)
+    finally:
+        cpu_gemm._set_blas_threads(1)
+    assert ran and not any(result for _, result in ran)
+    assert cpu_gemm.stats()["declined"] >= declined + len(ran)
+    for a, b in zip(got, expected):  # numpy.matmul at OpenBLAS's two threads: the same values, not the same bits
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    ran.clear()
+    run_layer(GRU, {}, compiled=True)  # one thread again: the loops run
+    assert ran and all(result for _, result in ran)
+
+
 FAKE_HELPER_CASES = {  # the first product each loop posts: split by columns, by k, the second of two products
     "gru forward": (GRU, {}, "forward"),
     "gru backward": (GRU, {}, "backward"),

@@ -380,7 +380,7 @@ def _helper(ctl, ts):
 
 @njit(**_JIT)
 def one_blas_thread():
-    """Whether NumPy's OpenBLAS is at one thread, as every block needs (a compiled loop checks before it starts)."""
+    """Whether NumPy's OpenBLAS is at one thread, as every block needs (`run_loop` checks before a loop starts)."""
     return _get_threads() == 1
 
 
@@ -392,7 +392,7 @@ def loop_product(ctl, ts, a, b, c, hs, ps, tb, plan, helpers):
     tb TRANS (a weight used as W^T), rows contiguous either way; plan: int64 (3,), `blocks(m,
     n, k)`. Partial sums over k are added in order, as `matmul` adds them. Returns 2 when a
     block was taken back from the helper (which may still read a and b: `run_loop` keeps them),
-    else 1. The loop holds `_lock` (see `run_loop`) and checked `one_blas_thread` when it began
+    else 1. The loop holds `_lock`, and `run_loop` checked `one_blas_thread` before it began
     (should another thread change OpenBLAS's count meanwhile, each block still computes the
     right product, with OpenBLAS's threads inside it).
     """
@@ -561,13 +561,13 @@ def _scratch(arrays, dt, need):
 def run_loop(loop, shapes, dtype, keep, *args):
     """Run a compiled time loop whose step products go through `loop_product`; whether it ran.
 
-    `loop(ctl, ts, hs, ps, helpers, plans, *args)` returns 0 (before doing anything) when OpenBLAS
-    is not at one thread, else 2 if any block was taken back from the helper, else 1; its
-    products are `shapes`, (m, n, k) each, and `plans[j]` is `blocks(*shapes[j])`. The loop
-    holds the products for its whole run. False (nothing run) when the products are off, in use
-    by another thread, or would decline one of these products or `dtype` (the caller then runs
-    its Python loop, whose products go to numpy.matmul). `keep`: the arrays the loop's products
-    read or write, C-contiguous, kept alive for a helper that lost its core.
+    `loop(ctl, ts, hs, ps, helpers, plans, *args)` returns 2 if any block was taken back from
+    the helper, else 1; its products are `shapes`, (m, n, k) each, and `plans[j]` is
+    `blocks(*shapes[j])`. The loop holds the products for its whole run. False (nothing run)
+    when the products are off, in use by another thread, or would decline one of these products
+    or `dtype`, or OpenBLAS is not at one thread (the caller then runs its Python loop, whose
+    products go to numpy.matmul). `keep`: the arrays the loop's products read or write,
+    C-contiguous, kept alive for a helper that lost its core.
     """
     if not _started or dtype.char not in "fd" or not dtype.isnative:
         return False
@@ -580,6 +580,9 @@ def run_loop(loop, shapes, dtype, keep, *args):
         return False
     try:
         if not _started:  # stopped while this thread waited for nothing: `stop` holds the lock to stop
+            return False
+        if not one_blas_thread():  # every block is a single-threaded product (another thread changed the count)
+            _ctl[DECLINED] += 1
             return False
         if _kept:  # let go of what the helper has finished with
             done = int(_ctl[HDONE])
@@ -596,9 +599,6 @@ def run_loop(loop, shapes, dtype, keep, *args):
         except BaseException:  # (a kernel's check, say) a block may have been taken back before it
             _kept.append((int(_ctl[SEQ]), tuple(keep) + (hs,)))
             raise
-        if not done:
-            _ctl[DECLINED] += 1
-            return False
         if done == 2:  # the helper may still be reading the loop's inputs (and writing hs): keep them alive for it
             _kept.append((int(_ctl[SEQ]), tuple(keep) + (hs,)))
         return True

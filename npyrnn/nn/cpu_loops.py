@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit
 
 from npyrnn.nn import cpu_gemm, cpu_kernels
-from npyrnn.nn.cpu_gemm import NO_TRANS, TRANS, loop_product, one_blas_thread
+from npyrnn.nn.cpu_gemm import NO_TRANS, TRANS, loop_product
 
 __all__ = ["rnn_forward", "rnn_backward", "gru_forward", "gru_backward", "gru_before_forward", "gru_before_backward",
            "lstm_forward", "lstm_backward", "lstm_proj_forward", "lstm_proj_backward"]
@@ -56,8 +56,6 @@ _lstm_fwd, _lstm_bwd, _lstm_bwd_noproj = map(_kernel, (cpu_kernels.lstm_fwd, cpu
 @njit(**_JIT)
 def _rnn_forward(ctl, ts, hs, ps, helpers, plans, Hs, W_hh, tmp, o, p, reverse, relu):
     """`RNN._scan`: step t reads h_{t-1} from Hs[p+t] and turns Hs[o+t] into h_t."""
-    if not one_blas_thread():
-        return 0
     T = Hs.shape[0] - 1
     took = 1
     for s in range(T):
@@ -74,8 +72,6 @@ def _rnn_forward(ctl, ts, hs, ps, helpers, plans, Hs, W_hh, tmp, o, p, reverse, 
 @njit(**_JIT)
 def _rnn_backward(ctl, ts, hs, ps, helpers, plans, Y, dA, W_hh, carry, reverse, relu):
     """`RNN._scan_back` with its fused kernel: dA holds dout, carry dL/dh_T (or 0)."""
-    if not one_blas_thread():
-        return 0
     T = Y.shape[0]
     took = 1
     for s in range(T):
@@ -106,8 +102,6 @@ def rnn_backward(Y, dA, W_hh, carry, reverse, relu):
 @njit(**_JIT)
 def _gru_forward(ctl, ts, hs, ps, helpers, plans, G, GH, Hs, W_hh, b_hn, has_bias, o, p, reverse):
     """`GRU._scan` with `reset_after=True` and its fused kernel: G the input side, then [r, z, n]."""
-    if not one_blas_thread():
-        return 0
     T, H = G.shape[0], W_hh.shape[1]
     took = 1
     for s in range(T):
@@ -126,8 +120,6 @@ def _gru_forward(ctl, ts, hs, ps, helpers, plans, G, GH, Hs, W_hh, b_hn, has_bia
 @njit(**_JIT)
 def _gru_backward(ctl, ts, hs, ps, helpers, plans, dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse):
     """`GRU._scan_back_fused` with `reset_after=True`: carry dL/dh_T (or 0) and zdh 0 in."""
-    if not one_blas_thread():
-        return 0
     T, H = G.shape[0], W_hh.shape[1]
     took = 1
     for s in range(T):
@@ -158,8 +150,6 @@ def gru_backward(dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse):
 @njit(**_JIT)
 def _gru_before_forward(ctl, ts, hs, ps, helpers, plans, G, ghrz, tmp, RH, Hs, W_hh, o, p, reverse):
     """`GRU._scan` with `reset_after=False` (d2l's GRU) and its two fused kernels."""
-    if not one_blas_thread():
-        return 0
     T, H = G.shape[0], W_hh.shape[1]
     W_rz, W_hn = W_hh[: 2 * H], W_hh[2 * H :]
     took = 1
@@ -176,8 +166,6 @@ def _gru_before_forward(ctl, ts, hs, ps, helpers, plans, G, ghrz, tmp, RH, Hs, W
 @njit(**_JIT)
 def _gru_before_backward(ctl, ts, hs, ps, helpers, plans, dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p, reverse):
     """`GRU._scan_back_fused` with `reset_after=False`: carry dL/dh_T (or 0), zdh and rdh 0 in."""
-    if not one_blas_thread():
-        return 0
     T, H = G.shape[0], W_hh.shape[1]
     W_rz, W_hn = W_hh[: 2 * H], W_hh[2 * H :]
     took = 1
@@ -210,8 +198,6 @@ def gru_before_backward(dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p, reverse):
 @njit(**_JIT)
 def _lstm_forward(ctl, ts, hs, ps, helpers, plans, G, gh, Hs, C, TC, W_hh, o, p, reverse):
     """`LSTM._scan` without a projection and with its fused kernel: h_t = m_t goes to Hs[o+t]."""
-    if not one_blas_thread():
-        return 0
     T, H = G.shape[0], W_hh.shape[1]
     took = 1
     for s in range(T):
@@ -226,8 +212,6 @@ def _lstm_forward(ctl, ts, hs, ps, helpers, plans, G, gh, Hs, C, TC, W_hh, o, p,
 @njit(**_JIT)
 def _lstm_backward(ctl, ts, hs, ps, helpers, plans, dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse):
     """`LSTM._scan_back` without a projection and with its fused kernel: carries dL/dh_T, dL/dc_T (or 0) in."""
-    if not one_blas_thread():
-        return 0
     T, H = G.shape[0], W_hh.shape[1]
     took = 1
     for s in range(T):
@@ -256,8 +240,6 @@ def lstm_backward(dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse):
 @njit(**_JIT)
 def _lstm_proj_forward(ctl, ts, hs, ps, helpers, plans, G, gh, Hs, C, TC, M, W_hh, W_hr, o, p, reverse):
     """`LSTM._scan` with a projection: m_t goes to M[t], h_t = m_t W_hr^T to Hs[o+t]."""
-    if not one_blas_thread():
-        return 0
     T, H = G.shape[0], W_hr.shape[1]
     took = 1
     for s in range(T):
@@ -274,8 +256,6 @@ def _lstm_proj_forward(ctl, ts, hs, ps, helpers, plans, G, gh, Hs, C, TC, M, W_h
 def _lstm_proj_backward(ctl, ts, hs, ps, helpers, plans, dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, p,
                         reverse):
     """`LSTM._scan_back` with a projection and its fused kernel: carries dL/dh_T, dL/dc_T (or 0) in."""
-    if not one_blas_thread():
-        return 0
     T, H = G.shape[0], W_hr.shape[1]
     took = 1
     for s in range(T):

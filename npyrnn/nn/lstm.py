@@ -248,7 +248,7 @@ class LSTM(Recurrent):
         Hs, C, G, p = rec.Hs, rec.C, rec.gx, rec.p
         W_hh = self._p("weight_hh", rec.k, rec.suffix)  # (4H, P)
         W_hr = self._p("weight_hr", rec.k, rec.suffix) if self.proj_size else None  # (P, H)
-        i, f, g, og = G[:, :, :H], G[:, :, H : 2 * H], G[:, :, 2 * H : 3 * H], G[:, :, 3 * H :]
+        f = G[:, :, H : 2 * H]  # the forget gate of every step, for (9.12)
         TC = rec.TC
         fused = kernels.get(xp, "lstm_bwd" if W_hr is not None else "lstm_bwd_noproj", self.dtype)  # None when the fused kernels are off or unavailable
 
