@@ -180,4 +180,10 @@ def render(results):
                 fmt_table(rows, ["product", "shape", "ms", "GFLOP/s"]),
                 f"npyrnn / floor: {r3(f['ratio_npyrnn_over_floor'])}",
                 "npyrnn phases, ms (median): " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in ph.items())]
+        if "npyrnn_parts" in f:  # results written before 2026-12-07 have neither
+            split = f["npyrnn_split_products"]
+            rows = [[name, f"{p['calls']:g}", f"{p['seconds'] * 1e3:.3f}"] for name, p in f["npyrnn_parts"].items()]
+            out += [f"npyrnn's minibatch part by part ({'numpy.matmul with OpenBLAS threads' if split is None else f'split products, {split} thread(s)'}; "
+                    "medians over an epoch, outermost calls)",
+                    fmt_table(rows, ["part", "calls", "ms"])]
     return "\n".join(out)

@@ -136,6 +136,26 @@ def test_floor(quick):
         assert_summary(floor["ratio_npyrnn_over_floor"], 1)
         assert set(floor["npyrnn_phase_seconds"]) == {"zero_grad", "forward", "loss", "backward", "clip", "sgd"}
         assert f"FLOOR {cell.upper()} at hidden 16" in stdout
+        # npyrnn timed as `npyrnn train --threads 1` runs it (the split products where they can run), not
+        # with the OpenBLAS threads the floor's products get back after each measurement
+        assert floor["npyrnn_split_products"] == split_products_expected(threads=1)
+        parts = floor["npyrnn_parts"]
+        assert {"input gather (5.1)", "input gather's gradient (5.2), with the bias's (5.3)", "loss and its gradient",
+                "clip", "optimizer step", "other"} <= set(parts)
+        assert all(p["seconds"] >= 0 and p["calls"] >= 1 for p in parts.values())
+        # the hidden side's products: in a compiled loop, or one per step (T = 5) where the loop declines
+        assert (sum(p["calls"] for name, p in parts.items() if name.startswith("product (4,16)@")) == 5
+                or any(name.startswith("compiled time loop") for name in parts))
+    assert "part by part" in stdout
+
+
+def split_products_expected(threads):
+    """What `backend.split_products()` answers in the benchmark's process after `set_cpu_threads(threads)`."""
+    from npyrnn import backend
+
+    if backend.name != "numpy" or not backend.env_switch(backend.SPLIT_ENV, "off", "on"):
+        return None
+    return None if backend._split_module() is None else threads
 
 
 def test_load_and_some_cells(loaded):

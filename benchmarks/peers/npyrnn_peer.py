@@ -1,5 +1,6 @@
 """npyrnn's RNNLM trained with ``npyrnn.train.train_epoch`` (SGD, global-norm clipping)."""
 
+import contextlib
 import itertools
 import time
 
@@ -51,19 +52,23 @@ class NpyrnnLM:
 
     split = None  # npyrnn's default: split products where the fast extra has them
 
-    def train(self):
-        """Train one measurement, ``cfg.epochs`` epochs; return (seconds, tokens, last perplexity, CPU seconds).
-
-        The cores are set as ``npyrnn train --threads`` sets them (``backend.set_cpu_threads``),
-        then given back to OpenBLAS at the same count, as the other peers see them.
-        """
+    @contextlib.contextmanager
+    def cores(self):
+        """The cores set as ``npyrnn train --threads`` sets them (``backend.set_cpu_threads``), then
+        given back to OpenBLAS at the same count, as the other peers (and the floor's products) see them."""
         from npyrnn import backend
 
         backend.set_cpu_threads(self.cfg.threads, split=self.split)
         try:
-            return self._train()
+            yield
         finally:
             backend.set_cpu_threads(self.cfg.threads, split=False)
+
+    def train(self):
+        """Train one measurement, ``cfg.epochs`` epochs, on the cores as ``cores`` sets them; return
+        (seconds, tokens, last perplexity, CPU seconds)."""
+        with self.cores():
+            return self._train()
 
     def _train(self):
         from npyrnn.train import train_epoch

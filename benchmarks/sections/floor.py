@@ -8,7 +8,10 @@ hidden-side product as npyrnn (and cuDNN) fuse them; the GRU is torch's variant
 (``reset_after=True``), whose hidden product is one GEMM for all three gates.
 """
 
+import collections
+import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import statistics
@@ -28,7 +31,10 @@ NOTES = (
     "one epoch's minibatches of npyrnn.train.train_step (forward, loss, backward, clip, SGD); "
     "npyrnn_epoch_seconds_per_minibatch = the whole epoch (data slicing included) / minibatches. "
     "Not counted: the one-hot input gather and its scatter-add gradient (memory-bound, no FLOPs) and the "
-    "elementwise work."
+    "elementwise work. npyrnn runs on the cores as `npyrnn train --threads` sets them (split products where "
+    "the fast extra has them: npyrnn_split_products), the floor's products with OpenBLAS's own threads. "
+    "npyrnn_parts: median seconds per minibatch of each call a minibatch is made of (outermost calls only; "
+    "'other' is the rest of train_step: Python, zero_grad, the output layer's bias and state copies)."
 )
 
 
@@ -153,6 +159,88 @@ def npyrnn_phases(ours):
     return {name: statistics.median(ts) for name, ts in phases.items()}
 
 
+def _shape(a):
+    return "(" + ",".join(str(d) for d in a.shape) + ")"
+
+
+@contextlib.contextmanager
+def timed_parts(optimizer, times):
+    """Add each call's seconds to ``times[label]`` while inside: the compiled time loops, every
+    product outside them by shape, the input gather and its gradient, the loss, clipping and the
+    optimizer step. Outermost calls only: the product inside the gather's gradient counts there."""
+    import npyrnn.train as train_module
+    from npyrnn import backend
+    from npyrnn.nn import recurrent
+
+    depth = [0]
+
+    def timed(fn, label):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if depth[0]:
+                return fn(*args, **kwargs)
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds = time.perf_counter() - start
+                depth[0] -= 1
+                name = label(*args) if callable(label) else label
+                times[name][0] += seconds
+                times[name][1] += 1
+        return wrapper
+
+    patches = [
+        (backend, "matmul", lambda a, b, *_, **__: f"product {_shape(a)}@{_shape(b)}"),
+        (backend, "take_rows", "input gather (5.1)"),
+        (recurrent, "_scatter_columns", "input gather's gradient (5.2), with the bias's (5.3)"),
+        (train_module, "softmax_cross_entropy", "loss and its gradient"),
+        (train_module, "clip_grad_norm", "clip"),
+        (optimizer, "step", "optimizer step"),
+    ]
+    try:
+        from npyrnn.nn import cpu_loops
+    except ImportError:  # no fast extra: no compiled loops
+        cpu_loops = None
+    if cpu_loops is not None:
+        patches += [(cpu_loops, name, f"compiled time loop {name}") for name in cpu_loops.__all__]
+    saved = [(obj, name, vars(obj).get(name)) for obj, name, _ in patches]
+    try:
+        for obj, name, label in patches:
+            setattr(obj, name, timed(getattr(obj, name), label))
+        yield
+    finally:
+        for obj, name, original in saved:
+            if original is None:  # an instance's method: the class's again
+                delattr(obj, name)
+            else:
+                setattr(obj, name, original)
+
+
+def npyrnn_parts(ours):
+    """One epoch of ``train_step`` with ``timed_parts``: {part: {"seconds": median per minibatch,
+    "calls": calls per minibatch}}, and "other": the rest of each minibatch."""
+    from npyrnn.train import train_step
+
+    model, cfg, per_batch = ours.model, ours.cfg, []
+    state = None
+    for X, Y in itertools.islice(iter(ours.loader), ours.num_batches()):
+        if state is None:
+            state = model.begin_state(X.shape[0])
+        times = collections.defaultdict(lambda: [0.0, 0])
+        with timed_parts(ours.optimizer, times):
+            start = time.perf_counter()
+            loss, state = train_step(model, X, Y, state, ours.optimizer, cfg.clip)
+            total = time.perf_counter() - start
+        float(loss)
+        times["other"] = [total - sum(seconds for seconds, _ in times.values()), 1]
+        per_batch.append(dict(times))
+    names = list(dict.fromkeys(name for times in per_batch for name in times))
+    return {name: {"seconds": statistics.median(t.get(name, (0.0, 0))[0] for t in per_batch),
+                   "calls": statistics.median(t.get(name, (0.0, 0))[1] for t in per_batch)} for name in names}
+
+
 def run(cfg, corpus, vocab, log):
     """``{cell: floor results}`` for the cells in ``cfg.cells``."""
     return {cell: run_cell(cfg, corpus, vocab, log, cell) for cell in cfg.cells}
@@ -169,15 +257,21 @@ def run_cell(cfg, corpus, vocab, log, cell):
     flops = sum(p.flops for p in prods)
     floor_s, step_s, epoch_step_s, per_product, phases = [], [], [], [], []
 
+    from npyrnn import backend
+
+    parts, split = [], []
+
     def measure_floor():
         pause(cfg)
-        ts = time_products(prods, cfg.floor_reps)
+        ts = time_products(prods, cfg.floor_reps)  # numpy.matmul, OpenBLAS's threads (ours.cores gives them back)
         per_product.append(ts)
         floor_s.append(sum(ts))
 
     def measure_npyrnn():
         pause(cfg)
-        seconds, times = npyrnn_steps(ours)
+        with ours.cores():  # as `npyrnn train` runs: the split products where the fast extra has them
+            split.append(backend.split_products())
+            seconds, times = npyrnn_steps(ours)
         step_s.append(statistics.median(times))  # robust to preemption, like the floor's medians
         epoch_step_s.append(seconds / len(times))
 
@@ -185,7 +279,9 @@ def run_cell(cfg, corpus, vocab, log, cell):
         for measure in pair_order(i, measure_npyrnn, measure_floor):
             measure()
         pause(cfg)
-        phases.append(npyrnn_phases(ours))
+        with ours.cores():
+            phases.append(npyrnn_phases(ours))
+            parts.append(npyrnn_parts(ours))
         log(f"  floor {cell} pair {i + 1}/{cfg.pairs}: floor {floor_s[-1] * 1e3:.2f} ms, "
             f"npyrnn {step_s[-1] * 1e3:.2f} ms per minibatch")
     return {
@@ -205,5 +301,9 @@ def run_cell(cfg, corpus, vocab, log, cell):
         "floor_gflops_per_s": flops / statistics.median(floor_s) / 1e9,
         "npyrnn_gflops_per_s": flops / statistics.median(step_s) / 1e9,
         "npyrnn_phase_seconds": {name: statistics.median(p[name] for p in phases) for name in phases[0]},
+        "npyrnn_split_products": split[0],
+        "npyrnn_parts": {name: {"seconds": statistics.median(p.get(name, {"seconds": 0.0})["seconds"] for p in parts),
+                                "calls": statistics.median(p.get(name, {"calls": 0})["calls"] for p in parts)}
+                         for name in dict.fromkeys(n for p in parts for n in p)},
         "notes": NOTES,
     }
