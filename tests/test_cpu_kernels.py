@@ -186,3 +186,59 @@ def test_read_only_and_fortran_arrays_from_the_caller(cfg):
         step = layer.stepper(state)
         results.append([step(np.array([0, 1, 2])).copy() for _ in range(3)])
     np.testing.assert_allclose(results[0], results[1], rtol=1e-13, atol=1e-13)
+
+
+# ------------------------------------------------------------------------------ the gather's gradient
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(N=st.integers(1, 40), V=st.integers(1, 140), GH=st.integers(1, 20), with_sum=st.booleans(),
+       dtype=st.sampled_from(["float64", "float32"]), seed=st.integers(0, 2**32 - 1))
+def test_compiled_gather_gradient_is_the_sum_of_each_tokens_rows(N, V, GH, with_sum, dtype, seed):
+    """`_scatter_columns` through `cpu_kernels.scatter_rows` (any vocabulary: the one-hot product's
+    sizes and the sorted scatter's) against np.add.at in float64; twice in a row, the same bits."""
+    from npyrnn.nn.recurrent import _scatter_columns
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, min(V, 1 + N // 2), N)  # repeated tokens: their rows must add up
+    dG2 = rng.standard_normal((N, GH)).astype(dtype)
+    expected = np.zeros((V, GH))
+    np.add.at(expected, ids, dG2.astype(np.float64))
+    kernels.set_enabled(True)
+    assert kernels.scatter_rows(np) is cpu_kernels.scatter_rows
+    dW, db = _scatter_columns(ids, dG2, V, np, with_sum)
+    assert dW.shape == (GH, V) and dW.dtype == dtype and (db is None) == (not with_sum)
+    tol = dict(rtol=1e-12, atol=1e-12 * N) if dtype == "float64" else dict(rtol=1e-5, atol=1e-5 * N)
+    np.testing.assert_allclose(dW, expected.T, **tol)
+    if with_sum:
+        assert db.shape == (GH,) and db.dtype == dtype
+        np.testing.assert_allclose(db, dG2.astype(np.float64).sum(axis=0), **tol)
+    again = _scatter_columns(ids, dG2, V, np, with_sum)
+    assert dW.tobytes() == again[0].tobytes() and (db is None or db.tobytes() == again[1].tobytes())
+
+
+def test_token_id_layers_take_the_compiled_gather_gradient_unless_the_kernels_are_off(monkeypatch):
+    from npyrnn.nn import GRU
+
+    calls = []
+    compiled = cpu_kernels.scatter_rows
+
+    def spy(ids, src, out, with_sum):
+        calls.append((src.shape, out.shape, with_sum))
+        return compiled(ids, src, out, with_sum)
+
+    monkeypatch.setattr(cpu_kernels, "scatter_rows", spy)
+    rng = np.random.default_rng(0)
+    ids, dout = rng.integers(0, 11, (7, 3)), rng.standard_normal((7, 3, 8))
+
+    def grads(fused):
+        kernels.set_enabled(fused)
+        gru = GRU(11, 4, num_layers=2, bidirectional=True, dtype="float64", seed=0)
+        gru.forward(ids)
+        gru.backward(dout)
+        return gru.grads
+
+    fused, plain = grads(True), grads(False)
+    assert calls == [((21, 12), (12, 12), True)] * 2  # layer 0, both directions; with the bias row
+    for name in plain:
+        np.testing.assert_allclose(fused[name], plain[name], rtol=1e-12, atol=1e-13, err_msg=name)
+    kernels.set_enabled(False)
+    assert kernels.scatter_rows(np) is None

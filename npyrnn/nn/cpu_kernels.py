@@ -455,6 +455,28 @@ def lstm_bwd_noproj(dy, ch, gi, gf, gg, go, tc, c_prev, da_i, da_f, da_g, da_o, 
                 dm, gi_[j], gf_[j], gg_[j], go_[j], tc_[j], cp_[j], cc_[j])
 
 
+# ------------------------------------------------------------------------------ the gather's gradient
+@njit(**_JIT)
+def scatter_rows(ids, src, out, with_sum):
+    """out[ids[n]] += src[n] for n = 0, 1, ..., N-1 in order (5.2); with_sum, out[V] += src[n] too (5.3).
+
+    ids (N,) intp in [0, V); src (N, G*H) and out (V [+ 1], G*H) C-contiguous. The gradient of a
+    row gather read once, row by row, as the backward pass left it, instead of a product with a
+    (N, V + 1) one-hot matrix (`recurrent._scatter_columns`): 2 N G*H additions (N G*H without the
+    bias) instead of 2 N (V + 1) G*H flops, and no one-hot matrix. The sums run over n in order,
+    so the bits depend on nothing but the inputs.
+    """
+    V = out.shape[0] - 1 if with_sum else out.shape[0]
+    for n in range(src.shape[0]):
+        row, src_ = out[ids[n]], src[n]
+        for j in range(src.shape[1]):
+            row[j] += src_[j]  # sum over the rows of token ids[n]                     (5.2)
+        if with_sum:
+            total = out[V]
+            for j in range(src.shape[1]):
+                total[j] += src_[j]  # sum over every row                             (5.3)
+
+
 # ------------------------------------------------------------------------------ lookup
 KERNELS = {f.__name__: f for f in (
     rnn_fwd_tanh, rnn_fwd_relu, rnn_bwd_tanh, rnn_bwd_relu,

@@ -142,6 +142,16 @@ def get(xp, name, dtype):
     return None if key in _failures else kernel
 
 
+def scatter_rows(xp):
+    """`cpu_kernels.scatter_rows` (the gradient of a row gather, compiled) where it may run: on NumPy
+    with Numba while the fused kernels are on (`set_enabled`, `NPYRNN_FUSED`); else None."""
+    if xp.__name__ != "numpy" or not enabled() or not _numba_installed():
+        return None
+    from npyrnn.nn import cpu_kernels
+
+    return cpu_kernels.scatter_rows
+
+
 def prepare(xp, dtype):
     """Probe every kernel for `dtype` now (one device sync each on CuPy); return `status(xp)`."""
     for name in SPECS:

@@ -517,8 +517,19 @@ def _scatter_columns(ids, dG2, num_columns, xp, with_sum=False):
     token with `backend.index_add`, and the bias gradient is the sum of those V per-token sums
     (5.3).
 
+    With the `fast` extra on NumPy (and the fused kernels on) one compiled pass does both for
+    any vocabulary: each row of dG2 added to its token's row, and to a last row for the bias
+    (`cpu_kernels.scatter_rows`), reading dG2 once without a one-hot matrix.
+
     Returns (dW, db): dW (G*H, V); db (G*H,), or None without `with_sum`.
     """
+    from npyrnn.nn import kernels
+
+    scatter = kernels.scatter_rows(xp)
+    if scatter is not None and dG2.flags.c_contiguous:
+        dW_T = xp.zeros((num_columns + int(with_sum), dG2.shape[1]), dtype=dG2.dtype)  # (V [+ 1], G*H)
+        scatter(ids.astype(xp.intp, copy=False), dG2, dW_T, bool(with_sum))  # (5.2), (5.3)
+        return dW_T[:num_columns].T, (dW_T[num_columns] if with_sum else None)
     if num_columns <= ONE_HOT_MAX:
         onehot = xp.zeros((ids.shape[0], num_columns + int(with_sum)), dtype=dG2.dtype)  # (T*B, V [+ 1])
         onehot[xp.arange(ids.shape[0]), ids] = 1
