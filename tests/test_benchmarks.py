@@ -427,3 +427,18 @@ def test_npyrnn_variants(tmp_path):
         for name in variants:
             assert_summary(row[f"ratio_npyrnn_over_{name}"], 1)
     assert "npyrnn-pyloops" in stdout
+
+
+@pytest.mark.parametrize("switch", ["halves", "loops", "fused"])
+def test_bench_ab_flips_a_switch_minibatch_by_minibatch(switch):
+    """benchmarks/bench_ab.py at tiny sizes: both sides measured, every part printed, the switch left on."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_ab.py"), "--switch", switch, "--cell", "gru", "--hidden", "16",
+         "--epochs", "3", "--max-tokens", "400", "--batch-size", "4", "--num-steps", "5", "--threads", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    counts = re.search(r"over (\d+) / (\d+) minibatches", lines[0])
+    assert counts and int(counts[1]) > 0 and int(counts[2]) > 0
+    assert lines[-1].strip().startswith("minibatch") and "input gather (5.1)" in proc.stdout

@@ -127,6 +127,100 @@ def test_compiled_loops_give_the_python_loops_bits(cell, dtype, helpers, ran):
     assert same_bits(compiled, python)
 
 
+GATED = {name: case for name, case in CELLS.items() if case[0] is not RNN}  # their loops share the kernels' rows
+
+
+def halves_done():
+    """Kernel halves the helper has computed in the life of the process."""
+    return int(cpu_gemm._ctl[cpu_gemm.HALVES])
+
+
+@pytest.mark.parametrize("cell", GATED)
+def test_the_helper_computes_halves_of_the_kernels_with_the_same_bits(cell, ran):
+    """At 1 helper a gated cell's loops share each kernel call's rows; the bits are the Python loops',
+    and the same with the sharing off (`cpu_loops.halves = False`)."""
+    cls, kwargs = GATED[cell]
+    split(1)
+    expected = run_layer(cls, kwargs, compiled=False, H=HIDDEN[cls])
+    cpu_loops.halves = False
+    try:
+        assert same_bits(run_layer(cls, kwargs, compiled=True, H=HIDDEN[cls]), expected)
+    finally:
+        cpu_loops.halves = True
+    for _ in range(10):  # until the helper, which the machine may not schedule at once, claims a half
+        before = halves_done()
+        assert same_bits(run_layer(cls, kwargs, compiled=True, H=HIDDEN[cls]), expected)
+        assert ran and all(result for _, result in ran)
+        if halves_done() > before:
+            return
+    pytest.fail("the helper never computed a half of a kernel call")
+
+
+@pytest.mark.parametrize("B", [2, 3])
+@pytest.mark.parametrize("cell", ["gru", "gru reset before", "lstm"])
+def test_halves_of_two_and_three_rows(cell, B, ran):
+    """Halves of one row, and of one and two (a single row is a product the split products decline)."""
+    cls, kwargs = CELLS[cell]
+    split(1)
+    args = dict(B=B, H=256, T=5, calls=1)
+    expected = run_layer(cls, kwargs, compiled=False, **args)
+    assert same_bits(run_layer(cls, kwargs, compiled=True, **args), expected)
+    assert ran and all(result for _, result in ran)
+
+
+def test_a_helper_that_stalls_inside_a_half_is_waited_for_then_offered_none_for_a_while(ran):
+    """A half once claimed is never taken back (it writes in place): the calling thread waits for it,
+    then offers no half for `HALF_PAUSE` (a busy machine), and the bits stay the same throughout."""
+    split(1)
+    args = dict(H=HIDDEN[GRU], T=4, calls=1)
+    expected = run_layer(GRU, {}, compiled=False, **args)
+    cpu_gemm._ctl[cpu_gemm.HALF_STALL] = 2_000_000  # 2 ms after each claim, as if it had lost its core
+    try:
+        for _ in range(10):
+            before, late = halves_done(), cpu_gemm.stats()["halves_waited_for"]
+            cpu_gemm._ctl[cpu_gemm.HALF_PAUSE_UNTIL] = 0
+            assert same_bits(run_layer(GRU, {}, compiled=True, **args), expected)
+            if halves_done() > before:
+                assert cpu_gemm.stats()["halves_waited_for"] > late  # 2 ms > HALF_LATE
+                break
+        else:
+            pytest.fail("the helper never computed a half of a kernel call")
+        cpu_gemm._ctl[cpu_gemm.HALF_STALL] = 0
+        cpu_gemm._ctl[cpu_gemm.HALF_PAUSE_UNTIL] = np.iinfo(np.int64).max  # a pause that does not end here
+        before = halves_done()
+        assert same_bits(run_layer(GRU, {}, compiled=True, **args), expected)
+        assert halves_done() == before  # none offered: the calling thread ran every row
+    finally:
+        cpu_gemm._ctl[cpu_gemm.HALF_STALL] = 0
+        cpu_gemm._ctl[cpu_gemm.HALF_PAUSE_UNTIL] = 0
+
+
+def test_a_loop_part_that_fails_on_the_helper_is_reported_not_waited_for(monkeypatch, ran):
+    """A bug in the helper's part ends the helper thread; a caller waiting for a half it had claimed
+    raises instead of spinning for ever, and the next start gives a working helper."""
+    split(1)
+    failures = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: failures.append(args.exc_type))
+    helper = cpu_gemm._threads[0]
+
+    def broken(*args):
+        raise ValueError("a bug in a loop's helper part")
+
+    lseq = int(cpu_gemm._ctl[cpu_gemm.LOOP_SEQ]) + 1
+    cpu_gemm._loop_job = (lseq, broken, ())
+    cpu_gemm._ctl[cpu_gemm.LOOP_SEQ] = lseq
+    helper.join(timeout=30)
+    assert not helper.is_alive() and failures == [ValueError]
+    assert cpu_gemm._ctl[cpu_gemm.LOOP_FAILED] == lseq == cpu_gemm._ctl[cpu_gemm.LOOP_EXIT]
+    cpu_gemm._ctl[cpu_gemm.HALF] = (lseq << 24) | (5 << 2) | cpu_gemm.HELPER  # call 5's half, claimed
+    with pytest.raises(RuntimeError, match="the helper thread failed inside a compiled loop"):
+        cpu_gemm.take_half(cpu_gemm._ctl, np.zeros(2, np.int64), lseq, 5)
+    split(1)
+    assert cpu_gemm._threads[0].is_alive()
+    expected = run_layer(GRU, {}, compiled=False, H=HIDDEN[GRU])
+    assert same_bits(run_layer(GRU, {}, compiled=True, H=HIDDEN[GRU]), expected)
+
+
 def test_token_ids_batch_first_and_no_states(ran):
     split(1)
     for cls, kwargs in CELLS.values():
@@ -251,9 +345,9 @@ def fake_helper_case(cls, kwargs, direction, stall_us):
     def run():
         real_run_loop, taken = cpu_gemm.run_loop, []
 
-        def spy(*args):  # the blocks taken back inside the compiled loop
+        def spy(*args, **kwargs):  # the blocks taken back inside the compiled loop
             before = cpu_gemm.stats()["taken_back"]
-            result = real_run_loop(*args)
+            result = real_run_loop(*args, **kwargs)
             taken.append(cpu_gemm.stats()["taken_back"] - before)
             return result
 

@@ -76,7 +76,16 @@ _JIT = dict(nogil=True, cache=True)
  READY, MIN_GRACE) = range(23)
 STATE = 24  # STATE + i: block i's state, seq * 4 + FREE, HELPER, DONE or CALLER
 FREE, HELPER, DONE, CALLER = 0, 1, 2, 3
-CTL_SIZE = STATE + MAX_BLOCKS
+# a compiled loop shared with the helper (`run_loop(..., halves=True)`): the loop's number, the
+# last loop the caller finished and the helper left, the rows half of a step's kernel ((loop << 24
+# | t << 2 | FREE, HELPER, DONE or CALLER), halves the helper did, a loop whose helper part failed,
+# a stall in ns the helper makes after it claims a half (tests), halves the caller waited for
+# past HALF_LATE, and the time until which no half is offered
+(LOOP_SEQ, LOOP_DONE, LOOP_EXIT, HALF, HALVES, LOOP_FAILED, HALF_STALL, HALVES_LATE,
+ HALF_PAUSE_UNTIL) = range(STATE + MAX_BLOCKS, STATE + MAX_BLOCKS + 9)
+CTL_SIZE = HALF_PAUSE_UNTIL + 1
+HALF_LATE = 200_000  # ns: a half takes 5-30 us; a wait this long means the helper lost its core inside it
+HALF_PAUSE = 500_000_000  # ns without halves after such a wait: the helper keeps to the products, which it cannot hold up
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 
 
@@ -342,13 +351,34 @@ def _blocks_of(ctl, ts, a_arr, b_arr, c_arr, hs_arr, ps_arr, ta, lda, tb, ldb, l
     return result
 
 @njit(**_JIT)
+def _serve(ctl, seq):
+    """The helper's part of product seq: claim blocks from the back, compute them into the scratch."""
+    # the fields belong to seq if a claim below succeeds: seq's blocks are open until then
+    nch, cs, axis, m, n, k = ctl[NCH], ctl[CS], ctl[AXIS], ctl[M], ctl[N], ctl[K]
+    a, lda, ta, b, ldb, tb = ctl[A], ctl[LDA], ctl[TA], ctl[B], ctl[LDB], ctl[TB]
+    s, dt = ctl[S], ctl[DT]
+    for i in range(nch - 1, -1, -1):
+        if _cas(ctl, STATE + i, seq * 4 + FREE, seq * 4 + HELPER):
+            dst, ldd = _target(axis, i, 0, 0, s, 0, m, n, 4 if dt == 0 else 8, True)
+            _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis)
+            _cas(ctl, STATE + i, seq * 4 + HELPER, seq * 4 + DONE)  # fails if the caller took it back
+    _store(ctl, HDONE, seq)  # done with seq's memory: what the caller kept alive for it may go
+
+
+@njit(**_JIT)
 def _helper(ctl, ts):
-    """A helper thread's life: wait for a product, claim blocks from the back, compute them into the scratch."""
-    seen = _load(ctl, SEQ)
+    """A helper thread's life: wait for a product, claim blocks from the back, compute them into the scratch.
+
+    Returns 0 when told to stop, 1 when a compiled loop wants the helper's part (`_helper_main`
+    runs it and comes back).
+    """
+    seen = _load(ctl, SEQ) - 1  # back from a loop's part: the product posted meanwhile may still be open
     _store(ctl, READY, 1)
     idle_since = _now(ts)
     spins = 0
     while _load(ctl, STOP) == 0:
+        if _load(ctl, LOOP_SEQ) > _load(ctl, LOOP_EXIT):
+            return 1
         seq = _load(ctl, SEQ)
         if seq == seen:  # nothing new: spin, then yield, then sleep, the longer the idler
             spins += 1
@@ -364,18 +394,100 @@ def _helper(ctl, ts):
                 _usleep(np.uint32(1000))
             continue
         seen = seq
-        # the fields belong to seq if a claim below succeeds: seq's blocks are open until then
-        nch, cs, axis, m, n, k = ctl[NCH], ctl[CS], ctl[AXIS], ctl[M], ctl[N], ctl[K]
-        a, lda, ta, b, ldb, tb = ctl[A], ctl[LDA], ctl[TA], ctl[B], ctl[LDB], ctl[TB]
-        s, dt = ctl[S], ctl[DT]
-        for i in range(nch - 1, -1, -1):
-            if _cas(ctl, STATE + i, seq * 4 + FREE, seq * 4 + HELPER):
-                dst, ldd = _target(axis, i, 0, 0, s, 0, m, n, 4 if dt == 0 else 8, True)
-                _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis)
-                _cas(ctl, STATE + i, seq * 4 + HELPER, seq * 4 + DONE)  # fails if the caller took it back
-        _store(ctl, HDONE, seq)  # done with seq's memory: what the caller kept alive for it may go
+        _serve(ctl, seq)
         spins = 0
         idle_since = _now(ts)
+    return 0
+
+
+def _helper_main(ctl, ts):
+    """The helper thread: products in `_helper`; a compiled loop's helper part when one is posted (`run_loop`)."""
+    while _helper(ctl, ts):
+        job = _loop_job
+        seq = job[0]
+        if seq > ctl[LOOP_EXIT]:
+            try:
+                job[1](*job[2])  # the loop's helper part, until the caller finishes the loop (LOOP_DONE)
+            except BaseException:  # a bug: the caller's wait for a half stops and raises (`wait_half`)
+                ctl[LOOP_FAILED] = seq
+                raise
+            finally:
+                ctl[LOOP_EXIT] = seq
+
+
+@njit(**_JIT)
+def helper_next_half(ctl, ts, lseq, seen):
+    """The helper's part of compiled loop lseq: serve the products the caller posts, until it can
+    claim the second half of a kernel call's rows (returns the call's number i, `offer_half`) or
+    the caller has finished the loop (returns -1). seen: int64 (1,), the last product served."""
+    stall = ctl[HALF_STALL]
+    while _load(ctl, LOOP_DONE) < lseq:
+        seq = _load(ctl, SEQ)
+        if seq != seen[0]:
+            seen[0] = seq
+            _serve(ctl, seq)
+            continue
+        half = _load(ctl, HALF)
+        if half >> 24 == lseq and half & 3 == FREE and _cas(ctl, HALF, half, half + HELPER):
+            if stall:  # tests: a helper that loses its core inside a half
+                until = _now(ts) + stall
+                while _now(ts) < until:
+                    _pause()
+            return (half >> 2) & 0x3FFFFF
+        _pause()
+    return -1
+
+
+@njit(**_JIT)
+def offer_half(ctl, ts, lseq, i, rows):
+    """Offer the second half of kernel call i's rows to the helper, whose inputs are complete; return
+    where the caller's first half ends: all rows without a helper (lseq 0) and for HALF_PAUSE after
+    the caller waited for a half past HALF_LATE (a busy machine: see `take_half`)."""
+    if lseq == 0 or (ctl[HALF_PAUSE_UNTIL] and _now(ts) < ctl[HALF_PAUSE_UNTIL]):
+        return rows
+    _store(ctl, HALF, (lseq << 24) | (i << 2) | FREE)
+    return rows // 2
+
+
+@njit(**_JIT)
+def take_half(ctl, ts, lseq, i):
+    """Whether the caller got call i's second half (the helper had not claimed it); else wait for the
+    helper to finish it. A half once claimed is never taken back: it writes in place, over its
+    inputs. So a helper that loses its core inside a half holds the caller up until it runs
+    again; after such a wait (HALF_LATE) no half is offered for HALF_PAUSE."""
+    half = (lseq << 24) | (i << 2)
+    if _cas(ctl, HALF, half + FREE, half + CALLER):
+        return True
+    start = _now(ts)
+    spins = 0
+    while _load(ctl, HALF) != half + DONE:
+        if _load(ctl, LOOP_FAILED) == lseq:
+            raise RuntimeError("npyrnn's split products: the helper thread failed inside a compiled loop")
+        _pause()
+        spins += 1
+    if spins > 64:
+        now = _now(ts)
+        if now - start > HALF_LATE:
+            ctl[HALVES_LATE] += 1
+            ctl[HALF_PAUSE_UNTIL] = now + HALF_PAUSE
+    return False
+
+
+@njit(**_JIT)
+def half_done(ctl, lseq, i):
+    """The helper finished call i's second half."""
+    ctl[HALVES] += 1
+    _store(ctl, HALF, (lseq << 24) | (i << 2) | DONE)
+
+
+@njit(**_JIT)
+def _finish_loop(ctl, lseq):
+    """The caller is done with loop lseq (or raised inside it): wait out a half the helper is still in."""
+    half = _load(ctl, HALF)
+    while half >> 24 == lseq and half & 3 == HELPER and _load(ctl, LOOP_FAILED) != lseq:
+        _pause()
+        half = _load(ctl, HALF)
+    _store(ctl, LOOP_DONE, lseq)
 
 
 @njit(**_JIT)
@@ -418,6 +530,8 @@ _ctl[MIN_GRACE] = 20_000  # ns
 _NO_SCRATCH = {"f": np.zeros(1, dtype=np.float32), "d": np.zeros(1, dtype=np.float64)}
 _clock = np.zeros(2, dtype=np.int64)  # the calling thread's struct timespec (products run one at a time)
 _threads = []  # the running helper (at most one)
+_helper_clock = np.zeros(2, dtype=np.int64)  # the helper thread's struct timespec
+_loop_job = (0, None, ())  # (loop number, compiled loop, its arguments for the helper's part): `run_loop`
 _lock = threading.Lock()  # one product at a time shares the control block
 _helper_scratch = {}  # dtype char -> 1-D array the helper writes its blocks into
 _partials = {}  # dtype char -> 1-D array of the caller's partial sums over k (no helper writes it)
@@ -453,7 +567,7 @@ def start(num_helpers):
     _set_blas_threads(1)
     _ctl[STOP] = 0
     if int(num_helpers) > 0:
-        thread = threading.Thread(target=_helper, args=(_ctl, np.zeros(2, dtype=np.int64)), name="npyrnn-gemm-helper",
+        thread = threading.Thread(target=_helper_main, args=(_ctl, _helper_clock), name="npyrnn-gemm-helper",
                                   daemon=True)
         thread.start()
         _threads.append(thread)
@@ -476,10 +590,17 @@ def stop():
         _kept.clear()
         _ctl[STOP] = 0
         _ctl[READY] = 0
+        _ctl[LOOP_EXIT] = _ctl[LOOP_SEQ]  # a loop the helper never joined: not for the next helper
+        _drop_loop_job()
         _started = False
         if _blas_threads is not None:
             _set_blas_threads(_blas_threads)
             _blas_threads = None
+
+
+def _drop_loop_job():
+    global _loop_job
+    _loop_job = (0, None, ())
 
 
 def _forget_after_fork():
@@ -487,6 +608,7 @@ def _forget_after_fork():
     global _started, _blas_threads, _lock
     _threads.clear()
     _kept.clear()
+    _drop_loop_job()
     _lock = threading.Lock()
     _ctl[:] = 0
     _ctl[MIN_GRACE] = 20_000
@@ -503,9 +625,10 @@ if hasattr(os, "register_at_fork"):
 
 def stats():
     """Counters since the process began: products posted to the helper, blocks the helper did, blocks taken
-    back from it, and products declined because OpenBLAS was not at one thread or another thread was in."""
+    back from it, products declined because OpenBLAS was not at one thread or another thread was in, halves
+    of kernel calls the helper did in compiled loops, and halves the caller waited for past HALF_LATE."""
     return {"posted": int(_ctl[POSTS]), "helper_blocks": int(_ctl[HELPER_BLOCKS]), "taken_back": int(_ctl[TAKEOVERS]),
-            "declined": int(_ctl[DECLINED])}
+            "declined": int(_ctl[DECLINED]), "helper_halves": int(_ctl[HALVES]), "halves_waited_for": int(_ctl[HALVES_LATE])}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -558,16 +681,24 @@ def _scratch(arrays, dt, need):
     return scratch
 
 
-def run_loop(loop, shapes, dtype, keep, *args):
+def run_loop(loop, shapes, dtype, keep, *args, halves=False):
     """Run a compiled time loop whose step products go through `loop_product`; whether it ran.
 
-    `loop(ctl, ts, hs, ps, helpers, plans, *args)` returns 2 if any block was taken back from
-    the helper, else 1; its products are `shapes`, (m, n, k) each, and `plans[j]` is
+    `loop(ctl, ts, hs, ps, helpers, plans, part, lseq, *args)` returns 2 if any block was taken
+    back from the helper, else 1; its products are `shapes`, (m, n, k) each, and `plans[j]` is
     `blocks(*shapes[j])`. The loop holds the products for its whole run. False (nothing run)
     when the products are off, in use by another thread, or would decline one of these products
     or `dtype`, or OpenBLAS is not at one thread (the caller then runs its Python loop, whose
     products go to numpy.matmul). `keep`: the arrays the loop's products read or write,
     C-contiguous, kept alive for a helper that lost its core.
+
+    `halves` (with a helper): the loop also shares each step's kernel by rows with the helper.
+    It runs as part 0 on this thread and part 1 on the helper thread (`_helper_main`), lseq
+    its number (0 without halves: part 0 alone, every row its own). Part 0 offers the second
+    half of each kernel call's rows (`offer_half`), computes the first, then the second too
+    unless the helper claimed it (`take_half`); part 1 serves the products and computes the
+    halves it claims (`helper_next_half`, `half_done`) until part 0 is done. The rows of a
+    kernel do not mix, so the bits are the same whoever computes them.
     """
     if not _started or dtype.char not in "fd" or not dtype.isnative:
         return False
@@ -594,11 +725,20 @@ def run_loop(loop, shapes, dtype, keep, *args):
         ps_need = max(nch * m * n if axis == 2 else 0 for (m, n, _), (axis, nch, _) in zip(shapes, plans))
         hs = _scratch(_helper_scratch, dtype, hs_need)
         ps = _scratch(_partials, dtype, ps_need)
+        global _loop_job
+        lseq = 0
+        if halves and helpers_now and time.monotonic_ns() >= _ctl[HALF_PAUSE_UNTIL]:  # (CLOCK_MONOTONIC, as _now)
+            lseq = int(_ctl[LOOP_SEQ]) + 1
+            _loop_job = (lseq, loop, (_ctl, _helper_clock, hs, ps, helpers_now, plans, 1, lseq) + args)
+            _ctl[LOOP_SEQ] = lseq  # the helper leaves its idle loop for the job
         try:
-            done = loop(_ctl, _clock, hs, ps, helpers_now, plans, *args)
+            done = loop(_ctl, _clock, hs, ps, helpers_now, plans, 0, lseq, *args)
         except BaseException:  # (a kernel's check, say) a block may have been taken back before it
             _kept.append((int(_ctl[SEQ]), tuple(keep) + (hs,)))
             raise
+        finally:
+            if lseq:
+                _finish_loop(_ctl, lseq)  # after a half the helper is still in: it writes in place
         if done == 2:  # the helper may still be reading the loop's inputs (and writing hs): keep them alive for it
             _kept.append((int(_ctl[SEQ]), tuple(keep) + (hs,)))
         return True

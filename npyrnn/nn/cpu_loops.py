@@ -19,20 +19,32 @@ them), and the cell then runs its Python loop. Compiled, forward and backward: t
 (tanh, relu), the GRU with the reset gate after the product (torch's) or before it (d2l's),
 the LSTM with and without a projection.
 
+The gated cells' kernels shared by rows. Between two products the helper thread of the split
+products would wait while the calling thread runs the step's kernel (a GRU's forward kernel is
+40 to 65 us of a 130 to 150 us step at B = 32, H = 256). With a helper, each loop of the GRU
+and the LSTM runs on both threads (`cpu_gemm.run_loop(..., halves=True)`): the calling thread
+(part 0) runs the loop and offers the second half of each kernel call's rows; the helper (part
+1) serves the products and computes the halves it claims; a half it did not claim in time the
+calling thread computes itself. A kernel's rows do not mix, so the bits are the same whoever
+computes which rows, at every thread count. Measured at 2 threads, 0.75 to 1.5 ms less a
+minibatch (4 to 8.5%; docs/performance.md); `halves = False` turns it off.
+
 Each wrapper takes the cell's buffers as the Python loop names them; `reverse` runs the time
-loop as the backward direction of a bidirectional layer does.
+loop as the backward direction of a bidirectional layer does. Each loop takes `part` and
+`lseq` from `run_loop`; `*_rows` run one kernel call on rows [r0, r1) of the batch.
 """
 
 import numpy as np
 from numba import njit
 
 from npyrnn.nn import cpu_gemm, cpu_kernels
-from npyrnn.nn.cpu_gemm import NO_TRANS, TRANS, loop_product
+from npyrnn.nn.cpu_gemm import NO_TRANS, TRANS, half_done, helper_next_half, loop_product, offer_half, take_half
 
 __all__ = ["rnn_forward", "rnn_backward", "gru_forward", "gru_backward", "gru_before_forward", "gru_before_backward",
            "lstm_forward", "lstm_backward", "lstm_proj_forward", "lstm_proj_backward"]
 
 enabled = True  # False: the cells run their Python loops (benchmarks/bench_train.py --pyloops measures both)
+halves = True  # False: a gated cell's kernels run whole on the calling thread, the helper only in the products
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
 
@@ -53,8 +65,10 @@ _lstm_fwd, _lstm_bwd, _lstm_bwd_noproj = map(_kernel, (cpu_kernels.lstm_fwd, cpu
 
 
 # ------------------------------------------------------------------------------ RNN
+# The Elman RNN's kernel (one tanh a step) is too short to share: with halves its loops took
+# 0.1-0.2 ms longer a minibatch at H = 512 (docs/performance.md), so they run part 0 alone.
 @njit(**_JIT)
-def _rnn_forward(ctl, ts, hs, ps, helpers, plans, Hs, W_hh, tmp, o, p, reverse, relu):
+def _rnn_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, Hs, W_hh, tmp, o, p, reverse, relu):
     """`RNN._scan`: step t reads h_{t-1} from Hs[p+t] and turns Hs[o+t] into h_t."""
     T = Hs.shape[0] - 1
     took = 1
@@ -70,7 +84,7 @@ def _rnn_forward(ctl, ts, hs, ps, helpers, plans, Hs, W_hh, tmp, o, p, reverse, 
 
 
 @njit(**_JIT)
-def _rnn_backward(ctl, ts, hs, ps, helpers, plans, Y, dA, W_hh, carry, reverse, relu):
+def _rnn_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, Y, dA, W_hh, carry, reverse, relu):
     """`RNN._scan_back` with its fused kernel: dA holds dout, carry dL/dh_T (or 0)."""
     T = Y.shape[0]
     took = 1
@@ -100,35 +114,69 @@ def rnn_backward(Y, dA, W_hh, carry, reverse, relu):
 
 # ------------------------------------------------------------------------------ GRU
 @njit(**_JIT)
-def _gru_forward(ctl, ts, hs, ps, helpers, plans, G, GH, Hs, W_hh, b_hn, has_bias, o, p, reverse):
+def _gru_forward_rows(G, GH, Hs, b_hn, has_bias, o, p, t, r0, r1):
+    H = Hs.shape[2]
+    gh, g, h_prev = GH[t, r0:r1], G[t, r0:r1], Hs[p + t, r0:r1]
+    if has_bias:  # (8.1), (8.2), (8.3a), (8.4)
+        _gru_after_fwd(gh[:, :H], gh[:, H : 2 * H], h_prev, b_hn,
+                       g[:, :H], g[:, H : 2 * H], g[:, 2 * H :], gh[:, 2 * H :], Hs[o + t, r0:r1])
+    else:
+        _gru_after_fwd_nobias(gh[:, :H], gh[:, H : 2 * H], h_prev,
+                              g[:, :H], g[:, H : 2 * H], g[:, 2 * H :], gh[:, 2 * H :], Hs[o + t, r0:r1])
+
+
+@njit(**_JIT)
+def _gru_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, GH, Hs, W_hh, b_hn, has_bias, o, p, reverse):
     """`GRU._scan` with `reset_after=True` and its fused kernel: G the input side, then [r, z, n]."""
-    T, H = G.shape[0], W_hh.shape[1]
+    T, B = G.shape[0], G.shape[1]
+    if part == 1:  # the helper's side
+        seen = np.full(1, ctl[cpu_gemm.SEQ] - 1)
+        t = helper_next_half(ctl, ts, lseq, seen)
+        while t >= 0:
+            _gru_forward_rows(G, GH, Hs, b_hn, has_bias, o, p, t, B // 2, B)
+            half_done(ctl, lseq, t)
+            t = helper_next_half(ctl, ts, lseq, seen)
+        return 1
     took = 1
     for s in range(T):
         t = T - 1 - s if reverse else s
-        gh, g, h_prev = GH[t], G[t], Hs[p + t]
-        took = max(took, loop_product(ctl, ts, h_prev, W_hh, gh, hs, ps, TRANS, plans[0], helpers))  # (8.1)-(8.3a)
-        if has_bias:  # (8.1), (8.2), (8.3a), (8.4)
-            _gru_after_fwd(gh[:, :H], gh[:, H : 2 * H], h_prev, b_hn,
-                           g[:, :H], g[:, H : 2 * H], g[:, 2 * H :], gh[:, 2 * H :], Hs[o + t])
-        else:
-            _gru_after_fwd_nobias(gh[:, :H], gh[:, H : 2 * H], h_prev,
-                                  g[:, :H], g[:, H : 2 * H], g[:, 2 * H :], gh[:, 2 * H :], Hs[o + t])
+        took = max(took, loop_product(ctl, ts, Hs[p + t], W_hh, GH[t], hs, ps, TRANS, plans[0], helpers))  # (8.1)-(8.3a)
+        mid = offer_half(ctl, ts, lseq, t, B)
+        _gru_forward_rows(G, GH, Hs, b_hn, has_bias, o, p, t, 0, mid)
+        if mid < B and take_half(ctl, ts, lseq, t):
+            _gru_forward_rows(G, GH, Hs, b_hn, has_bias, o, p, t, mid, B)
     return took
 
 
 @njit(**_JIT)
-def _gru_backward(ctl, ts, hs, ps, helpers, plans, dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse):
+def _gru_backward_rows(dY, carry, zdh, G, Hs, GH, dGH, dgx, p, t, r0, r1):
+    H = Hs.shape[2]
+    g, d, x = G[t, r0:r1], dGH[t, r0:r1], dgx[t, r0:r1]
+    _gru_after_bwd(dY[t, r0:r1], carry[r0:r1], g[:, :H], g[:, H : 2 * H], g[:, 2 * H :], Hs[p + t, r0:r1],  # (8.5)-(8.9a)
+                   GH[t, r0:r1, 2 * H :], d[:, :H], d[:, H : 2 * H], x[:, 2 * H :], d[:, 2 * H :], zdh[r0:r1])
+    x[:, : 2 * H] = d[:, : 2 * H]  # r and z: the same on both sides                          (8.12)
+
+
+@njit(**_JIT)
+def _gru_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse):
     """`GRU._scan_back_fused` with `reset_after=True`: carry dL/dh_T (or 0) and zdh 0 in."""
-    T, H = G.shape[0], W_hh.shape[1]
+    T, B = G.shape[0], G.shape[1]
+    if part == 1:  # the helper's side
+        seen = np.full(1, ctl[cpu_gemm.SEQ] - 1)
+        t = helper_next_half(ctl, ts, lseq, seen)
+        while t >= 0:
+            _gru_backward_rows(dY, carry, zdh, G, Hs, GH, dGH, dgx, p, t, B // 2, B)
+            half_done(ctl, lseq, t)
+            t = helper_next_half(ctl, ts, lseq, seen)
+        return 1
     took = 1
     for s in range(T):
         t = s if reverse else T - 1 - s
-        g, d = G[t], dGH[t]
-        _gru_after_bwd(dY[t], carry, g[:, :H], g[:, H : 2 * H], g[:, 2 * H :], Hs[p + t],  # (8.5)-(8.9a)
-                       GH[t, :, 2 * H :], d[:, :H], d[:, H : 2 * H], dgx[t, :, 2 * H :], d[:, 2 * H :], zdh)
-        dgx[t, :, : 2 * H] = d[:, : 2 * H]  # r and z: the same on both sides                (8.12)
-        took = max(took, loop_product(ctl, ts, d, W_hh, carry, hs, ps, NO_TRANS, plans[0], helpers))  # (8.10a)
+        mid = offer_half(ctl, ts, lseq, t, B)
+        _gru_backward_rows(dY, carry, zdh, G, Hs, GH, dGH, dgx, p, t, 0, mid)
+        if mid < B and take_half(ctl, ts, lseq, t):
+            _gru_backward_rows(dY, carry, zdh, G, Hs, GH, dGH, dgx, p, t, mid, B)
+        took = max(took, loop_product(ctl, ts, dGH[t], W_hh, carry, hs, ps, NO_TRANS, plans[0], helpers))  # (8.10a)
     return took
 
 
@@ -137,45 +185,91 @@ def gru_forward(G, GH, Hs, W_hh, b_hn, o, p, reverse):
     B, H = Hs.shape[1], W_hh.shape[1]
     b = np.zeros(1, dtype=Hs.dtype) if b_hn is None else b_hn
     return cpu_gemm.run_loop(_gru_forward, [(B, 3 * H, H)], Hs.dtype, (Hs, W_hh, GH),
-                             G, GH, Hs, W_hh, b, b_hn is not None, o, p, reverse)
+                             G, GH, Hs, W_hh, b, b_hn is not None, o, p, reverse, halves=halves)
 
 
 def gru_backward(dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse):
     """The GRU's backward loop (reset_after), into dGH and dgx (T, B, 3H); carry, zdh (B, H)."""
     B, H = carry.shape
     return cpu_gemm.run_loop(_gru_backward, [(B, H, 3 * H)], Hs.dtype, (dGH, W_hh, carry),
-                             dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse)
+                             dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse, halves=halves)
 
 
 @njit(**_JIT)
-def _gru_before_forward(ctl, ts, hs, ps, helpers, plans, G, ghrz, tmp, RH, Hs, W_hh, o, p, reverse):
-    """`GRU._scan` with `reset_after=False` (d2l's GRU) and its two fused kernels."""
-    T, H = G.shape[0], W_hh.shape[1]
+def _gru_before_forward_rows(k, G, ghrz, tmp, RH, Hs, o, p, t, r0, r1):
+    """Kernel k (0: r and z, 1: n and h_t) of step t on rows [r0, r1)."""
+    H = Hs.shape[2]
+    g, h_prev = G[t, r0:r1], Hs[p + t, r0:r1]
+    if k == 0:
+        _gru_before_rz(ghrz[r0:r1, :H], ghrz[r0:r1, H:], h_prev, g[:, :H], g[:, H : 2 * H], RH[t, r0:r1])  # (8.1), (8.2)
+    else:
+        _gru_before_n(tmp[r0:r1], g[:, H : 2 * H], h_prev, g[:, 2 * H :], Hs[o + t, r0:r1])  # (8.3b), (8.4)
+
+
+@njit(**_JIT)
+def _gru_before_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, ghrz, tmp, RH, Hs, W_hh, o, p, reverse):
+    """`GRU._scan` with `reset_after=False` (d2l's GRU) and its two fused kernels, calls 2t and 2t + 1."""
+    T, B, H = G.shape[0], G.shape[1], W_hh.shape[1]
+    if part == 1:  # the helper's side
+        seen = np.full(1, ctl[cpu_gemm.SEQ] - 1)
+        i = helper_next_half(ctl, ts, lseq, seen)
+        while i >= 0:
+            _gru_before_forward_rows(i % 2, G, ghrz, tmp, RH, Hs, o, p, i // 2, B // 2, B)
+            half_done(ctl, lseq, i)
+            i = helper_next_half(ctl, ts, lseq, seen)
+        return 1
     W_rz, W_hn = W_hh[: 2 * H], W_hh[2 * H :]
     took = 1
     for s in range(T):
         t = T - 1 - s if reverse else s
-        g, h_prev = G[t], Hs[p + t]
-        took = max(took, loop_product(ctl, ts, h_prev, W_rz, ghrz, hs, ps, TRANS, plans[0], helpers))  # (8.1, 8.2)
-        _gru_before_rz(ghrz[:, :H], ghrz[:, H:], h_prev, g[:, :H], g[:, H : 2 * H], RH[t])  # (8.1), (8.2)
-        took = max(took, loop_product(ctl, ts, RH[t], W_hn, tmp, hs, ps, TRANS, plans[1], helpers))  # (8.3b)
-        _gru_before_n(tmp, g[:, H : 2 * H], h_prev, g[:, 2 * H :], Hs[o + t])  # (8.3b), (8.4)
+        took = max(took, loop_product(ctl, ts, Hs[p + t], W_rz, ghrz, hs, ps, TRANS, plans[0], helpers))  # (8.1, 8.2)
+        for k in range(2):
+            if k == 1:
+                took = max(took, loop_product(ctl, ts, RH[t], W_hn, tmp, hs, ps, TRANS, plans[1], helpers))  # (8.3b)
+            mid = offer_half(ctl, ts, lseq, 2 * t + k, B)
+            _gru_before_forward_rows(k, G, ghrz, tmp, RH, Hs, o, p, t, 0, mid)
+            if mid < B and take_half(ctl, ts, lseq, 2 * t + k):
+                _gru_before_forward_rows(k, G, ghrz, tmp, RH, Hs, o, p, t, mid, B)
     return took
 
 
 @njit(**_JIT)
-def _gru_before_backward(ctl, ts, hs, ps, helpers, plans, dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p, reverse):
+def _gru_before_backward_rows(k, dY, carry, zdh, rdh, drh, G, Hs, dgx, p, t, r0, r1):
+    """Kernel k (0: (8.5)-(8.7), 1: (8.9b)) of step t on rows [r0, r1)."""
+    H = Hs.shape[2]
+    g, d, h_prev = G[t, r0:r1], dgx[t, r0:r1], Hs[p + t, r0:r1]
+    if k == 0:
+        _gru_before_bwd_a(dY[t, r0:r1], carry[r0:r1], rdh[r0:r1], g[:, H : 2 * H], g[:, 2 * H :], h_prev,  # (8.5)-(8.7)
+                          d[:, H : 2 * H], d[:, 2 * H :], zdh[r0:r1])
+    else:
+        _gru_before_bwd_b(drh[r0:r1], g[:, :H], h_prev, d[:, :H], rdh[r0:r1])  # (8.9b)
+
+
+@njit(**_JIT)
+def _gru_before_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p,
+                         reverse):
     """`GRU._scan_back_fused` with `reset_after=False`: carry dL/dh_T (or 0), zdh and rdh 0 in."""
-    T, H = G.shape[0], W_hh.shape[1]
+    T, B, H = G.shape[0], G.shape[1], W_hh.shape[1]
+    if part == 1:  # the helper's side
+        seen = np.full(1, ctl[cpu_gemm.SEQ] - 1)
+        i = helper_next_half(ctl, ts, lseq, seen)
+        while i >= 0:
+            _gru_before_backward_rows(i % 2, dY, carry, zdh, rdh, drh, G, Hs, dgx, p, i // 2, B // 2, B)
+            half_done(ctl, lseq, i)
+            i = helper_next_half(ctl, ts, lseq, seen)
+        return 1
     W_rz, W_hn = W_hh[: 2 * H], W_hh[2 * H :]
     took = 1
     for s in range(T):
         t = s if reverse else T - 1 - s
-        g, d, h_prev = G[t], dgx[t], Hs[p + t]
-        _gru_before_bwd_a(dY[t], carry, rdh, g[:, H : 2 * H], g[:, 2 * H :], h_prev,  # (8.5)-(8.7)
-                          d[:, H : 2 * H], d[:, 2 * H :], zdh)
-        took = max(took, loop_product(ctl, ts, d[:, 2 * H :], W_hn, drh, hs, ps, NO_TRANS, plans[0], helpers))  # (8.8b)
-        _gru_before_bwd_b(drh, g[:, :H], h_prev, d[:, :H], rdh)  # (8.9b)
+        d = dgx[t]
+        for k in range(2):
+            mid = offer_half(ctl, ts, lseq, 2 * t + k, B)
+            _gru_before_backward_rows(k, dY, carry, zdh, rdh, drh, G, Hs, dgx, p, t, 0, mid)
+            if mid < B and take_half(ctl, ts, lseq, 2 * t + k):
+                _gru_before_backward_rows(k, dY, carry, zdh, rdh, drh, G, Hs, dgx, p, t, mid, B)
+            if k == 0:
+                took = max(took, loop_product(ctl, ts, d[:, 2 * H :], W_hn, drh, hs, ps, NO_TRANS, plans[0], helpers))  # (8.8b)
         took = max(took, loop_product(ctl, ts, d[:, : 2 * H], W_rz, carry, hs, ps, NO_TRANS, plans[1], helpers))  # (8.10b)
     return took
 
@@ -184,42 +278,84 @@ def gru_before_forward(G, ghrz, tmp, RH, Hs, W_hh, o, p, reverse):
     """d2l's GRU's forward loop (reset before): G (T, B, 3H), ghrz (B, 2H), tmp (B, H), RH (T, B, H)."""
     B, H = Hs.shape[1], W_hh.shape[1]
     return cpu_gemm.run_loop(_gru_before_forward, [(B, 2 * H, H), (B, H, H)], Hs.dtype, (Hs, W_hh, ghrz, RH, tmp),
-                             G, ghrz, tmp, RH, Hs, W_hh, o, p, reverse)
+                             G, ghrz, tmp, RH, Hs, W_hh, o, p, reverse, halves=halves)
 
 
 def gru_before_backward(dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p, reverse):
     """d2l's GRU's backward loop (reset before), into dgx (T, B, 3H); carry, zdh, rdh, drh (B, H)."""
     B, H = carry.shape
     return cpu_gemm.run_loop(_gru_before_backward, [(B, H, H), (B, H, 2 * H)], Hs.dtype, (dgx, W_hh, drh, carry),
-                             dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p, reverse)
+                             dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p, reverse, halves=halves)
 
 
 # ------------------------------------------------------------------------------ LSTM
 @njit(**_JIT)
-def _lstm_forward(ctl, ts, hs, ps, helpers, plans, G, gh, Hs, C, TC, W_hh, o, p, reverse):
+def _lstm_forward_rows(G, gh, C, TC, out, o, p, t, r0, r1):
+    """Step t's kernel on rows [r0, r1): m_t into out (Hs[o+t] without a projection, M[t] with one)."""
+    H = C.shape[2]
+    a, g = G[t, r0:r1], gh[r0:r1]
+    _lstm_fwd(g[:, :H], g[:, H : 2 * H], g[:, 2 * H : 3 * H], g[:, 3 * H :], C[p + t, r0:r1],  # (9.1)-(9.4)
+              a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :], C[o + t, r0:r1], TC[t, r0:r1], out[r0:r1])
+
+
+@njit(**_JIT)
+def _lstm_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, gh, Hs, C, TC, W_hh, o, p, reverse):
     """`LSTM._scan` without a projection and with its fused kernel: h_t = m_t goes to Hs[o+t]."""
-    T, H = G.shape[0], W_hh.shape[1]
+    T, B = G.shape[0], G.shape[1]
+    if part == 1:  # the helper's side
+        seen = np.full(1, ctl[cpu_gemm.SEQ] - 1)
+        t = helper_next_half(ctl, ts, lseq, seen)
+        while t >= 0:
+            _lstm_forward_rows(G, gh, C, TC, Hs[o + t], o, p, t, B // 2, B)
+            half_done(ctl, lseq, t)
+            t = helper_next_half(ctl, ts, lseq, seen)
+        return 1
     took = 1
     for s in range(T):
         t = T - 1 - s if reverse else s
-        a = G[t]
         took = max(took, loop_product(ctl, ts, Hs[p + t], W_hh, gh, hs, ps, TRANS, plans[0], helpers))  # (9.1)
-        _lstm_fwd(gh[:, :H], gh[:, H : 2 * H], gh[:, 2 * H : 3 * H], gh[:, 3 * H :], C[p + t],  # (9.1)-(9.4)
-                  a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :], C[o + t], TC[t], Hs[o + t])
+        mid = offer_half(ctl, ts, lseq, t, B)
+        _lstm_forward_rows(G, gh, C, TC, Hs[o + t], o, p, t, 0, mid)
+        if mid < B and take_half(ctl, ts, lseq, t):
+            _lstm_forward_rows(G, gh, C, TC, Hs[o + t], o, p, t, mid, B)
     return took
 
 
 @njit(**_JIT)
-def _lstm_backward(ctl, ts, hs, ps, helpers, plans, dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse):
+def _lstm_backward_rows(dY, carry_h, carry_c, dm, G, TC, C, dG, p, t, r0, r1):
+    """Step t's kernel on rows [r0, r1): with dm (B, H), the projection's (9.9)-(9.12); else dm_t = dout_t + c^h_t (9.6) too."""
+    H = C.shape[2]
+    a, d = G[t, r0:r1], dG[t, r0:r1]
+    if dm.shape[0] == 0:  # no projection
+        _lstm_bwd_noproj(dY[t, r0:r1], carry_h[r0:r1], a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :],  # (9.6), (9.9)-(9.12)
+                         TC[t, r0:r1], C[p + t, r0:r1], d[:, :H], d[:, H : 2 * H], d[:, 2 * H : 3 * H], d[:, 3 * H :],
+                         carry_c[r0:r1])
+    else:
+        _lstm_bwd(dm[r0:r1], a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :], TC[t, r0:r1],  # (9.9)-(9.12)
+                  C[p + t, r0:r1], d[:, :H], d[:, H : 2 * H], d[:, 2 * H : 3 * H], d[:, 3 * H :], carry_c[r0:r1])
+
+
+@njit(**_JIT)
+def _lstm_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse):
     """`LSTM._scan_back` without a projection and with its fused kernel: carries dL/dh_T, dL/dc_T (or 0) in."""
-    T, H = G.shape[0], W_hh.shape[1]
+    T, B = G.shape[0], G.shape[1]
+    no_dm = carry_c[:0]
+    if part == 1:  # the helper's side
+        seen = np.full(1, ctl[cpu_gemm.SEQ] - 1)
+        t = helper_next_half(ctl, ts, lseq, seen)
+        while t >= 0:
+            _lstm_backward_rows(dY, carry_h, carry_c, no_dm, G, TC, C, dG, p, t, B // 2, B)
+            half_done(ctl, lseq, t)
+            t = helper_next_half(ctl, ts, lseq, seen)
+        return 1
     took = 1
     for s in range(T):
         t = s if reverse else T - 1 - s
-        a, d = G[t], dG[t]
-        _lstm_bwd_noproj(dY[t], carry_h, a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :],  # (9.6), (9.9)-(9.12)
-                         TC[t], C[p + t], d[:, :H], d[:, H : 2 * H], d[:, 2 * H : 3 * H], d[:, 3 * H :], carry_c)
-        took = max(took, loop_product(ctl, ts, d, W_hh, carry_h, hs, ps, NO_TRANS, plans[0], helpers))  # (9.13)
+        mid = offer_half(ctl, ts, lseq, t, B)
+        _lstm_backward_rows(dY, carry_h, carry_c, no_dm, G, TC, C, dG, p, t, 0, mid)
+        if mid < B and take_half(ctl, ts, lseq, t):
+            _lstm_backward_rows(dY, carry_h, carry_c, no_dm, G, TC, C, dG, p, t, mid, B)
+        took = max(took, loop_product(ctl, ts, dG[t], W_hh, carry_h, hs, ps, NO_TRANS, plans[0], helpers))  # (9.13)
     return took
 
 
@@ -227,47 +363,66 @@ def lstm_forward(G, gh, Hs, C, TC, W_hh, o, p, reverse):
     """The LSTM's forward loop (no projection): G (T, B, 4H), gh (B, 4H), Hs and C (T+1, B, H), TC (T, B, H)."""
     B, H = Hs.shape[1], W_hh.shape[1]
     return cpu_gemm.run_loop(_lstm_forward, [(B, 4 * H, H)], Hs.dtype, (Hs, W_hh, gh),
-                             G, gh, Hs, C, TC, W_hh, o, p, reverse)
+                             G, gh, Hs, C, TC, W_hh, o, p, reverse, halves=halves)
 
 
 def lstm_backward(dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse):
     """The LSTM's backward loop (no projection), into dG (T, B, 4H); carries (B, H)."""
     B, H = carry_h.shape
     return cpu_gemm.run_loop(_lstm_backward, [(B, H, 4 * H)], G.dtype, (dG, W_hh, carry_h),
-                             dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse)
+                             dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse, halves=halves)
 
 
 @njit(**_JIT)
-def _lstm_proj_forward(ctl, ts, hs, ps, helpers, plans, G, gh, Hs, C, TC, M, W_hh, W_hr, o, p, reverse):
+def _lstm_proj_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, gh, Hs, C, TC, M, W_hh, W_hr, o, p, reverse):
     """`LSTM._scan` with a projection: m_t goes to M[t], h_t = m_t W_hr^T to Hs[o+t]."""
-    T, H = G.shape[0], W_hr.shape[1]
+    T, B = G.shape[0], G.shape[1]
+    if part == 1:  # the helper's side
+        seen = np.full(1, ctl[cpu_gemm.SEQ] - 1)
+        t = helper_next_half(ctl, ts, lseq, seen)
+        while t >= 0:
+            _lstm_forward_rows(G, gh, C, TC, M[t], o, p, t, B // 2, B)
+            half_done(ctl, lseq, t)
+            t = helper_next_half(ctl, ts, lseq, seen)
+        return 1
     took = 1
     for s in range(T):
         t = T - 1 - s if reverse else s
-        a = G[t]
         took = max(took, loop_product(ctl, ts, Hs[p + t], W_hh, gh, hs, ps, TRANS, plans[0], helpers))  # (9.1)
-        _lstm_fwd(gh[:, :H], gh[:, H : 2 * H], gh[:, 2 * H : 3 * H], gh[:, 3 * H :], C[p + t],  # (9.1)-(9.4)
-                  a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :], C[o + t], TC[t], M[t])
+        mid = offer_half(ctl, ts, lseq, t, B)
+        _lstm_forward_rows(G, gh, C, TC, M[t], o, p, t, 0, mid)
+        if mid < B and take_half(ctl, ts, lseq, t):
+            _lstm_forward_rows(G, gh, C, TC, M[t], o, p, t, mid, B)
         took = max(took, loop_product(ctl, ts, M[t], W_hr, Hs[o + t], hs, ps, TRANS, plans[1], helpers))  # (9.5)
     return took
 
 
 @njit(**_JIT)
-def _lstm_proj_backward(ctl, ts, hs, ps, helpers, plans, dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, p,
-                        reverse):
+def _lstm_proj_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh,
+                        W_hr, p, reverse):
     """`LSTM._scan_back` with a projection and its fused kernel: carries dL/dh_T, dL/dc_T (or 0) in."""
-    T, H = G.shape[0], W_hr.shape[1]
+    T, B = G.shape[0], G.shape[1]
+    if part == 1:  # the helper's side
+        seen = np.full(1, ctl[cpu_gemm.SEQ] - 1)
+        t = helper_next_half(ctl, ts, lseq, seen)
+        while t >= 0:
+            _lstm_backward_rows(dY, carry_h, carry_c, dm, G, TC, C, dG, p, t, B // 2, B)
+            half_done(ctl, lseq, t)
+            t = helper_next_half(ctl, ts, lseq, seen)
+        return 1
     took = 1
     for s in range(T):
         t = s if reverse else T - 1 - s
-        a, d, dh, dy = G[t], dG[t], dHs[t], dY[t]
+        dh, dy = dHs[t], dY[t]
         for b in range(dh.shape[0]):
             for j in range(dh.shape[1]):
                 dh[b, j] = dy[b, j] + carry_h[b, j]  # dh_t = dout_t + c^h_t                    (9.6)
         took = max(took, loop_product(ctl, ts, dh, W_hr, dm, hs, ps, NO_TRANS, plans[0], helpers))  # (9.7)
-        _lstm_bwd(dm, a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :], TC[t], C[p + t],  # (9.9)-(9.12)
-                  d[:, :H], d[:, H : 2 * H], d[:, 2 * H : 3 * H], d[:, 3 * H :], carry_c)
-        took = max(took, loop_product(ctl, ts, d, W_hh, carry_h, hs, ps, NO_TRANS, plans[1], helpers))  # (9.13)
+        mid = offer_half(ctl, ts, lseq, t, B)
+        _lstm_backward_rows(dY, carry_h, carry_c, dm, G, TC, C, dG, p, t, 0, mid)
+        if mid < B and take_half(ctl, ts, lseq, t):
+            _lstm_backward_rows(dY, carry_h, carry_c, dm, G, TC, C, dG, p, t, mid, B)
+        took = max(took, loop_product(ctl, ts, dG[t], W_hh, carry_h, hs, ps, NO_TRANS, plans[1], helpers))  # (9.13)
     return took
 
 
@@ -275,7 +430,7 @@ def lstm_proj_forward(G, gh, Hs, C, TC, M, W_hh, W_hr, o, p, reverse):
     """The LSTM's forward loop with a projection: Hs (T+1, B, P), M and TC (T, B, H), W_hr (P, H)."""
     B, P, H = Hs.shape[1], W_hr.shape[0], W_hr.shape[1]
     return cpu_gemm.run_loop(_lstm_proj_forward, [(B, 4 * H, P), (B, P, H)], Hs.dtype, (Hs, W_hh, W_hr, gh, M),
-                             G, gh, Hs, C, TC, M, W_hh, W_hr, o, p, reverse)
+                             G, gh, Hs, C, TC, M, W_hh, W_hr, o, p, reverse, halves=halves)
 
 
 def lstm_proj_backward(dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, p, reverse):
@@ -283,7 +438,7 @@ def lstm_proj_backward(dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, 
     B, P, H = carry_h.shape[0], W_hr.shape[0], W_hr.shape[1]
     return cpu_gemm.run_loop(_lstm_proj_backward, [(B, H, P), (B, P, 4 * H)], G.dtype,
                              (dHs, W_hr, dm, dG, W_hh, carry_h),
-                             dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, p, reverse)
+                             dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, p, reverse, halves=halves)
 
 
 # ------------------------------------------------------------------------------ the disk cache
