@@ -148,10 +148,11 @@ def test_the_helper_computes_halves_of_the_kernels_with_the_same_bits(cell, ran)
     finally:
         cpu_loops.halves = True
     for _ in range(10):  # until the helper, which the machine may not schedule at once, claims a half
-        before = halves_done()
+        before, blocks = halves_done(), cpu_gemm.stats()["helper_blocks"]
         assert same_bits(run_layer(cls, kwargs, compiled=True, H=HIDDEN[cls]), expected)
         assert ran and all(result for _, result in ran)
         if halves_done() > before:
+            assert cpu_gemm.stats()["helper_blocks"] > blocks  # it served the products as well
             return
     pytest.fail("the helper never computed a half of a kernel call")
 
@@ -162,10 +163,15 @@ def test_halves_of_two_and_three_rows(cell, B, ran):
     """Halves of one row, and of one and two (a single row is a product the split products decline)."""
     cls, kwargs = CELLS[cell]
     split(1)
-    args = dict(B=B, H=256, T=5, calls=1)
+    args = dict(B=B, H=256, T=50, calls=2)
     expected = run_layer(cls, kwargs, compiled=False, **args)
-    assert same_bits(run_layer(cls, kwargs, compiled=True, **args), expected)
-    assert ran and all(result for _, result in ran)
+    for _ in range(20):  # until the helper, not only the calling thread, computed a half
+        before = halves_done()
+        assert same_bits(run_layer(cls, kwargs, compiled=True, **args), expected)
+        assert ran and all(result for _, result in ran)
+        if halves_done() > before:
+            return
+    pytest.fail("the helper never computed a half of a kernel call")
 
 
 def test_a_helper_that_stalls_inside_a_half_is_waited_for_then_offered_none_for_a_while(ran):
@@ -193,6 +199,28 @@ def test_a_helper_that_stalls_inside_a_half_is_waited_for_then_offered_none_for_
     finally:
         cpu_gemm._ctl[cpu_gemm.HALF_STALL] = 0
         cpu_gemm._ctl[cpu_gemm.HALF_PAUSE_UNTIL] = 0
+
+
+def test_the_half_protocol_step_by_step():
+    """`offer_half`, `take_half` and `_finish_loop` on a control block of their own, without threads."""
+    ctl, ts = np.zeros(cpu_gemm.CTL_SIZE, np.int64), np.zeros(2, np.int64)
+    word = lambda lseq, i, state: (lseq << 24) | (i << 2) | state  # noqa: E731
+    assert cpu_gemm.offer_half(ctl, ts, 0, 3, 32) == 32  # no helper: every row the caller's
+    assert cpu_gemm.offer_half(ctl, ts, 7, 3, 32) == 16 and ctl[cpu_gemm.HALF] == word(7, 3, cpu_gemm.FREE)
+    assert cpu_gemm.take_half(ctl, ts, 7, 3) and ctl[cpu_gemm.HALF] == word(7, 3, cpu_gemm.CALLER)
+    ctl[cpu_gemm.HALF_PAUSE_UNTIL] = np.iinfo(np.int64).max  # in a pause: nothing offered mid-loop either
+    assert cpu_gemm.offer_half(ctl, ts, 7, 4, 32) == 32 and ctl[cpu_gemm.HALF] == word(7, 3, cpu_gemm.CALLER)
+    ctl[cpu_gemm.HALF_PAUSE_UNTIL] = 0
+    cpu_gemm.offer_half(ctl, ts, 7, 5, 32)  # the caller raises before take_half: the half is closed
+    cpu_gemm._finish_loop(ctl, 7)
+    assert ctl[cpu_gemm.HALF] == word(7, 5, cpu_gemm.CALLER) and ctl[cpu_gemm.LOOP_DONE] == 7
+    assert cpu_gemm.helper_next_half(ctl, ts, 7, np.zeros(1, np.int64)) == -1  # the helper's part leaves
+    ctl[cpu_gemm.HALF] = word(8, 6, cpu_gemm.HELPER)  # claimed by a helper whose part then failed
+    ctl[cpu_gemm.LOOP_FAILED] = 8
+    cpu_gemm._finish_loop(ctl, 8)  # does not wait for ever
+    assert ctl[cpu_gemm.LOOP_DONE] == 8
+    ctl[cpu_gemm.STOP] = 1  # stop() while a part waits for a loop that never said it was done
+    assert cpu_gemm.helper_next_half(ctl, ts, 9, np.zeros(1, np.int64)) == -1
 
 
 def test_a_loop_part_that_fails_on_the_helper_is_reported_not_waited_for(monkeypatch, ran):

@@ -353,6 +353,8 @@ def _blocks_of(ctl, ts, a_arr, b_arr, c_arr, hs_arr, ps_arr, ta, lda, tb, ldb, l
 @njit(**_JIT)
 def _serve(ctl, seq):
     """The helper's part of product seq: claim blocks from the back, compute them into the scratch."""
+    if seq <= 0:  # no product yet: the state words' initial zeros would read as seq 0's open blocks
+        return
     # the fields belong to seq if a claim below succeeds: seq's blocks are open until then
     nch, cs, axis, m, n, k = ctl[NCH], ctl[CS], ctl[AXIS], ctl[M], ctl[N], ctl[K]
     a, lda, ta, b, ldb, tb = ctl[A], ctl[LDA], ctl[TA], ctl[B], ctl[LDB], ctl[TB]
@@ -421,7 +423,7 @@ def helper_next_half(ctl, ts, lseq, seen):
     claim the second half of a kernel call's rows (returns the call's number i, `offer_half`) or
     the caller has finished the loop (returns -1). seen: int64 (1,), the last product served."""
     stall = ctl[HALF_STALL]
-    while _load(ctl, LOOP_DONE) < lseq:
+    while _load(ctl, LOOP_DONE) < lseq and _load(ctl, STOP) == 0:
         seq = _load(ctl, SEQ)
         if seq != seen[0]:
             seen[0] = seq
@@ -482,8 +484,12 @@ def half_done(ctl, lseq, i):
 
 @njit(**_JIT)
 def _finish_loop(ctl, lseq):
-    """The caller is done with loop lseq (or raised inside it): wait out a half the helper is still in."""
+    """The caller is done with loop lseq (or raised inside it): close a half still offered (the caller
+    raised between `offer_half` and `take_half`), wait out one the helper is still in, then say so."""
     half = _load(ctl, HALF)
+    if half >> 24 == lseq and half & 3 == FREE:
+        _cas(ctl, HALF, half, half - FREE + CALLER)
+        half = _load(ctl, HALF)
     while half >> 24 == lseq and half & 3 == HELPER and _load(ctl, LOOP_FAILED) != lseq:
         _pause()
         half = _load(ctl, HALF)
@@ -583,7 +589,7 @@ def stop():
     if not _started:
         return
     with _lock:  # after the product or compiled loop in progress, if any
-        _ctl[STOP] = 1
+        _ctl[STOP] = 1  # (a loop's part 1 leaves on it too, should the loop have ended without LOOP_DONE)
         for thread in _threads:
             thread.join()  # after any block it was still computing: nothing it touches is in use any more
         _threads.clear()
