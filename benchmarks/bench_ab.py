@@ -18,7 +18,6 @@ helper), ``loops`` (``cpu_loops.enabled``: the compiled time loops), ``fused``
 
 import argparse
 import collections
-import itertools
 import statistics
 import sys
 import time
