@@ -147,7 +147,7 @@ def test_the_helper_computes_halves_of_the_kernels_with_the_same_bits(cell, ran)
         assert same_bits(run_layer(cls, kwargs, compiled=True, H=HIDDEN[cls]), expected)
     finally:
         cpu_loops.halves = True
-    for _ in range(10):  # until the helper, which the machine may not schedule at once, claims a half
+    for _ in range(30):  # until the helper, which the machine may not schedule at once, claims a half
         before, blocks = halves_done(), cpu_gemm.stats()["helper_blocks"]
         assert same_bits(run_layer(cls, kwargs, compiled=True, H=HIDDEN[cls]), expected)
         assert ran and all(result for _, result in ran)
@@ -165,7 +165,7 @@ def test_halves_of_two_and_three_rows(cell, B, ran):
     split(1)
     args = dict(B=B, H=256, T=50, calls=2)
     expected = run_layer(cls, kwargs, compiled=False, **args)
-    for _ in range(20):  # until the helper, not only the calling thread, computed a half
+    for _ in range(40):  # until the helper, not only the calling thread, computed a half
         before = halves_done()
         assert same_bits(run_layer(cls, kwargs, compiled=True, **args), expected)
         assert ran and all(result for _, result in ran)
@@ -178,19 +178,18 @@ def test_a_helper_that_stalls_inside_a_half_is_waited_for_then_offered_none_for_
     """A half once claimed is never taken back (it writes in place): the calling thread waits for it,
     then offers no half for `HALF_PAUSE` (a busy machine), and the bits stay the same throughout."""
     split(1)
-    args = dict(H=HIDDEN[GRU], T=4, calls=1)
+    args = dict(H=HIDDEN[GRU], T=8, calls=1)
     expected = run_layer(GRU, {}, compiled=False, **args)
     cpu_gemm._ctl[cpu_gemm.HALF_STALL] = 2_000_000  # 2 ms after each claim, as if it had lost its core
     try:
-        for _ in range(10):
+        for _ in range(60):  # (a helper that does not get a core in time claims nothing: try again)
             before, late = halves_done(), cpu_gemm.stats()["halves_waited_for"]
             cpu_gemm._ctl[cpu_gemm.HALF_PAUSE_UNTIL] = 0
             assert same_bits(run_layer(GRU, {}, compiled=True, **args), expected)
-            if halves_done() > before:
-                assert cpu_gemm.stats()["halves_waited_for"] > late  # 2 ms > HALF_LATE
-                break
+            if halves_done() > before and cpu_gemm.stats()["halves_waited_for"] > late:  # 2 ms > HALF_LATE
+                break  # (on a busy machine the calling thread, itself held up, may find the half done)
         else:
-            pytest.fail("the helper never computed a half of a kernel call")
+            pytest.fail("the calling thread never waited for a half the helper stalled in")
         cpu_gemm._ctl[cpu_gemm.HALF_STALL] = 0
         cpu_gemm._ctl[cpu_gemm.HALF_PAUSE_UNTIL] = np.iinfo(np.int64).max  # a pause that does not end here
         before = halves_done()
