@@ -410,7 +410,7 @@ def _helper_main(ctl, ts):
         if seq > ctl[LOOP_EXIT]:
             try:
                 job[1](*job[2])  # the loop's helper part, until the caller finishes the loop (LOOP_DONE)
-            except BaseException:  # a bug: the caller's wait for a half stops and raises (`wait_half`)
+            except BaseException:  # a bug: the caller waiting in `take_half` raises instead of spinning
                 ctl[LOOP_FAILED] = seq
                 raise
             finally:
