@@ -13,7 +13,8 @@ the median of each part with the switch on and off, and their difference.
 
 Switches: ``halves`` (``cpu_loops.halves``: the gated cells' kernels shared by rows with the
 helper), ``loops`` (``cpu_loops.enabled``: the compiled time loops), ``fused``
-(``kernels.set_enabled``: the fused kernels).
+(``kernels.set_enabled``: the fused kernels), ``wt`` (``recurrent.transposed_copies``: the step
+products read a C-ordered copy of W^T, not the view).
 """
 
 import argparse
@@ -33,12 +34,14 @@ from benchmarks.sections.floor import timed_parts  # noqa: E402
 
 def switch_setter(name):
     """A function that turns the switch on (True) or off (False)."""
-    from npyrnn.nn import cpu_loops, kernels
+    from npyrnn.nn import cpu_loops, kernels, recurrent
 
     if name == "halves":
         return lambda on: setattr(cpu_loops, "halves", on)
     if name == "loops":
         return lambda on: setattr(cpu_loops, "enabled", on)
+    if name == "wt":
+        return lambda on: setattr(recurrent, "transposed_copies", on)
     return kernels.set_enabled
 
 
@@ -85,7 +88,7 @@ def run(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--switch", choices=("halves", "loops", "fused"), default="halves")
+    p.add_argument("--switch", choices=("halves", "loops", "fused", "wt"), default="halves")
     p.add_argument("--cell", choices=("rnn", "gru", "lstm"), default="gru")
     p.add_argument("--gru-reset", choices=("after", "before"), default="after")
     p.add_argument("--proj-size", type=int, default=0)

@@ -24,13 +24,13 @@ def case_rng(case):
     return np.random.default_rng(zlib.crc32(repr(case).encode()))
 
 
-def build(kind, L=1, bi=False, bias=True, bf=False, proj=0, reset_after=True, dropout=0.0, seed=1, **kw):
+def build(kind, L=1, bi=False, bias=True, bf=False, proj=0, reset_after=True, dropout=0.0, seed=1, dtype="float64", **kw):
     """A float64 layer with torch's initialisation; `kind` is 'RNN', 'GRU' or 'LSTM'."""
     if kind == "GRU":
-        return GRU(I, H, L, bias, bf, dropout, bi, reset_after, "float64", "uniform", seed, **kw)
+        return GRU(I, H, L, bias, bf, dropout, bi, reset_after, dtype, "uniform", seed, **kw)
     if kind == "LSTM":
-        return LSTM(I, H, L, bias, bf, dropout, bi, proj, "float64", "uniform", seed, **kw)
-    return RNN(I, H, L, "tanh", bias, bi, bf, dropout, "float64", "uniform", seed, **kw)
+        return LSTM(I, H, L, bias, bf, dropout, bi, proj, dtype, "uniform", seed, **kw)
+    return RNN(I, H, L, "tanh", bias, bi, bf, dropout, dtype, "uniform", seed, **kw)
 
 
 def torch_nn(layer):
@@ -379,3 +379,36 @@ def test_a_torch_tensor_gets_a_clear_message(kind, xp):
     out = layer.forward(xp.zeros((3, 2, I)))[0]
     with pytest.raises(ValueError, match=f"dout must be a {xp.__name__} array"):
         layer.backward(torch.zeros(out.shape, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("B", [1, 2, 32])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind, extra", [("RNN", {}), ("GRU", {}), ("GRU", {"reset_after": False}), ("LSTM", {}),
+                                         ("LSTM", {"proj": 4})])
+def test_step_products_with_a_copy_of_w_transposed_give_the_views_bits(kind, extra, dtype, B, monkeypatch):
+    """On NumPy the step products read a C-ordered copy of W^T made each forward pass (faster in
+    OpenBLAS for a few rows); forward and backward give the bits of the views, and a weight
+    changed between two calls is read again (the copy is never stale)."""
+    from npyrnn.nn import recurrent
+
+    rng = np.random.default_rng(B)
+    x = rng.standard_normal((7, B, I)).astype(dtype)
+    dout = rng.standard_normal((7, B, 2 * (extra.get("proj") or H))).astype(dtype)
+    results = []
+    for copies in (True, False):
+        monkeypatch.setattr(recurrent, "transposed_copies", copies)
+        layer = build(kind, L=2, bi=True, dtype=dtype, **extra)
+        outs = []
+        for _ in range(2):
+            out, _ = layer.forward(x)
+            layer.zero_grad()
+            layer.backward(dout)
+            outs += [out.copy()] + [layer.grads[k].copy() for k in sorted(layer.grads)]
+            for k in layer.params:
+                if k.startswith(("weight_hh", "weight_hr")):
+                    layer.params[k] *= 0.5  # read again by the next call
+        results.append(outs)
+        names = [k for k in layer._workspace if k.startswith(("weight_hhT", "weight_hrT"))]
+        assert bool(names) == (copies and B > 1)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)

@@ -242,3 +242,35 @@ def test_token_id_layers_take_the_compiled_gather_gradient_unless_the_kernels_ar
         np.testing.assert_allclose(fused[name], plain[name], rtol=1e-12, atol=1e-13, err_msg=name)
     kernels.set_enabled(False)
     assert kernels.scatter_rows(np) is None
+
+
+# ------------------------------------------------------------------------------ W^T for the step products
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(R=st.integers(1, 40), C=st.integers(1, 40), dtype=st.sampled_from(["float64", "float32"]),
+       row_gap=st.integers(0, 3), seed=st.integers(0, 2**32 - 1))
+def test_compiled_transpose_copies_every_value(R, C, dtype, row_gap, seed):
+    """`cpu_kernels.transpose_into` for any shape (the eight-row passes and the rows left over),
+    from a source whose rows are a slice of wider ones; the bits of numpy's transpose."""
+    rng = np.random.default_rng(seed)
+    src = rng.standard_normal((R, C + row_gap)).astype(dtype)[:, :C]
+    dst = np.full((C, R), np.nan, dtype)
+    cpu_kernels.transpose_into(src, dst)
+    assert dst.tobytes() == np.ascontiguousarray(src.T).tobytes()
+    with pytest.raises(ValueError, match="shape of src transposed"):
+        cpu_kernels.transpose_into(src, np.empty((C, R + 1), dtype))
+
+
+def test_step_products_read_the_compiled_transpose_unless_the_kernels_are_off(monkeypatch):
+    from npyrnn.nn import GRU
+
+    calls = []
+    compiled = cpu_kernels.transpose_into
+    monkeypatch.setattr(cpu_kernels, "transpose_into", lambda src, dst: calls.append(src.shape) or compiled(src, dst))
+    x = np.random.default_rng(0).standard_normal((5, 3, 4))
+    outs = []
+    for fused in (True, False):
+        kernels.set_enabled(fused)
+        outs.append(GRU(4, 6, num_layers=2, bidirectional=True, dtype="float64", seed=0).forward(x)[0])
+    assert calls == [(18, 6)] * 4  # two layers, two directions
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-13, atol=1e-13)
+    assert kernels.transpose_into(np) is None

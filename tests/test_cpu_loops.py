@@ -309,11 +309,18 @@ def test_declined_for_strides_it_does_not_assume_and_while_another_thread_has_th
     G, GH = rng.standard_normal((T, B, 3 * H)).astype(np.float32), np.empty((T, B, 3 * H), np.float32)
     Hs = np.zeros((T + 1, B, H), np.float32)
     W = rng.standard_normal((3 * H, H)).astype(np.float32)
-    assert not cpu_loops.gru_forward(G, GH, Hs, np.asfortranarray(W), None, 1, 0, False)
-    assert not cpu_loops.gru_forward(G, GH, Hs, W.astype(np.float64), None, 1, 0, False)
+    strided = np.zeros((2 * H, 6 * H), np.float32)[::2, ::2]  # W^T with neither rows nor columns contiguous
+    strided[...] = W.T
+    assert not cpu_loops.gru_forward(G, GH, Hs, strided, None, 1, 0, False)
+    assert not cpu_loops.gru_forward(G, GH, Hs, W.T.astype(np.float64), None, 1, 0, False)
     with cpu_gemm._lock:  # another thread's product in progress
-        assert not cpu_loops.gru_forward(G, GH, Hs, W, None, 1, 0, False)
-    assert cpu_loops.gru_forward(G, GH, Hs, W, None, 1, 0, False)
+        assert not cpu_loops.gru_forward(G, GH, Hs, W.T, None, 1, 0, False)
+    G0 = G.copy()  # the loop turns G into the gates
+    assert cpu_loops.gru_forward(G, GH, Hs, W.T, None, 1, 0, False)  # the view W.T: a product with W transposed
+    view = Hs.copy()
+    G[...], Hs[1:] = G0, np.nan
+    assert cpu_loops.gru_forward(G, GH, Hs, np.ascontiguousarray(W.T), None, 1, 0, False)  # a C-ordered W^T
+    np.testing.assert_array_equal(Hs, view)  # the same bits (OpenBLAS: the same sums either layout)
 
 
 def test_declined_when_openblas_is_not_at_one_thread_and_the_python_loop_gives_the_same(ran):
@@ -384,7 +391,8 @@ def fake_helper_case(cls, kwargs, direction, stall_us):
         finally:
             cpu_gemm.run_loop = real_run_loop
         if stall_us and sum(taken):  # (a late fake helper may claim a product after the loop instead)
-            W = [a for _, arrays in cpu_gemm._kept for a in arrays if a.shape == (cls.GATES * 160, kwargs.get("proj_size") or 160)]
+            shape = (cls.GATES * 160, kwargs.get("proj_size") or 160)  # W_hh; the forward's copy of W_hh^T: transposed
+            W = [a for _, arrays in cpu_gemm._kept for a in arrays if a.shape in (shape, shape[::-1])]
             assert W, "the weight the stalled helper may read is not kept"
             kept["W"] = weakref.ref(W[0])
         return got

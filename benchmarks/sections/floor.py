@@ -27,7 +27,8 @@ GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 
 NOTES = (
     "floor = sum over the products of the median time of one call (the x T products: one loop of T calls "
-    "into preallocated outputs, the forward ones chained); npyrnn time per minibatch = median over "
+    "into preallocated outputs, the forward ones chained and reading a C-ordered W_hh^T, as npyrnn's do since "
+    "2026-12-07, where the view W_hh.T is 1.2-1.5x slower); npyrnn time per minibatch = median over "
     "one epoch's minibatches of npyrnn.train.train_step (forward, loss, backward, clip, SGD); "
     "npyrnn_epoch_seconds_per_minibatch = the whole epoch (data slicing included) / minibatches. "
     "Not counted: the one-hot input gather and its scatter-add gradient (memory-bound, no FLOPs) and the "
@@ -62,7 +63,10 @@ def products(B, T, H, V, rng, gates=1):
     (token ids): no product. Each runs as npyrnn calls it: float32, ``np.matmul`` into preallocated
     outputs; the x T products as one loop of T calls, the forward ones chained (``h_{t+1}`` = the
     first H columns of ``h_t W^T``, with ``W ~ N(0, 1/H)`` so that the values stay O(1): no inf, no
-    denormals; no non-linearity).
+    denormals; no non-linearity). The forward products read a C-ordered copy of W^T, as npyrnn's
+    do on NumPy since 2026-12-07: OpenBLAS multiplies 32 rows by the view ``W.T`` 1.2 to 1.5 times
+    slower, so the view would put the floor too high (the copy itself, 0.06 to 0.15 ms a
+    minibatch, is not a product: npyrnn pays it, the floor does not).
     """
     f32, N, G = np.float32, T * B, gates
     W_hh = (rng.standard_normal((G * H, H)) / math.sqrt(H)).astype(f32)
@@ -73,13 +77,14 @@ def products(B, T, H, V, rng, gates=1):
     out2, prev, dA2 = Hs[1:].reshape(N, H), Hs[:T].reshape(N, H), dA.reshape(N, G * H)
     Gf = np.zeros((T + 1, B, G * H), f32)  # forward: step t+1's gates; their first H columns feed step t+2
     Gf[0, :, :H] = Hs[0]
+    W_hhT = np.ascontiguousarray(W_hh.T)  # (H, G*H), C-ordered
     carry = np.empty((B, H), f32)
     logits, dout = np.empty((N, V), f32), np.empty((N, H), f32)
     dW_hh, dW_out = np.empty((G * H, H), f32), np.empty((V, H), f32)
 
     def forward():
         for t in range(T):  # all G gates in one product, chained like the recurrence (a strided view: no copy)
-            np.matmul(Gf[t, :, :H], W_hh.T, out=Gf[t + 1])
+            np.matmul(Gf[t, :, :H], W_hhT, out=Gf[t + 1])
 
     def backward():
         for t in range(T - 1, -1, -1):

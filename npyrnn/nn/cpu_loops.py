@@ -64,18 +64,26 @@ _gru_before_rz, _gru_before_n, _gru_before_bwd_a, _gru_before_bwd_b = map(_kerne
 _lstm_fwd, _lstm_bwd, _lstm_bwd_noproj = map(_kernel, (cpu_kernels.lstm_fwd, cpu_kernels.lstm_bwd, cpu_kernels.lstm_bwd_noproj))
 
 
+def _step_operand(WT):
+    """The operand of `loop_product` for a step product h W^T, from W^T (C, R): (W^T, NO_TRANS) when its
+    rows are contiguous (the C-ordered copy `Recurrent._step_weight` makes), else (W, TRANS) (the view)."""
+    if WT.strides[1] == WT.itemsize and WT.strides[0] >= WT.shape[1] * WT.itemsize:
+        return WT, NO_TRANS
+    return WT.T, TRANS
+
+
 # ------------------------------------------------------------------------------ RNN
 # The Elman RNN's kernel (one tanh a step) is too short to share: with halves its loops took
 # 0.1-0.2 ms longer a minibatch at H = 512 (docs/performance.md), so they run part 0 alone.
 @njit(**_JIT)
-def _rnn_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, Hs, W_hh, tmp, o, p, reverse, relu):
-    """`RNN._scan`: step t reads h_{t-1} from Hs[p+t] and turns Hs[o+t] into h_t."""
+def _rnn_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, Hs, W_hh, tb, tmp, o, p, reverse, relu):
+    """`RNN._scan`: step t reads h_{t-1} from Hs[p+t] and turns Hs[o+t] into h_t; W_hh, tb: `_step_operand`."""
     T = Hs.shape[0] - 1
     took = 1
     for s in range(T):
         t = T - 1 - s if reverse else s
         h = Hs[o + t]  # holds x_t W_ih^T + b_ih + b_hh
-        took = max(took, loop_product(ctl, ts, Hs[p + t], W_hh, tmp, hs, ps, TRANS, plans[0], helpers))  # (2.1)
+        took = max(took, loop_product(ctl, ts, Hs[p + t], W_hh, tmp, hs, ps, tb, plans[0], helpers))  # (2.1)
         if relu:
             _rnn_fwd_relu(h, tmp, h)  # (2.1), (2.2)
         else:
@@ -98,11 +106,12 @@ def _rnn_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, Y, dA, W_hh, carr
     return took
 
 
-def rnn_forward(Hs, W_hh, tmp, o, p, reverse, relu):
-    """The Elman RNN's forward loop over Hs (T+1, B, H); W_hh (H, H), tmp (B, H). Whether it ran."""
+def rnn_forward(Hs, W_hhT, tmp, o, p, reverse, relu):
+    """The Elman RNN's forward loop over Hs (T+1, B, H); W_hhT (H, H) W_hh^T, tmp (B, H). Whether it ran."""
     B, H = tmp.shape
-    return cpu_gemm.run_loop(_rnn_forward, [(B, H, H)], Hs.dtype, (Hs, W_hh, tmp),
-                             Hs, W_hh, tmp, o, p, reverse, relu)
+    W, tb = _step_operand(W_hhT)
+    return cpu_gemm.run_loop(_rnn_forward, [(B, H, H)], Hs.dtype, (Hs, W, tmp),
+                             Hs, W, tb, tmp, o, p, reverse, relu)
 
 
 def rnn_backward(Y, dA, W_hh, carry, reverse, relu):
@@ -126,7 +135,7 @@ def _gru_forward_rows(G, GH, Hs, b_hn, has_bias, o, p, t, r0, r1):
 
 
 @njit(**_JIT)
-def _gru_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, GH, Hs, W_hh, b_hn, has_bias, o, p, reverse):
+def _gru_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, GH, Hs, W_hh, tb, b_hn, has_bias, o, p, reverse):
     """`GRU._scan` with `reset_after=True` and its fused kernel: G the input side, then [r, z, n]."""
     T, B = G.shape[0], G.shape[1]
     if part == 1:  # the helper's side
@@ -140,7 +149,7 @@ def _gru_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, GH, Hs, W_hh, b
     took = 1
     for s in range(T):
         t = T - 1 - s if reverse else s
-        took = max(took, loop_product(ctl, ts, Hs[p + t], W_hh, GH[t], hs, ps, TRANS, plans[0], helpers))  # (8.1)-(8.3a)
+        took = max(took, loop_product(ctl, ts, Hs[p + t], W_hh, GH[t], hs, ps, tb, plans[0], helpers))  # (8.1)-(8.3a)
         mid = offer_half(ctl, ts, lseq, t, B)
         _gru_forward_rows(G, GH, Hs, b_hn, has_bias, o, p, t, 0, mid)
         if mid < B and take_half(ctl, ts, lseq, t):
@@ -180,12 +189,13 @@ def _gru_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry, zdh, G
     return took
 
 
-def gru_forward(G, GH, Hs, W_hh, b_hn, o, p, reverse):
-    """The GRU's forward loop (reset_after): G, GH (T, B, 3H), Hs (T+1, B, H), b_hn (H,) or None."""
-    B, H = Hs.shape[1], W_hh.shape[1]
+def gru_forward(G, GH, Hs, W_hhT, b_hn, o, p, reverse):
+    """The GRU's forward loop (reset_after): G, GH (T, B, 3H), Hs (T+1, B, H), W_hhT (H, 3H), b_hn (H,) or None."""
+    B, H = Hs.shape[1], W_hhT.shape[0]
     b = np.zeros(1, dtype=Hs.dtype) if b_hn is None else b_hn
-    return cpu_gemm.run_loop(_gru_forward, [(B, 3 * H, H)], Hs.dtype, (Hs, W_hh, GH),
-                             G, GH, Hs, W_hh, b, b_hn is not None, o, p, reverse, halves=halves)
+    W, tb = _step_operand(W_hhT)
+    return cpu_gemm.run_loop(_gru_forward, [(B, 3 * H, H)], Hs.dtype, (Hs, W, GH),
+                             G, GH, Hs, W, tb, b, b_hn is not None, o, p, reverse, halves=halves)
 
 
 def gru_backward(dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse):
@@ -207,9 +217,9 @@ def _gru_before_forward_rows(k, G, ghrz, tmp, RH, Hs, o, p, t, r0, r1):
 
 
 @njit(**_JIT)
-def _gru_before_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, ghrz, tmp, RH, Hs, W_hh, o, p, reverse):
+def _gru_before_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, ghrz, tmp, RH, Hs, W_hh, tb, o, p, reverse):
     """`GRU._scan` with `reset_after=False` (d2l's GRU) and its two fused kernels, calls 2t and 2t + 1."""
-    T, B, H = G.shape[0], G.shape[1], W_hh.shape[1]
+    T, B, H = G.shape[0], G.shape[1], Hs.shape[2]
     if part == 1:  # the helper's side
         seen = np.full(1, ctl[cpu_gemm.SEQ] - 1)
         i = helper_next_half(ctl, ts, lseq, seen)
@@ -218,14 +228,17 @@ def _gru_before_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, ghrz, tm
             half_done(ctl, lseq, i)
             i = helper_next_half(ctl, ts, lseq, seen)
         return 1
-    W_rz, W_hn = W_hh[: 2 * H], W_hh[2 * H :]
+    if tb == TRANS:  # W_hh (3H, H): rows (r, z, n)
+        W_rz, W_hn = W_hh[: 2 * H], W_hh[2 * H :]
+    else:  # W_hh^T (H, 3H): columns (r, z, n)
+        W_rz, W_hn = W_hh[:, : 2 * H], W_hh[:, 2 * H :]
     took = 1
     for s in range(T):
         t = T - 1 - s if reverse else s
-        took = max(took, loop_product(ctl, ts, Hs[p + t], W_rz, ghrz, hs, ps, TRANS, plans[0], helpers))  # (8.1, 8.2)
+        took = max(took, loop_product(ctl, ts, Hs[p + t], W_rz, ghrz, hs, ps, tb, plans[0], helpers))  # (8.1, 8.2)
         for k in range(2):
             if k == 1:
-                took = max(took, loop_product(ctl, ts, RH[t], W_hn, tmp, hs, ps, TRANS, plans[1], helpers))  # (8.3b)
+                took = max(took, loop_product(ctl, ts, RH[t], W_hn, tmp, hs, ps, tb, plans[1], helpers))  # (8.3b)
             mid = offer_half(ctl, ts, lseq, 2 * t + k, B)
             _gru_before_forward_rows(k, G, ghrz, tmp, RH, Hs, o, p, t, 0, mid)
             if mid < B and take_half(ctl, ts, lseq, 2 * t + k):
@@ -274,11 +287,13 @@ def _gru_before_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry,
     return took
 
 
-def gru_before_forward(G, ghrz, tmp, RH, Hs, W_hh, o, p, reverse):
-    """d2l's GRU's forward loop (reset before): G (T, B, 3H), ghrz (B, 2H), tmp (B, H), RH (T, B, H)."""
-    B, H = Hs.shape[1], W_hh.shape[1]
-    return cpu_gemm.run_loop(_gru_before_forward, [(B, 2 * H, H), (B, H, H)], Hs.dtype, (Hs, W_hh, ghrz, RH, tmp),
-                             G, ghrz, tmp, RH, Hs, W_hh, o, p, reverse, halves=halves)
+def gru_before_forward(G, ghrz, tmp, RH, Hs, W_hhT, o, p, reverse):
+    """d2l's GRU's forward loop (reset before): G (T, B, 3H), ghrz (B, 2H), tmp (B, H), RH (T, B, H),
+    W_hhT (H, 3H)."""
+    B, H = Hs.shape[1], W_hhT.shape[0]
+    W, tb = _step_operand(W_hhT)
+    return cpu_gemm.run_loop(_gru_before_forward, [(B, 2 * H, H), (B, H, H)], Hs.dtype, (Hs, W, ghrz, RH, tmp),
+                             G, ghrz, tmp, RH, Hs, W, tb, o, p, reverse, halves=halves)
 
 
 def gru_before_backward(dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p, reverse):
@@ -299,7 +314,7 @@ def _lstm_forward_rows(G, gh, C, TC, out, o, p, t, r0, r1):
 
 
 @njit(**_JIT)
-def _lstm_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, gh, Hs, C, TC, W_hh, o, p, reverse):
+def _lstm_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, gh, Hs, C, TC, W_hh, tb, o, p, reverse):
     """`LSTM._scan` without a projection and with its fused kernel: h_t = m_t goes to Hs[o+t]."""
     T, B = G.shape[0], G.shape[1]
     if part == 1:  # the helper's side
@@ -313,7 +328,7 @@ def _lstm_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, gh, Hs, C, TC,
     took = 1
     for s in range(T):
         t = T - 1 - s if reverse else s
-        took = max(took, loop_product(ctl, ts, Hs[p + t], W_hh, gh, hs, ps, TRANS, plans[0], helpers))  # (9.1)
+        took = max(took, loop_product(ctl, ts, Hs[p + t], W_hh, gh, hs, ps, tb, plans[0], helpers))  # (9.1)
         mid = offer_half(ctl, ts, lseq, t, B)
         _lstm_forward_rows(G, gh, C, TC, Hs[o + t], o, p, t, 0, mid)
         if mid < B and take_half(ctl, ts, lseq, t):
@@ -359,11 +374,13 @@ def _lstm_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry_h, car
     return took
 
 
-def lstm_forward(G, gh, Hs, C, TC, W_hh, o, p, reverse):
-    """The LSTM's forward loop (no projection): G (T, B, 4H), gh (B, 4H), Hs and C (T+1, B, H), TC (T, B, H)."""
-    B, H = Hs.shape[1], W_hh.shape[1]
-    return cpu_gemm.run_loop(_lstm_forward, [(B, 4 * H, H)], Hs.dtype, (Hs, W_hh, gh),
-                             G, gh, Hs, C, TC, W_hh, o, p, reverse, halves=halves)
+def lstm_forward(G, gh, Hs, C, TC, W_hhT, o, p, reverse):
+    """The LSTM's forward loop (no projection): G (T, B, 4H), gh (B, 4H), Hs and C (T+1, B, H), TC (T, B, H),
+    W_hhT (H, 4H)."""
+    B, H = Hs.shape[1], W_hhT.shape[0]
+    W, tb = _step_operand(W_hhT)
+    return cpu_gemm.run_loop(_lstm_forward, [(B, 4 * H, H)], Hs.dtype, (Hs, W, gh),
+                             G, gh, Hs, C, TC, W, tb, o, p, reverse, halves=halves)
 
 
 def lstm_backward(dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse):
@@ -374,7 +391,8 @@ def lstm_backward(dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse):
 
 
 @njit(**_JIT)
-def _lstm_proj_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, gh, Hs, C, TC, M, W_hh, W_hr, o, p, reverse):
+def _lstm_proj_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, gh, Hs, C, TC, M, W_hh, tb, W_hr, tbr, o, p,
+                       reverse):
     """`LSTM._scan` with a projection: m_t goes to M[t], h_t = m_t W_hr^T to Hs[o+t]."""
     T, B = G.shape[0], G.shape[1]
     if part == 1:  # the helper's side
@@ -388,12 +406,12 @@ def _lstm_proj_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, gh, Hs, C
     took = 1
     for s in range(T):
         t = T - 1 - s if reverse else s
-        took = max(took, loop_product(ctl, ts, Hs[p + t], W_hh, gh, hs, ps, TRANS, plans[0], helpers))  # (9.1)
+        took = max(took, loop_product(ctl, ts, Hs[p + t], W_hh, gh, hs, ps, tb, plans[0], helpers))  # (9.1)
         mid = offer_half(ctl, ts, lseq, t, B)
         _lstm_forward_rows(G, gh, C, TC, M[t], o, p, t, 0, mid)
         if mid < B and take_half(ctl, ts, lseq, t):
             _lstm_forward_rows(G, gh, C, TC, M[t], o, p, t, mid, B)
-        took = max(took, loop_product(ctl, ts, M[t], W_hr, Hs[o + t], hs, ps, TRANS, plans[1], helpers))  # (9.5)
+        took = max(took, loop_product(ctl, ts, M[t], W_hr, Hs[o + t], hs, ps, tbr, plans[1], helpers))  # (9.5)
     return took
 
 
@@ -426,11 +444,13 @@ def _lstm_proj_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry_h
     return took
 
 
-def lstm_proj_forward(G, gh, Hs, C, TC, M, W_hh, W_hr, o, p, reverse):
-    """The LSTM's forward loop with a projection: Hs (T+1, B, P), M and TC (T, B, H), W_hr (P, H)."""
-    B, P, H = Hs.shape[1], W_hr.shape[0], W_hr.shape[1]
-    return cpu_gemm.run_loop(_lstm_proj_forward, [(B, 4 * H, P), (B, P, H)], Hs.dtype, (Hs, W_hh, W_hr, gh, M),
-                             G, gh, Hs, C, TC, M, W_hh, W_hr, o, p, reverse, halves=halves)
+def lstm_proj_forward(G, gh, Hs, C, TC, M, W_hhT, W_hrT, o, p, reverse):
+    """The LSTM's forward loop with a projection: Hs (T+1, B, P), M and TC (T, B, H), W_hhT (P, 4H), W_hrT (H, P)."""
+    B, H, P = Hs.shape[1], W_hrT.shape[0], W_hrT.shape[1]
+    W, tb = _step_operand(W_hhT)
+    Wr, tbr = _step_operand(W_hrT)
+    return cpu_gemm.run_loop(_lstm_proj_forward, [(B, 4 * H, P), (B, P, H)], Hs.dtype, (Hs, W, Wr, gh, M),
+                             G, gh, Hs, C, TC, M, W, tb, Wr, tbr, o, p, reverse, halves=halves)
 
 
 def lstm_proj_backward(dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, p, reverse):

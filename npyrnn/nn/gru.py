@@ -137,19 +137,18 @@ class GRU(Recurrent):
         xp = self.xp
         H = self.hidden_size
         Hs, o, p, G = rec.Hs, rec.o, rec.p, rec.gx
-        W_hh = self._p("weight_hh", rec.k, rec.suffix)  # (3H, H), rows (r, z, n)
+        W_hhT = self._step_weight("weight_hh", rec, xp)  # (H, 3H), columns (r, z, n)
         tmp = self._buffer("tmp", (rec.B, H), xp)
         if self.reset_after:
-            W_hhT = W_hh.T
             b_hn = self._p("bias_hh", rec.k, rec.suffix)[2 * H :] if self.bias else None
         else:
-            W_rzT, W_hnT = W_hh[: 2 * H].T, W_hh[2 * H :].T
+            W_rzT, W_hnT = W_hhT[:, : 2 * H], W_hhT[:, 2 * H :]
             ghrz = self._buffer("ghrz", (rec.B, 2 * H), xp)
         fused = self._fused_forward(xp)  # None when the fused kernels are off or unavailable
         bias = (b_hn,) if self.reset_after and b_hn is not None else ()
         loops = self._cpu_loops(xp) if fused is not None else None
-        if loops is not None and (loops.gru_forward(G, rec.GH, Hs, W_hh, b_hn, o, p, rec.reverse) if self.reset_after
-                                  else loops.gru_before_forward(G, ghrz, tmp, rec.RH, Hs, W_hh, o, p, rec.reverse)):
+        if loops is not None and (loops.gru_forward(G, rec.GH, Hs, W_hhT, b_hn, o, p, rec.reverse) if self.reset_after
+                                  else loops.gru_before_forward(G, ghrz, tmp, rec.RH, Hs, W_hhT, o, p, rec.reverse)):
             return  # the fused loop below, compiled whole
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):
             h_prev = Hs[p + t]

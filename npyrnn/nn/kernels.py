@@ -152,6 +152,16 @@ def scatter_rows(xp):
     return cpu_kernels.scatter_rows
 
 
+def transpose_into(xp):
+    """`cpu_kernels.transpose_into` (a weight's C-ordered transpose, compiled) where it may run: on
+    NumPy with Numba while the fused kernels are on; else None."""
+    if xp.__name__ != "numpy" or not enabled() or not _numba_installed():
+        return None
+    from npyrnn.nn import cpu_kernels
+
+    return cpu_kernels.transpose_into
+
+
 def prepare(xp, dtype):
     """Probe every kernel for `dtype` now (one device sync each on CuPy); return `status(xp)`."""
     for name in SPECS:

@@ -131,15 +131,15 @@ class LSTM(Recurrent):
         H = self.hidden_size
         Hs, C, G, o, p = rec.Hs, rec.C, rec.gx, rec.o, rec.p
         C[p * rec.T] = 0 if c0 is None else c0  # c_0 sits at index 0 or T
-        W_hhT = self._p("weight_hh", rec.k, rec.suffix).T
-        W_hrT = self._p("weight_hr", rec.k, rec.suffix).T if self.proj_size else None
+        W_hhT = self._step_weight("weight_hh", rec, xp)  # (P, 4H)
+        W_hrT = self._step_weight("weight_hr", rec, xp) if self.proj_size else None  # (H, P)
         s, u = self._activation_constants(xp)
         gh = self._buffer("gh", (rec.B, 4 * H), xp)
         tmp = self._buffer("tmp", (rec.B, H), xp)
         fused = kernels.get(xp, "lstm_fwd", self.dtype)  # None when the fused kernels are off or unavailable
         loops = self._cpu_loops(xp) if fused is not None else None
-        if loops is not None and (loops.lstm_forward(G, gh, Hs, C, rec.TC, W_hhT.T, o, p, rec.reverse) if W_hrT is None
-                                  else loops.lstm_proj_forward(G, gh, Hs, C, rec.TC, rec.M, W_hhT.T, W_hrT.T, o, p,
+        if loops is not None and (loops.lstm_forward(G, gh, Hs, C, rec.TC, W_hhT, o, p, rec.reverse) if W_hrT is None
+                                  else loops.lstm_proj_forward(G, gh, Hs, C, rec.TC, rec.M, W_hhT, W_hrT, o, p,
                                                                rec.reverse)):
             return  # the fused loop below, compiled whole
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):

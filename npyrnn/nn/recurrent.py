@@ -41,6 +41,7 @@ from npyrnn.nn.module import (
 )
 
 ONE_HOT_MAX = 128  # up to this vocabulary size the one-hot product beats the sorted scatter
+transposed_copies = True  # False: the step products read W^T as a view (benchmarks/bench_ab.py --switch wt)
 
 
 class Recurrent(Module):
@@ -431,6 +432,30 @@ class Recurrent(Module):
             dY = None if dX is None else dX.reshape(T, B, -1)
         dx = None if is_ids else (dY.swapaxes(0, 1) if self.batch_first else dY)
         return dx, dh0, dc0
+
+    def _step_weight(self, name, rec, xp):
+        """W^T, the (C, R) operand of a step product `h W^T` of one (layer, direction); W (R, C).
+
+        On NumPy, for B > 1, a C-ordered copy of W^T, made once a forward pass into the layer's
+        workspace; elsewhere the view `W.T`. OpenBLAS multiplies a few rows by a transposed
+        operand 1.2 to 1.5 times slower than by a C-ordered one (B = 32, 1 thread: the GRU's
+        h W_hh^T at H = 256 in 216 against 147 us) and with the same bits; the copy costs 0.06-0.15
+        ms of the 1.7 to 3.4 ms it saves a forward pass (docs/performance.md). With B = 1
+        NumPy computes the product as a matrix-vector product, whose bits differ between the two
+        layouts, so the view stays. `transposed_copies = False` turns the copies off.
+        """
+        W = self._p(name, rec.k, rec.suffix)
+        if not transposed_copies or rec.B < 2 or xp.__name__ != "numpy":
+            return W.T
+        from npyrnn.nn import kernels
+
+        WT = self._buffer(f"{name}T{rec.key}", W.shape[::-1], xp)
+        transpose = kernels.transpose_into(xp)  # compiled with the fast extra: 3 to 7 times numpy.copyto
+        if transpose is not None:
+            transpose(W, WT)
+        else:
+            xp.copyto(WT, W.T)
+        return WT
 
     @staticmethod
     def _cpu_loops(xp):

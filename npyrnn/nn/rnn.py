@@ -138,11 +138,11 @@ class RNN(Recurrent):
         xp = self.xp
         Hs, o, p = rec.Hs, rec.o, rec.p
         act = self._act(xp)
-        W_hhT = self._p("weight_hh", rec.k, rec.suffix).T
+        W_hhT = self._step_weight("weight_hh", rec, xp)  # (H, H)
         tmp = self._buffer("tmp", (rec.B, self.hidden_size), xp)
         fused = kernels.get(xp, f"rnn_fwd_{self.nonlinearity}", self.dtype)  # None when the fused kernels are off or unavailable
         loops = self._cpu_loops(xp) if fused is not None else None
-        if loops is not None and loops.rnn_forward(Hs, W_hhT.T, tmp, o, p, rec.reverse, self.nonlinearity == "relu"):
+        if loops is not None and loops.rnn_forward(Hs, W_hhT, tmp, o, p, rec.reverse, self.nonlinearity == "relu"):
             return  # the fused loop below, compiled whole
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):
             h = Hs[o + t]  # holds x_t W_ih^T + b_ih + b_hh
