@@ -14,7 +14,8 @@ the median of each part with the switch on and off, and their difference.
 Switches: ``halves`` (``cpu_loops.halves``: the gated cells' kernels shared by rows with the
 helper), ``loops`` (``cpu_loops.enabled``: the compiled time loops), ``fused``
 (``kernels.set_enabled``: the fused kernels), ``wt`` (``recurrent.transposed_copies``: the step
-products read a C-ordered copy of W^T, not the view).
+products read a C-ordered copy of W^T, not the view), ``pad`` (``recurrent.PAD_BYTES``: that copy's
+rows 64 bytes longer where they are a multiple of 1 KiB).
 """
 
 import argparse
@@ -42,6 +43,8 @@ def switch_setter(name):
         return lambda on: setattr(cpu_loops, "enabled", on)
     if name == "wt":
         return lambda on: setattr(recurrent, "transposed_copies", on)
+    if name == "pad":
+        return lambda on: setattr(recurrent, "PAD_BYTES", 64 if on else 0)
     return kernels.set_enabled
 
 
@@ -88,7 +91,7 @@ def run(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--switch", choices=("halves", "loops", "fused", "wt"), default="halves")
+    p.add_argument("--switch", choices=("halves", "loops", "fused", "wt", "pad"), default="halves")
     p.add_argument("--cell", choices=("rnn", "gru", "lstm"), default="gru")
     p.add_argument("--gru-reset", choices=("after", "before"), default="after")
     p.add_argument("--proj-size", type=int, default=0)

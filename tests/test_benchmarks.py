@@ -431,7 +431,7 @@ def test_npyrnn_variants(tmp_path):
     assert "npyrnn-pyloops" in stdout
 
 
-@pytest.mark.parametrize("switch", ["halves", "loops", "fused", "wt"])
+@pytest.mark.parametrize("switch", ["halves", "loops", "fused", "wt", "pad"])
 def test_bench_ab_flips_a_switch_minibatch_by_minibatch(switch):
     """benchmarks/bench_ab.py at tiny sizes: both sides measured, every part printed, the switch left on."""
     proc = subprocess.run(

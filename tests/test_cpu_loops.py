@@ -127,6 +127,29 @@ def test_compiled_loops_give_the_python_loops_bits(cell, dtype, helpers, ran):
     assert same_bits(compiled, python)
 
 
+@pytest.mark.parametrize("cls, kwargs, H, dtype", [
+    (LSTM, {}, 64, "float64"),  # W_hh^T's rows 4 * 64 * 8 = 2 KiB
+    (LSTM, {"proj_size": 256}, 320, "float32"),  # W_hh^T's rows 5 KiB, W_hr^T's 1 KiB
+    (GRU, {"reset_after": False}, 256, "float32"),  # 3 KiB, its two column blocks
+], ids=["lstm", "lstm proj", "gru reset before"])
+def test_padded_copies_of_w_transposed_in_the_compiled_loops(cls, kwargs, H, dtype, ran):
+    """Where a row of W^T is a multiple of 1 KiB its copy's rows are padded: the loops read the
+    padded copy (the same bits as the Python loops) and keep its buffer for a late helper."""
+    split(1)
+    compiled = run_layer(cls, kwargs, compiled=True, dtype=dtype, H=H, T=4, layers=1)
+    assert ran and all(result for _, result in ran)
+    python = run_layer(cls, kwargs, compiled=False, dtype=dtype, H=H, T=4, layers=1)
+    assert same_bits(compiled, python)
+    layer = cls(12, H, dtype=dtype, **kwargs)
+    layer.forward(np.zeros((3, 32, 12), dtype))
+    copies = {k: v.shape for k, v in layer._workspace.items() if k.startswith(("weight_hhT", "weight_hrT"))}
+    pad = 64 // np.dtype(dtype).itemsize
+    G, P = cls.GATES, kwargs.get("proj_size") or H
+    assert copies["weight_hhT0"] == (P, G * H + pad)
+    if "proj_size" in kwargs:
+        assert copies["weight_hrT0"] == (H, P + pad)
+
+
 GATED = {name: case for name, case in CELLS.items() if case[0] is not RNN}  # their loops share the kernels' rows
 
 

@@ -65,11 +65,14 @@ _lstm_fwd, _lstm_bwd, _lstm_bwd_noproj = map(_kernel, (cpu_kernels.lstm_fwd, cpu
 
 
 def _step_operand(WT):
-    """The operand of `loop_product` for a step product h W^T, from W^T (C, R): (W^T, NO_TRANS) when its
-    rows are contiguous (the C-ordered copy `Recurrent._step_weight` makes), else (W, TRANS) (the view)."""
+    """The operand of `loop_product` for a step product h W^T, from W^T (C, R): (W^T, NO_TRANS, its
+    buffer) when its rows are contiguous (the copy `Recurrent._step_weight` makes, whose rows may be
+    padded: its C-contiguous buffer is what `run_loop` keeps), else (W, TRANS, W) (the view)."""
     if WT.strides[1] == WT.itemsize and WT.strides[0] >= WT.shape[1] * WT.itemsize:
-        return WT, NO_TRANS
-    return WT.T, TRANS
+        base = WT.base if WT.base is not None and WT.base.ndim == 2 and WT.base.flags.c_contiguous \
+            and WT.strides[0] == WT.base.strides[0] and WT.base.shape[0] == WT.shape[0] else WT
+        return WT, NO_TRANS, base
+    return WT.T, TRANS, WT.T
 
 
 # ------------------------------------------------------------------------------ RNN
@@ -109,8 +112,8 @@ def _rnn_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, Y, dA, W_hh, carr
 def rnn_forward(Hs, W_hhT, tmp, o, p, reverse, relu):
     """The Elman RNN's forward loop over Hs (T+1, B, H); W_hhT (H, H) W_hh^T, tmp (B, H). Whether it ran."""
     B, H = tmp.shape
-    W, tb = _step_operand(W_hhT)
-    return cpu_gemm.run_loop(_rnn_forward, [(B, H, H)], Hs.dtype, (Hs, W, tmp),
+    W, tb, W_buffer = _step_operand(W_hhT)
+    return cpu_gemm.run_loop(_rnn_forward, [(B, H, H)], Hs.dtype, (Hs, W_buffer, tmp),
                              Hs, W, tb, tmp, o, p, reverse, relu)
 
 
@@ -193,8 +196,8 @@ def gru_forward(G, GH, Hs, W_hhT, b_hn, o, p, reverse):
     """The GRU's forward loop (reset_after): G, GH (T, B, 3H), Hs (T+1, B, H), W_hhT (H, 3H), b_hn (H,) or None."""
     B, H = Hs.shape[1], W_hhT.shape[0]
     b = np.zeros(1, dtype=Hs.dtype) if b_hn is None else b_hn
-    W, tb = _step_operand(W_hhT)
-    return cpu_gemm.run_loop(_gru_forward, [(B, 3 * H, H)], Hs.dtype, (Hs, W, GH),
+    W, tb, W_buffer = _step_operand(W_hhT)
+    return cpu_gemm.run_loop(_gru_forward, [(B, 3 * H, H)], Hs.dtype, (Hs, W_buffer, GH),
                              G, GH, Hs, W, tb, b, b_hn is not None, o, p, reverse, halves=halves)
 
 
@@ -291,8 +294,8 @@ def gru_before_forward(G, ghrz, tmp, RH, Hs, W_hhT, o, p, reverse):
     """d2l's GRU's forward loop (reset before): G (T, B, 3H), ghrz (B, 2H), tmp (B, H), RH (T, B, H),
     W_hhT (H, 3H)."""
     B, H = Hs.shape[1], W_hhT.shape[0]
-    W, tb = _step_operand(W_hhT)
-    return cpu_gemm.run_loop(_gru_before_forward, [(B, 2 * H, H), (B, H, H)], Hs.dtype, (Hs, W, ghrz, RH, tmp),
+    W, tb, W_buffer = _step_operand(W_hhT)
+    return cpu_gemm.run_loop(_gru_before_forward, [(B, 2 * H, H), (B, H, H)], Hs.dtype, (Hs, W_buffer, ghrz, RH, tmp),
                              G, ghrz, tmp, RH, Hs, W, tb, o, p, reverse, halves=halves)
 
 
@@ -378,8 +381,8 @@ def lstm_forward(G, gh, Hs, C, TC, W_hhT, o, p, reverse):
     """The LSTM's forward loop (no projection): G (T, B, 4H), gh (B, 4H), Hs and C (T+1, B, H), TC (T, B, H),
     W_hhT (H, 4H)."""
     B, H = Hs.shape[1], W_hhT.shape[0]
-    W, tb = _step_operand(W_hhT)
-    return cpu_gemm.run_loop(_lstm_forward, [(B, 4 * H, H)], Hs.dtype, (Hs, W, gh),
+    W, tb, W_buffer = _step_operand(W_hhT)
+    return cpu_gemm.run_loop(_lstm_forward, [(B, 4 * H, H)], Hs.dtype, (Hs, W_buffer, gh),
                              G, gh, Hs, C, TC, W, tb, o, p, reverse, halves=halves)
 
 
@@ -447,9 +450,9 @@ def _lstm_proj_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry_h
 def lstm_proj_forward(G, gh, Hs, C, TC, M, W_hhT, W_hrT, o, p, reverse):
     """The LSTM's forward loop with a projection: Hs (T+1, B, P), M and TC (T, B, H), W_hhT (P, 4H), W_hrT (H, P)."""
     B, H, P = Hs.shape[1], W_hrT.shape[0], W_hrT.shape[1]
-    W, tb = _step_operand(W_hhT)
-    Wr, tbr = _step_operand(W_hrT)
-    return cpu_gemm.run_loop(_lstm_proj_forward, [(B, 4 * H, P), (B, P, H)], Hs.dtype, (Hs, W, Wr, gh, M),
+    W, tb, W_buffer = _step_operand(W_hhT)
+    Wr, tbr, Wr_buffer = _step_operand(W_hrT)
+    return cpu_gemm.run_loop(_lstm_proj_forward, [(B, 4 * H, P), (B, P, H)], Hs.dtype, (Hs, W_buffer, Wr_buffer, gh, M),
                              G, gh, Hs, C, TC, M, W, tb, Wr, tbr, o, p, reverse, halves=halves)
 
 
