@@ -391,6 +391,7 @@ def test_step_products_with_a_copy_of_w_transposed_give_the_views_bits(kind, ext
     changed between two calls is read again (the copy is never stale)."""
     from npyrnn.nn import recurrent
 
+    backend.set_backend("numpy")  # a NumPy-only layout (the conftest fixtures restore the backend)
     rng = np.random.default_rng(B)
     x = rng.standard_normal((7, B, I)).astype(dtype)
     dout = rng.standard_normal((7, B, 2 * (extra.get("proj") or H))).astype(dtype)

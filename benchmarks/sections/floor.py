@@ -66,18 +66,27 @@ def products(B, T, H, V, rng, gates=1):
     denormals; no non-linearity). The forward products read a C-ordered copy of W^T, as npyrnn's
     do on NumPy since 2026-12-07: OpenBLAS multiplies 32 rows by the view ``W.T`` 1.2 to 1.5 times
     slower, so the view would put the floor too high (the copy itself, 0.06 to 0.15 ms a
-    minibatch, is not a product: npyrnn pays it, the floor does not).
+    minibatch, is not a product: npyrnn pays it, the floor does not); the copy's rows and the
+    outputs' are padded where npyrnn pads them.
     """
     f32, N, G = np.float32, T * B, gates
+    # rows 64 bytes further apart where they would be a multiple of 1 KiB, as npyrnn pads its copy
+    # of W^T and the LSTM's step output (`Recurrent._padded_buffer`): 32 rows 4 KiB apart share cache sets
+    pad = 16 if (G * H * 4) % 1024 == 0 else 0
+
+    def padded(shape):
+        return np.zeros((shape[0], shape[1] + pad), f32)[:, : shape[1]]
+
     W_hh = (rng.standard_normal((G * H, H)) / math.sqrt(H)).astype(f32)
     W_out = (rng.standard_normal((V, H)) / math.sqrt(H)).astype(f32)
     Hs = rng.standard_normal((T + 1, B, H)).astype(f32)
     dA = rng.standard_normal((T, B, G * H)).astype(f32)
     dlogits = rng.standard_normal((N, V)).astype(f32)
     out2, prev, dA2 = Hs[1:].reshape(N, H), Hs[:T].reshape(N, H), dA.reshape(N, G * H)
-    Gf = np.zeros((T + 1, B, G * H), f32)  # forward: step t+1's gates; their first H columns feed step t+2
+    Gf = np.zeros((T + 1, B, G * H + pad), f32)[:, :, : G * H]  # forward: step t+1's gates; its first H columns feed step t+2
     Gf[0, :, :H] = Hs[0]
-    W_hhT = np.ascontiguousarray(W_hh.T)  # (H, G*H), C-ordered
+    W_hhT = padded((H, G * H))  # (H, G*H), C-ordered
+    W_hhT[...] = W_hh.T
     carry = np.empty((B, H), f32)
     logits, dout = np.empty((N, V), f32), np.empty((N, H), f32)
     dW_hh, dW_out = np.empty((G * H, H), f32), np.empty((V, H), f32)

@@ -69,10 +69,18 @@ def _step_operand(WT):
     buffer) when its rows are contiguous (the copy `Recurrent._step_weight` makes, whose rows may be
     padded: its C-contiguous buffer is what `run_loop` keeps), else (W, TRANS, W) (the view)."""
     if WT.strides[1] == WT.itemsize and WT.strides[0] >= WT.shape[1] * WT.itemsize:
-        base = WT.base if WT.base is not None and WT.base.ndim == 2 and WT.base.flags.c_contiguous \
-            and WT.strides[0] == WT.base.strides[0] and WT.base.shape[0] == WT.shape[0] else WT
-        return WT, NO_TRANS, base
+        return WT, NO_TRANS, _buffer_of(WT)
     return WT.T, TRANS, WT.T
+
+
+def _buffer_of(a):
+    """The C-ordered 2-D buffer a row-padded view `a` (`Recurrent._padded_buffer`) was cut from,
+    for `run_loop` to keep; `a` itself otherwise."""
+    base = a.base
+    if base is not None and base.ndim == 2 and base.flags.c_contiguous and base.shape[0] == a.shape[0] \
+            and a.strides[0] == base.strides[0] and a.strides[1] == a.itemsize:
+        return base
+    return a
 
 
 # ------------------------------------------------------------------------------ RNN
@@ -382,7 +390,7 @@ def lstm_forward(G, gh, Hs, C, TC, W_hhT, o, p, reverse):
     W_hhT (H, 4H)."""
     B, H = Hs.shape[1], W_hhT.shape[0]
     W, tb, W_buffer = _step_operand(W_hhT)
-    return cpu_gemm.run_loop(_lstm_forward, [(B, 4 * H, H)], Hs.dtype, (Hs, W_buffer, gh),
+    return cpu_gemm.run_loop(_lstm_forward, [(B, 4 * H, H)], Hs.dtype, (Hs, W_buffer, _buffer_of(gh)),
                              G, gh, Hs, C, TC, W, tb, o, p, reverse, halves=halves)
 
 
@@ -452,7 +460,7 @@ def lstm_proj_forward(G, gh, Hs, C, TC, M, W_hhT, W_hrT, o, p, reverse):
     B, H, P = Hs.shape[1], W_hrT.shape[0], W_hrT.shape[1]
     W, tb, W_buffer = _step_operand(W_hhT)
     Wr, tbr, Wr_buffer = _step_operand(W_hrT)
-    return cpu_gemm.run_loop(_lstm_proj_forward, [(B, 4 * H, P), (B, P, H)], Hs.dtype, (Hs, W_buffer, Wr_buffer, gh, M),
+    return cpu_gemm.run_loop(_lstm_proj_forward, [(B, 4 * H, P), (B, P, H)], Hs.dtype, (Hs, W_buffer, Wr_buffer, _buffer_of(gh), M),
                              G, gh, Hs, C, TC, M, W, tb, Wr, tbr, o, p, reverse, halves=halves)
 
 

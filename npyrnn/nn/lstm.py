@@ -134,7 +134,7 @@ class LSTM(Recurrent):
         W_hhT = self._step_weight("weight_hh", rec, xp)  # (P, 4H)
         W_hrT = self._step_weight("weight_hr", rec, xp) if self.proj_size else None  # (H, P)
         s, u = self._activation_constants(xp)
-        gh = self._buffer("gh", (rec.B, 4 * H), xp)
+        gh = self._padded_buffer("gh", (rec.B, 4 * H), xp)  # rows 4H + 16 apart where 4H floats are 4 KiB
         tmp = self._buffer("tmp", (rec.B, H), xp)
         fused = kernels.get(xp, "lstm_fwd", self.dtype)  # None when the fused kernels are off or unavailable
         loops = self._cpu_loops(xp) if fused is not None else None
