@@ -317,6 +317,29 @@ def numpy_blas():
     return max(blas, key=lambda lib: lib["num_threads"]) if blas else None
 
 
+_AVX512_KERNELS = {"skylakex", "cooperlake", "sapphirerapids"}
+_copies_pay = None
+
+
+def transposed_copies_pay():
+    """Whether the recurrent layers' step products should read a C-ordered copy of W^T on NumPy.
+
+    NumPy's OpenBLAS, with its AVX-512 kernels (the core types SkylakeX, Cooperlake and
+    SapphireRapids), multiplies a few rows by a transposed operand 1.2 to 1.5 times slower than
+    by a C-ordered one (B = 32: 218 against 152 us for the GRU's h W_hh^T at H = 256, 1 thread);
+    with its AVX2 kernels (Haswell, Zen) the two take the same time, or the view less (the LSTM's:
+    206 against 238 us), so there the view stays (docs/performance.md). Decided once per process
+    from the kernels OpenBLAS reports (threadpoolctl), never from a timing: the layout can change
+    a product's bits, so it must not depend on how busy the machine is.
+    """
+    global _copies_pay
+    if _copies_pay is None:
+        blas = numpy_blas()
+        _copies_pay = bool(blas and blas.get("internal_api") == "openblas"
+                           and str(blas.get("architecture", "")).lower() in _AVX512_KERNELS)
+    return _copies_pay
+
+
 def default_rng(seed=None):
     """A host ``numpy.random.Generator``.
 

@@ -124,6 +124,8 @@ def test_memory_children_cover_every_kind():
 
 
 def test_floor(quick):
+    from npyrnn.backend import transposed_copies_pay
+
     results, stdout = quick
     assert list(results["floor"]) == ["rnn", "gru", "lstm"]
     for cell, gates in (("rnn", 1), ("gru", 3), ("lstm", 4)):
@@ -139,6 +141,7 @@ def test_floor(quick):
         # npyrnn timed as `npyrnn train --threads 1` runs it (the split products where they can run), not
         # with the OpenBLAS threads the floor's products get back after each measurement
         assert floor["npyrnn_split_products"] == split_products_expected(threads=1)
+        assert floor["forward_reads_a_copy_of_w_transposed"] == transposed_copies_pay()
         parts = floor["npyrnn_parts"]
         assert {"input gather (5.1)", "input gather's gradient (5.2), with the bias's (5.3)", "loss and its gradient",
                 "clip", "optimizer step", "other"} <= set(parts)
@@ -218,6 +221,10 @@ def test_floor_products_are_one_minibatchs_products(gates):
     from benchmarks.sections.floor import products
 
     B, T, H, V, G = 3, 4, 5, 7, gates
+    for copies in (True, False):  # the forward products read a copy of W^T or the view, as npyrnn's do
+        prods = products(B, T, H, V, np.random.default_rng(0), gates=G, copies=copies)
+        for p in prods:
+            p.run()
     prods = products(B, T, H, V, np.random.default_rng(0), gates=G)
     assert [p.calls for p in prods] == [T, 1, 1, T, 1, 1]
     # forward and backward recurrences over all G gates, the output layer both ways, the two weight gradients

@@ -27,8 +27,9 @@ GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 
 NOTES = (
     "floor = sum over the products of the median time of one call (the x T products: one loop of T calls "
-    "into preallocated outputs, the forward ones chained and reading a C-ordered W_hh^T, as npyrnn's do since "
-    "2026-12-07, where the view W_hh.T is 1.2-1.5x slower); npyrnn time per minibatch = median over "
+    "into preallocated outputs, the forward ones chained and reading W_hh^T as npyrnn's do here: a C-ordered "
+    "copy where OpenBLAS runs its AVX-512 kernels (forward_reads_a_copy_of_w_transposed), else the view); "
+    "npyrnn time per minibatch = median over "
     "one epoch's minibatches of npyrnn.train.train_step (forward, loss, backward, clip, SGD); "
     "npyrnn_epoch_seconds_per_minibatch = the whole epoch (data slicing included) / minibatches. "
     "Not counted: the one-hot input gather and its scatter-add gradient (memory-bound, no FLOPs) and the "
@@ -54,7 +55,7 @@ class Product:
         return self.calls * self.flops_per_call
 
 
-def products(B, T, H, V, rng, gates=1):
+def products(B, T, H, V, rng, gates=1, copies=None):
     """The matrix products of one npyrnn training minibatch (one layer, token-id input), torch layout.
 
     ``gates`` is G: 1 (RNN), 3 (GRU), 4 (LSTM); ``W_hh`` is (G*H, H) with the gates stacked, so each
@@ -63,12 +64,15 @@ def products(B, T, H, V, rng, gates=1):
     (token ids): no product. Each runs as npyrnn calls it: float32, ``np.matmul`` into preallocated
     outputs; the x T products as one loop of T calls, the forward ones chained (``h_{t+1}`` = the
     first H columns of ``h_t W^T``, with ``W ~ N(0, 1/H)`` so that the values stay O(1): no inf, no
-    denormals; no non-linearity). The forward products read a C-ordered copy of W^T, as npyrnn's
-    do on NumPy since 2026-12-07: OpenBLAS multiplies 32 rows by the view ``W.T`` 1.2 to 1.5 times
-    slower, so the view would put the floor too high (the copy itself, 0.06 to 0.15 ms a
-    minibatch, is not a product: npyrnn pays it, the floor does not); the copy's rows and the
-    outputs' are padded where npyrnn pads them.
+    denormals; no non-linearity). The forward products read W^T as npyrnn's do on this machine
+    (``copies``, default ``backend.transposed_copies_pay()``): a C-ordered copy where OpenBLAS runs
+    its AVX-512 kernels, which multiply 32 rows by the view ``W.T`` 1.2 to 1.5 times slower (the
+    copy itself, 0.06 to 0.15 ms a minibatch, is not a product: npyrnn pays it, the floor does
+    not), else the view; the copy's rows and the outputs' are padded where npyrnn pads them.
     """
+    from npyrnn import backend
+
+    copies = backend.transposed_copies_pay() if copies is None else copies
     f32, N, G = np.float32, T * B, gates
     # rows 64 bytes further apart where they would be a multiple of 1 KiB, as npyrnn pads its copy
     # of W^T and the LSTM's step output (`Recurrent._padded_buffer`): 32 rows 4 KiB apart share cache sets
@@ -85,8 +89,11 @@ def products(B, T, H, V, rng, gates=1):
     out2, prev, dA2 = Hs[1:].reshape(N, H), Hs[:T].reshape(N, H), dA.reshape(N, G * H)
     Gf = np.zeros((T + 1, B, G * H + pad), f32)[:, :, : G * H]  # forward: step t+1's gates; its first H columns feed step t+2
     Gf[0, :, :H] = Hs[0]
-    W_hhT = padded((H, G * H))  # (H, G*H), C-ordered
-    W_hhT[...] = W_hh.T
+    if copies:
+        W_hhT = padded((H, G * H))  # (H, G*H), C-ordered
+        W_hhT[...] = W_hh.T
+    else:
+        W_hhT = W_hh.T
     carry = np.empty((B, H), f32)
     logits, dout = np.empty((N, V), f32), np.empty((N, H), f32)
     dW_hh, dW_out = np.empty((G * H, H), f32), np.empty((V, H), f32)
@@ -316,6 +323,7 @@ def run_cell(cfg, corpus, vocab, log, cell):
         "npyrnn_gflops_per_s": flops / statistics.median(step_s) / 1e9,
         "npyrnn_phase_seconds": {name: statistics.median(p[name] for p in phases) for name in phases[0]},
         "npyrnn_split_products": split[0],
+        "forward_reads_a_copy_of_w_transposed": backend.transposed_copies_pay(),
         "npyrnn_parts": {name: {"seconds": statistics.median(p.get(name, {"seconds": 0.0})["seconds"] for p in parts),
                                 "calls": statistics.median(p.get(name, {"calls": 0})["calls"] for p in parts)}
                          for name in dict.fromkeys(n for p in parts for n in p)},

@@ -42,7 +42,7 @@ from npyrnn.nn.module import (
 
 ONE_HOT_MAX = 128  # up to this vocabulary size the one-hot product beats the sorted scatter
 PAD_BYTES = 64  # the rows of a weight's transposed copy longer by this much where they would be a multiple of 1 KiB
-transposed_copies = True  # False: the step products read W^T as a view (benchmarks/bench_ab.py --switch wt)
+transposed_copies = None  # None: where they pay (backend.transposed_copies_pay); True, False: always, never (bench_ab.py --switch wt)
 
 
 class Recurrent(Module):
@@ -437,13 +437,16 @@ class Recurrent(Module):
     def _step_weight(self, name, rec, xp):
         """W^T, the (C, R) operand of a step product `h W^T` of one (layer, direction); W (R, C).
 
-        On NumPy, for B > 1, a C-ordered copy of W^T, made once a forward pass into the layer's
-        workspace; elsewhere the view `W.T`. OpenBLAS multiplies a few rows by a transposed
-        operand 1.2 to 1.5 times slower than by a C-ordered one (B = 32, 1 thread: the GRU's
-        h W_hh^T at H = 256 in 216 against 147 us) and with the same bits; the copy costs 0.06-0.15
-        ms of the 1.7 to 3.4 ms it saves a forward pass (docs/performance.md). With B = 1
-        NumPy computes the product as a matrix-vector product, whose bits differ between the two
-        layouts, so the view stays. `transposed_copies = False` turns the copies off.
+        On NumPy, for B > 1, where NumPy's OpenBLAS runs its AVX-512 kernels
+        (`backend.transposed_copies_pay`), a C-ordered copy of W^T, made once a forward pass into
+        the layer's workspace; elsewhere the view `W.T`. Those kernels multiply a few rows by a
+        transposed operand 1.2 to 1.5 times slower than by a C-ordered one (B = 32, 1 thread: the
+        GRU's h W_hh^T at H = 256 in 218 against 152 us); the copy costs 0.06-0.15 ms of the 1.7
+        to 3.4 ms it saves a forward pass (docs/performance.md). The bits were the same either way
+        at B = 7 and 32 in every shape tried, not always at B = 2 (another kernel sums in another
+        order): like every product's, a layer's bits depend on the machine's kernels. With B = 1
+        NumPy computes the product as a matrix-vector product: the view. `transposed_copies`
+        (True, False) overrides the choice.
 
         Where a row of W^T is a multiple of 1 KiB (the LSTM's 4H = 1024 floats, the RNN's 512),
         the copy's rows are 64 bytes longer than W^T's: with rows 4 KiB apart the product's reads
@@ -451,7 +454,8 @@ class Recurrent(Module):
         against 211 us (the same bits: only the leading dimension changes).
         """
         W = self._p(name, rec.k, rec.suffix)
-        if not transposed_copies or rec.B < 2 or xp.__name__ != "numpy":
+        copies = backend.transposed_copies_pay() if transposed_copies is None else transposed_copies
+        if not copies or rec.B < 2 or xp.__name__ != "numpy":
             return W.T
         from npyrnn.nn import kernels
 
