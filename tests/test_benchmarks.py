@@ -451,3 +451,12 @@ def test_bench_ab_flips_a_switch_minibatch_by_minibatch(switch):
     counts = re.search(r"over (\d+) / (\d+) minibatches", lines[0])
     assert counts and int(counts[1]) > 0 and int(counts[2]) > 0
     assert lines[-1].strip().startswith("minibatch") and "input gather (5.1)" in proc.stdout
+
+
+def test_bench_layouts_prints_every_layout():
+    """benchmarks/bench_layouts.py at tiny sizes: a row per cell, three times and the bits' verdict each."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_layouts.py"), "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("GRU", "LSTM", "RNN"))]
+    assert len(rows) == 3 and all(len(r) == 8 and min(map(float, r[4:7])) > 0 and r[7] in ("True", "False") for r in rows)

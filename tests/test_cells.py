@@ -381,14 +381,15 @@ def test_a_torch_tensor_gets_a_clear_message(kind, xp):
         layer.backward(torch.zeros(out.shape, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("B", [1, 7, 32])  # at B = 2 OpenBLAS's AVX-512 kernels may sum in another order
+@pytest.mark.parametrize("B", [1, 2, 32])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("kind, extra", [("RNN", {}), ("GRU", {}), ("GRU", {"reset_after": False}), ("LSTM", {}),
                                          ("LSTM", {"proj": 4})])
-def test_step_products_with_a_copy_of_w_transposed_give_the_views_bits(kind, extra, dtype, B, monkeypatch):
-    """On NumPy the step products read a C-ordered copy of W^T made each forward pass (faster in
-    OpenBLAS for a few rows); forward and backward give the bits of the views, and a weight
-    changed between two calls is read again (the copy is never stale)."""
+def test_step_products_with_a_copy_of_w_transposed_give_the_views_results(kind, extra, dtype, B, monkeypatch):
+    """On NumPy the step products may read a C-ordered copy of W^T made each forward pass (faster
+    with OpenBLAS's AVX-512 kernels); forward and backward give the views' results (the same bits
+    at the shapes timed, but a small product may be summed in another order by another kernel),
+    and a weight changed between two calls is read again (the copy is never stale)."""
     from npyrnn.nn import recurrent
 
     backend.set_backend("numpy")  # a NumPy-only layout (the conftest fixtures restore the backend)
@@ -411,8 +412,9 @@ def test_step_products_with_a_copy_of_w_transposed_give_the_views_bits(kind, ext
         results.append(outs)
         names = [k for k in layer._workspace if k.startswith(("weight_hhT", "weight_hrT"))]
         assert bool(names) == (copies and B > 1)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=1e-12, atol=1e-13)
     for a, b in zip(*results):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, **tol)
 
 
 @pytest.mark.parametrize("blas, pay", [

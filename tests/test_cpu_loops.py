@@ -346,7 +346,7 @@ def test_declined_for_strides_it_does_not_assume_and_while_another_thread_has_th
     view = Hs.copy()
     G[...], Hs[1:] = G0, np.nan
     assert cpu_loops.gru_forward(G, GH, Hs, np.ascontiguousarray(W.T), None, 1, 0, False)  # a C-ordered W^T
-    np.testing.assert_array_equal(Hs, view)  # the same bits (OpenBLAS: the same sums either layout)
+    np.testing.assert_allclose(Hs, view, rtol=1e-5, atol=1e-6)  # the same product (its bits may differ by kernel)
 
 
 def test_declined_when_openblas_is_not_at_one_thread_and_the_python_loop_gives_the_same(ran):

@@ -442,9 +442,10 @@ class Recurrent(Module):
         the layer's workspace; elsewhere the view `W.T`. Those kernels multiply a few rows by a
         transposed operand 1.2 to 1.5 times slower than by a C-ordered one (B = 32, 1 thread: the
         GRU's h W_hh^T at H = 256 in 218 against 152 us); the copy costs 0.06-0.15 ms of the 1.7
-        to 3.4 ms it saves a forward pass (docs/performance.md). The bits were the same either way
-        at B = 7 and 32 in every shape tried, not always at B = 2 (another kernel sums in another
-        order): like every product's, a layer's bits depend on the machine's kernels. With B = 1
+        to 3.4 ms it saves a forward pass (docs/performance.md). The bits are the same either way
+        at the cells' sizes timed (B = 32, H = 256 and 512), not always for small products (B = 2,
+        or H = 32), which another kernel sums in another order: like every product's, a layer's
+        bits depend on the machine's kernels. With B = 1
         NumPy computes the product as a matrix-vector product: the view. `transposed_copies`
         (True, False) overrides the choice.
 
