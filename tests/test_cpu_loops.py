@@ -268,6 +268,11 @@ def test_a_loop_part_that_fails_on_the_helper_is_reported_not_waited_for(monkeyp
     cpu_gemm._ctl[cpu_gemm.HALF] = (lseq << 24) | (5 << 2) | cpu_gemm.HELPER  # call 5's half, claimed
     with pytest.raises(RuntimeError, match="the helper thread failed inside a compiled loop"):
         cpu_gemm.take_half(cpu_gemm._ctl, np.zeros(2, np.int64), lseq, 5)
+    cpu_gemm._ctl[cpu_gemm.HALF] = 0
+    assert cpu_gemm.helpers() == 0  # the dead helper is not counted, and gets no more work:
+    posted, expected = cpu_gemm.stats()["posted"], run_layer(GRU, {}, compiled=False, H=HIDDEN[GRU])
+    assert same_bits(run_layer(GRU, {}, compiled=True, H=HIDDEN[GRU]), expected)
+    assert cpu_gemm.stats()["posted"] == posted and cpu_gemm._ctl[cpu_gemm.LOOP_SEQ] == lseq
     split(1)
     assert cpu_gemm._threads[0].is_alive()
     expected = run_layer(GRU, {}, compiled=False, H=HIDDEN[GRU])

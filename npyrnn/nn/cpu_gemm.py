@@ -551,9 +551,15 @@ def why_unavailable():
     return _why
 
 
+def _live_helpers():
+    """The helper threads alive: a helper ended by a bug in a loop's part (its traceback printed)
+    gets no more blocks or halves, so the products run on the calling thread alone."""
+    return sum(thread.is_alive() for thread in _threads)
+
+
 def helpers():
     """The number of helper threads running, or None when the split products are off."""
-    return len(_threads) if _started else None
+    return _live_helpers() if _started else None
 
 
 def start(num_helpers):
@@ -725,7 +731,7 @@ def run_loop(loop, shapes, dtype, keep, *args, halves=False):
             done = int(_ctl[HDONE])
             _kept[:] = [entry for entry in _kept if entry[0] > done]
         plans = np.array([blocks(m, n, k) for m, n, k in shapes], dtype=np.int64)  # (axis, nch, cs) each
-        helpers_now = len(_threads)
+        helpers_now = _live_helpers()
         hs_need = max((nch * m * n if axis == 2 else m * n) if helpers_now and nch > 1 else 0
                       for (m, n, _), (axis, nch, _) in zip(shapes, plans))
         ps_need = max(nch * m * n if axis == 2 else 0 for (m, n, _), (axis, nch, _) in zip(shapes, plans))
@@ -783,7 +789,7 @@ def matmul(a, b, out):
             done = int(_ctl[HDONE])
             _kept[:] = [entry for entry in _kept if entry[0] > done]
         axis, nch, cs = blocks(m, n, k)
-        helpers_now = len(_threads)
+        helpers_now = _live_helpers()
         hs = _scratch(_helper_scratch, dt, (nch * m * n if axis == 2 else m * n) if helpers_now and nch > 1 else 0)
         ps = _scratch(_partials, dt, nch * m * n if axis == 2 else 0)
         done = _product(_ctl, _clock, a, b, out, hs, ps, pa[0], pa[1], pb[0], pb[1], pc[1], nch, cs, axis, helpers_now)
