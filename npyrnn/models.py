@@ -10,6 +10,7 @@ from npyrnn.nn.gru import GRU
 from npyrnn.nn.linear import Linear
 from npyrnn.nn.lstm import LSTM
 from npyrnn.nn.module import Module, check_choice, shape_str
+from npyrnn.nn.recurrent import hidden_product
 from npyrnn.nn.rnn import RNN
 
 CELLS = ("rnn", "gru", "lstm")
@@ -195,11 +196,19 @@ class RNNLM(Module):
 
             return step
         rnn_step = self.rnn.stepper(state)
+        xp = self.xp
         batch = (state[0] if isinstance(state, tuple) else state).shape[1]
-        out = self.xp.empty((batch, self.vocab_size), dtype=self.dtype)
+        out = xp.empty((batch, self.vocab_size), dtype=self.dtype)
+        # `linear.apply` without its checks: at B = 1 a matrix-vector product (1.6 against 5.2 us
+        # for the 2-D product's path at V = 28, H = 512; the same bits)
+        project = hidden_product(self.linear.params["weight"], batch, xp)
+        bias = self.linear.params["bias"] if self.linear.bias else None
 
         def step(ids):
-            return self.linear.apply(rnn_step(ids), out=out)  # (B, V), overwritten next call  (2.12)
+            project(rnn_step(ids), out)  # (B, V), overwritten next call                   (2.12)
+            if bias is not None:
+                xp.add(out, bias, out=out)
+            return out
 
         return step
 
