@@ -445,9 +445,8 @@ class Recurrent(Module):
         to 3.4 ms it saves a forward pass (docs/performance.md). The bits are the same either way
         at the cells' sizes timed (B = 32, H = 256 and 512), not always for small products (B = 2,
         or H = 32), which another kernel sums in another order: like every product's, a layer's
-        bits depend on the machine's kernels. With B = 1
-        NumPy computes the product as a matrix-vector product: the view. `transposed_copies`
-        (True, False) overrides the choice.
+        bits depend on the machine's kernels. With B = 1 NumPy computes the product as a
+        matrix-vector product: the view. `transposed_copies` (True, False) overrides the choice.
 
         Where a row of W^T is a multiple of 1 KiB (the LSTM's 4H = 1024 floats, the RNN's 512),
         the copy's rows are 64 bytes longer than W^T's: with rows 4 KiB apart the product's reads
