@@ -71,12 +71,13 @@ def products(B, T, H, V, rng, gates=1, copies=None):
     not), else the view; the copy's rows and the outputs' are padded where npyrnn pads them.
     """
     from npyrnn import backend
+    from npyrnn.nn.recurrent import row_pad
 
     copies = backend.transposed_copies_pay() if copies is None else copies
     f32, N, G = np.float32, T * B, gates
     # rows 64 bytes further apart where they would be a multiple of 1 KiB, as npyrnn pads its copy
     # of W^T and the LSTM's step output (`Recurrent._padded_buffer`): 32 rows 4 KiB apart share cache sets
-    pad = 16 if (G * H * 4) % 1024 == 0 else 0
+    pad = row_pad(G * H, 4)
 
     def padded(shape):
         return np.zeros((shape[0], shape[1] + pad), f32)[:, : shape[1]]

@@ -472,10 +472,7 @@ class Recurrent(Module):
         would be a multiple of 1 KiB on NumPy (a view of a C-ordered buffer; rows contiguous): a
         product reading or writing 32 rows 4 KiB apart meets them in the same few cache sets."""
         R, C = shape
-        pad = 0
-        if xp.__name__ == "numpy":
-            itemsize = xp.dtype(self.dtype).itemsize
-            pad = PAD_BYTES // itemsize if (C * itemsize) % 1024 == 0 else 0
+        pad = row_pad(C, xp.dtype(self.dtype).itemsize) if xp.__name__ == "numpy" else 0
         return self._buffer(name, (R, C + pad), xp)[:, :C]
 
     @staticmethod
@@ -531,6 +528,12 @@ class Recurrent(Module):
             return h[L - 1]
 
         return step
+
+
+def row_pad(columns, itemsize):
+    """Items to add to a row of `columns` items so that rows are not a multiple of 1 KiB apart:
+    `PAD_BYTES` worth where they would be, else 0 (`Recurrent._padded_buffer`)."""
+    return PAD_BYTES // itemsize if (columns * itemsize) % 1024 == 0 else 0
 
 
 def hidden_product(W, B, xp):
