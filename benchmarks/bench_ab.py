@@ -15,7 +15,9 @@ Switches: ``halves`` (``cpu_loops.halves``: the gated cells' kernels shared by r
 helper), ``loops`` (``cpu_loops.enabled``: the compiled time loops), ``fused``
 (``kernels.set_enabled``: the fused kernels), ``wt`` (``recurrent.transposed_copies``: the step
 products read a C-ordered copy of W^T, not the view), ``pad`` (``recurrent.PAD_BYTES``: that copy's
-rows 64 bytes longer where they are a multiple of 1 KiB).
+rows 64 bytes longer where they are a multiple of 1 KiB), ``tail`` (the loss and its gradient
+in one compiled pass, ``cpu_kernels.softmax_xent32``, and clipping's scaling with the SGD step in
+another, ``cpu_kernels.clipped_sgd``; off: their array operations).
 """
 
 import argparse
@@ -45,6 +47,14 @@ def switch_setter(name):
         return lambda on: setattr(recurrent, "transposed_copies", on)
     if name == "pad":
         return lambda on: setattr(recurrent, "PAD_BYTES", 64 if on else 0)
+    if name == "tail":
+        compiled = {"softmax_xent": kernels.softmax_xent, "clipped_sgd": kernels.clipped_sgd}
+
+        def turn(on):
+            for attr, accessor in compiled.items():
+                setattr(kernels, attr, accessor if on is not False else (lambda *_: None))
+
+        return turn
     return kernels.set_enabled
 
 
@@ -75,7 +85,7 @@ def run(args):
                 if state is None:
                     state = model.begin_state(X.shape[0])
                 times = collections.defaultdict(lambda: [0.0, 0])
-                with timed_parts(optimizer, times):
+                with timed_parts(times):
                     start = time.perf_counter()
                     loss, state = train_step(model, X, Y, state, optimizer, 1.0)
                     times["minibatch"] = [time.perf_counter() - start, 1]
@@ -91,7 +101,7 @@ def run(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--switch", choices=("halves", "loops", "fused", "wt", "pad"), default="halves")
+    p.add_argument("--switch", choices=("halves", "loops", "fused", "wt", "pad", "tail"), default="halves")
     p.add_argument("--cell", choices=("rnn", "gru", "lstm"), default="gru")
     p.add_argument("--gru-reset", choices=("after", "before"), default="after")
     p.add_argument("--proj-size", type=int, default=0)

@@ -6,6 +6,7 @@ Equations (1.1)-(1.5) of ``docs/derivations/cross-entropy.md``.
 import math
 
 from npyrnn import backend
+from npyrnn.nn import kernels
 from npyrnn.nn.module import shape_str
 
 
@@ -47,6 +48,15 @@ def softmax_cross_entropy(logits, targets):
         )
     if N == 0:
         raise ValueError("softmax_cross_entropy: logits must have at least one row, got shape (0, V)")
+    xent = kernels.softmax_xent(xp, logits.dtype)  # the `fast` extra: one compiled pass, float32
+    if xent is not None and logits.flags.c_contiguous:
+        dlogits = xp.empty_like(logits)
+        loss = xent(logits, targets, dlogits)  # (1.1)-(1.4)
+        if loss <= -1.0:  # -1 - n: row n's target is out of range, nothing else written
+            _bad_targets(targets, V)
+        return logits.dtype.type(loss), dlogits
+    if xp.__name__ == "numpy" and (targets.min() < 0 or targets.max() >= V):  # a host sync on CuPy: not there
+        _bad_targets(targets, V)
     rows = xp.arange(N)
     z = logits - logits.max(axis=1, keepdims=True)  # shift: softmax unchanged, exp <= 1   (1.1)
     e = xp.exp(z)
@@ -57,6 +67,13 @@ def softmax_cross_entropy(logits, targets):
     dlogits[rows, targets] -= 1  # p - onehot(y)                                          (1.4)
     dlogits /= N  # the mean over N rows                                                  (1.4)
     return loss, dlogits
+
+
+def _bad_targets(targets, V):
+    raise ValueError(
+        f"softmax_cross_entropy: targets must be class ids in [0, {V}) (V = {V}, the logits' columns), "
+        f"got values from {int(targets.min())} to {int(targets.max())}"
+    )
 
 
 def perplexity(mean_loss):

@@ -25,7 +25,8 @@ from npyrnn import backend
 from npyrnn.errors import DataError, NpyrnnError
 from npyrnn.generate import predict
 from npyrnn.losses import perplexity, softmax_cross_entropy
-from npyrnn.optim import SGD, clip_grad_norm
+from npyrnn.optim import SGD
+from npyrnn.optim.clip import clip_and_step
 
 __all__ = ["train", "train_epoch", "train_step", "evaluate", "Trainer", "Diverged", "predict"]
 
@@ -104,11 +105,11 @@ def _step(model, X, Y, state, optimizer, clip):
     loss, dlogits = softmax_cross_entropy(logits, y)
     model.backward(dlogits)  # no dstate: the gradient stops at this minibatch   (3.2)
     if clip is not None:
-        norm = clip_grad_norm(model.grads, clip)  # (6.2)
+        norm = clip_and_step(model.grads, clip, optimizer)  # (6.2), (6.3)
     else:
         xp = model.xp
         norm = xp.sqrt(sum(xp.vdot(g.ravel(), g.ravel()) for g in model.grads.values()))  # (6.1)
-    optimizer.step(model.grads)  # (6.3)
+        optimizer.step(model.grads)  # (6.3)
     return loss, state, norm
 
 

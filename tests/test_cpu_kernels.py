@@ -276,3 +276,85 @@ def test_step_products_read_the_compiled_transpose_unless_the_kernels_are_off(mo
     assert calls == [(18, 6)] * 4  # two layers, two directions
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-13, atol=1e-13)
     assert kernels.transpose_into(np) is None
+
+
+# ------------------------------------------------------------------------------ the loss
+def _exp32(z):
+    """`cpu_kernels._exp32_nonpositive` over an array (through the loss kernel's own helper)."""
+    from numba import njit
+
+    @njit
+    def run(z, out):
+        for i in range(z.size):
+            out[i] = cpu_kernels._exp32_nonpositive(z[i])
+
+    out = np.empty_like(z)
+    run(z, out)
+    return out
+
+
+def test_float32_exp_is_within_one_float32_ulp_on_the_softmax_range():
+    """Every 97th float32 in [-87.3, 0] (about 11 million values) against float64's exp."""
+    hi = np.float32(87.33).view(np.int32)
+    x = -np.arange(0, hi + 1, 97, dtype=np.int32).view(np.float32)
+    exact = np.exp(x.astype(np.float64))
+    ulps = np.abs(_exp32(x) - exact) / np.spacing(exact.astype(np.float32)).astype(np.float64)
+    assert ulps.max() <= 1.0, f"max error {ulps.max():.2f} float32 ulps at x = {x[ulps.argmax()]!r}"
+
+
+def test_float32_exp_special_values():
+    x = np.array([0.0, -0.0, -87.33, -88.0, -1e30, -np.inf, np.nan], dtype=np.float32)
+    e = _exp32(x)
+    assert e[0] == 1 and e[1] == 1
+    tiny = np.finfo(np.float32).tiny
+    assert np.all((e[2:6] >= tiny) & (e[2:6] <= 1.01 * tiny)), e  # below ln(FLT_MIN): FLT_MIN-sized
+    assert np.isnan(e[6])
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(N=st.integers(1, 40), V=st.integers(1, 70), scale=st.sampled_from([1e-3, 1.0, 10.0, 1e4]),
+       seed=st.integers(0, 2**32 - 1))
+def test_compiled_loss_matches_the_array_operations(N, V, scale, seed):
+    """`losses.softmax_cross_entropy` with the kernel against its array operations (NPYRNN_FUSED=0),
+    any shape (one row, one class, V not a multiple of four); called twice, the same bits."""
+    from npyrnn.losses import softmax_cross_entropy
+
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((N, V)) * scale).astype(np.float32)
+    targets = rng.integers(0, V, N)
+    kernels.set_enabled(False)
+    loss0, d0 = softmax_cross_entropy(logits, targets)
+    kernels.set_enabled(True)
+    loss, d = softmax_cross_entropy(logits, targets)
+    again = softmax_cross_entropy(logits, targets)
+    assert type(loss) is np.float32 and d.dtype == np.float32 and d.shape == (N, V)
+    assert abs(float(loss) - float(loss0)) <= 2e-6 * max(1.0, abs(float(loss0)))
+    np.testing.assert_allclose(d, d0, rtol=0, atol=4e-7 * max(np.abs(d0).max(), 1 / N))
+    assert again[0].tobytes() == loss.tobytes() and again[1].tobytes() == d.tobytes()
+
+
+def test_the_training_step_takes_the_compiled_loss_unless_the_kernels_are_off(monkeypatch):
+    from npyrnn import losses
+
+    calls = []
+    compiled = cpu_kernels.softmax_xent32
+    monkeypatch.setattr(cpu_kernels, "softmax_xent32", lambda *a: calls.append(a[0].shape) or compiled(*a))
+    logits = np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32)
+    losses.softmax_cross_entropy(logits, np.arange(6) % 5)
+    losses.softmax_cross_entropy(logits.astype(np.float64), np.arange(6) % 5)  # float64: the array ops
+    assert calls == [(6, 5)]
+    kernels.set_enabled(False)
+    losses.softmax_cross_entropy(logits, np.arange(6) % 5)
+    assert calls == [(6, 5)] and kernels.softmax_xent(np, "float32") is None
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_loss_of_nonfinite_logits_is_nan(fused):
+    from npyrnn.losses import softmax_cross_entropy
+
+    kernels.set_enabled(fused)
+    logits = np.zeros((3, 4), np.float32)
+    for bad in (np.nan, np.inf):
+        logits[1, 2] = bad
+        loss, d = softmax_cross_entropy(logits, np.array([0, 1, 2]))
+        assert np.isnan(loss) and np.isnan(d[1]).all() and np.isfinite(d[[0, 2]]).all()

@@ -77,3 +77,20 @@ def test_linear_matches_torch(xp):
         lin.forward(xp.asarray(np.zeros((5, 7))))
     with pytest.raises(ValueError, match=r"expected dy of shape \(5, 4\), got \(5, 3\)"):
         lin.backward(xp.asarray(np.zeros((5, 3))))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["kernels on", "array ops"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("bad", [-1, 3, 100])
+def test_cross_entropy_targets_out_of_range(bad, dtype, fused):
+    """A target outside [0, V) is refused in one line, with the kernels (which read no bounds) or
+    without (where NumPy would wrap -1 around silently); dlogits is never half written."""
+    from npyrnn.nn import kernels
+
+    kernels.set_enabled(fused)
+    try:
+        targets = np.array([0, 1, bad, 2])
+        with pytest.raises(ValueError, match=rf"targets must be class ids in \[0, 3\).*got values from {min(bad, 0)} to {max(bad, 2)}"):
+            softmax_cross_entropy(np.zeros((4, 3), dtype), targets)
+    finally:
+        kernels.set_enabled(None)

@@ -656,6 +656,64 @@ def test_clip_grad_norm_keeps_direction_and_is_safe_at_zero():
         clip_grad_norm([np.array([np.inf])], 1.0, error_if_nonfinite=True)
 
 
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(shapes=st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=3), min_size=1, max_size=5),
+       dtype=st.sampled_from(["float32", "float64"]), max_norm=st.sampled_from([1e-3, 1.0, 1e6]),
+       lr=st.sampled_from([0.0, 0.1, 1.0, 3.7]), momentum=st.sampled_from([0.0, 0.9]),
+       seed=st.integers(0, 2**32 - 1))
+def test_clip_and_step_gives_the_bits_of_clipping_then_stepping(shapes, dtype, max_norm, lr, momentum, seed):
+    """`clip_and_step` (one compiled pass for plain SGD with the fast extra) against `clip_grad_norm`
+    then `step`: the same norm, gradients and parameters to the bit, twice in a row, any shapes
+    (size 1 included); with momentum (not fused) as well."""
+    from npyrnn.optim.clip import clip_and_step
+
+    rng = np.random.default_rng(seed)
+    params = {f"p{i}": rng.standard_normal(s).astype(dtype) for i, s in enumerate(shapes)}
+    grads = [{k: rng.standard_normal(p.shape).astype(dtype) for k, p in params.items()} for _ in range(2)]
+    twin = {k: p.copy() for k, p in params.items()}
+    fused, plain = SGD(params, lr=lr, momentum=momentum), SGD(twin, lr=lr, momentum=momentum)
+    for g in grads:
+        g_plain = {k: v.copy() for k, v in g.items()}
+        norm = clip_and_step(g, max_norm, fused)
+        norm_plain = clip_grad_norm(g_plain, max_norm)
+        plain.step(g_plain)
+        assert norm.tobytes() == norm_plain.tobytes()
+        for k in params:
+            assert g[k].tobytes() == g_plain[k].tobytes(), f"clipped {k}"
+            assert params[k].tobytes() == twin[k].tobytes(), f"updated {k}"
+    assert fused.step_count == plain.step_count == 2
+
+
+def test_the_training_step_clips_and_steps_in_one_compiled_pass(monkeypatch):
+    """Plain SGD on NumPy with the fast extra takes the compiled pass; momentum, the kernels off, or
+    a non-contiguous gradient take the array operations."""
+    pytest.importorskip("numba", reason="the compiled pass is the fast extra's")
+    from npyrnn.nn import cpu_kernels, kernels
+    from npyrnn.optim.clip import clip_and_step
+
+    calls = []
+    compiled = cpu_kernels.clipped_sgd
+    monkeypatch.setattr(cpu_kernels, "clipped_sgd", lambda *a: calls.append(len(a[0])) or compiled(*a))
+    params = {"w": np.ones((3, 4), np.float32), "b": np.ones(4, np.float32)}
+
+    def grads():
+        return {"w": np.full((3, 4), 2.0, np.float32), "b": np.full(4, 2.0, np.float32)}
+
+    clip_and_step(grads(), 1.0, SGD(params, lr=0.5))
+    assert calls == [2]
+    clip_and_step(grads(), 1.0, SGD(params, lr=0.5, momentum=0.9))
+    strided = {"w": np.full((3, 8), 2.0, np.float32)[:, ::2], "b": np.full(4, 2.0, np.float32)}
+    clip_and_step(strided, 1.0, SGD(params, lr=0.5))
+    kernels.set_enabled(False)
+    try:
+        clip_and_step(grads(), 1.0, SGD(params, lr=0.5))
+    finally:
+        kernels.set_enabled(None)
+    assert calls == [2]
+    with pytest.raises(ValueError, match="max_norm must be positive, got -1.0"):
+        clip_and_step(grads(), -1, SGD(params, lr=0.5))
+
+
 def test_sgd_step_matches_torch(xp):
     rng = np.random.default_rng(2)
     w, g = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))

@@ -484,16 +484,16 @@ def test_divergence_keeps_the_last_good_checkpoint(root, reference, tmp_path, ca
     import npyrnn.train
 
     good = reference(2)  # two epochs, made before the patch
-    real_clip = npyrnn.train.clip_grad_norm
+    real_clip = npyrnn.train.clip_and_step
     calls = [0]
 
-    def clip_with_nan(grads, max_norm):  # a nan gradient in the 5th minibatch of epoch 3
+    def clip_with_nan(grads, max_norm, optimizer):  # a nan gradient in the 5th minibatch of epoch 3
         calls[0] += 1
         if calls[0] == 2 * BATCHES + 5:
             next(iter(grads.values()))[...] = np.nan
-        return real_clip(grads, max_norm)
+        return real_clip(grads, max_norm, optimizer)
 
-    monkeypatch.setattr(npyrnn.train, "clip_grad_norm", clip_with_nan)
+    monkeypatch.setattr(npyrnn.train, "clip_and_step", clip_with_nan)
     out = tmp_path / "run"
     code, stdout, err = run([*base_args(root), "--checkpoint-every", "1", "--out", out], capsys)
     assert code == 3 and stdout == ""

@@ -153,12 +153,13 @@ def npyrnn_steps(ours):
 
 
 def npyrnn_phases(ours):
-    """Time forward / loss / backward / clip / SGD of each minibatch of one epoch, with the public API."""
+    """Time forward / loss / backward / clipping and the SGD step of each minibatch of one epoch,
+    with the public API (clipping and the step: `clip_and_step`, one phase, as `train_step` runs them)."""
     from npyrnn.losses import softmax_cross_entropy
-    from npyrnn.optim import clip_grad_norm
+    from npyrnn.optim.clip import clip_and_step
 
     model, cfg = ours.model, ours.cfg
-    phases = {"zero_grad": [], "forward": [], "loss": [], "backward": [], "clip": [], "sgd": []}
+    phases = {"zero_grad": [], "forward": [], "loss": [], "backward": [], "clip_and_sgd": []}
     state = None
     for X, Y in itertools.islice(iter(ours.loader), ours.num_batches()):
         if state is None:
@@ -172,11 +173,9 @@ def npyrnn_phases(ours):
         t3 = time.perf_counter()
         model.backward(dlogits)
         t4 = time.perf_counter()
-        clip_grad_norm(model.grads, cfg.clip)
+        clip_and_step(model.grads, cfg.clip, ours.optimizer)
         t5 = time.perf_counter()
-        ours.optimizer.step(model.grads)
-        t6 = time.perf_counter()
-        for name, a, b in zip(phases, (t0, t1, t2, t3, t4, t5), (t1, t2, t3, t4, t5, t6)):
+        for name, a, b in zip(phases, (t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5)):
             phases[name].append(b - a)
     return {name: statistics.median(ts) for name, ts in phases.items()}
 
@@ -186,7 +185,7 @@ def _shape(a):
 
 
 @contextlib.contextmanager
-def timed_parts(optimizer, times):
+def timed_parts(times):
     """Add each call's seconds to ``times[label]`` while inside: the compiled time loops, every
     product outside them by shape, the input gather and its gradient, the loss, clipping and the
     optimizer step. Outermost calls only: the product inside the gather's gradient counts there."""
@@ -218,8 +217,7 @@ def timed_parts(optimizer, times):
         (backend, "take_rows", "input gather (5.1)"),
         (recurrent, "_scatter_columns", "input gather's gradient (5.2), with the bias's (5.3)"),
         (train_module, "softmax_cross_entropy", "loss and its gradient"),
-        (train_module, "clip_grad_norm", "clip"),
-        (optimizer, "step", "optimizer step"),
+        (train_module, "clip_and_step", "clipping and the optimizer step"),
     ]
     try:
         from npyrnn.nn import cpu_loops
@@ -251,7 +249,7 @@ def npyrnn_parts(ours):
         if state is None:
             state = model.begin_state(X.shape[0])
         times = collections.defaultdict(lambda: [0.0, 0])
-        with timed_parts(ours.optimizer, times):
+        with timed_parts(times):
             start = time.perf_counter()
             loss, state = train_step(model, X, Y, state, ours.optimizer, cfg.clip)
             total = time.perf_counter() - start

@@ -500,6 +500,110 @@ def transpose_into(src, dst):
             dst[j, i] = src[i, j]
 
 
+# ------------------------------------------------------------------------------ the loss
+# exp of a float32 z <= 0, vectorisable: Cephes' expf (z = n ln 2 + r, |r| <= ln 2 / 2, a degree-7
+# polynomial for e^r; 2^n exact from a table, which the compiler gathers); within 2 float32 ulps
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)  # ln 2 = hi + lo, hi exact in 9 bits
+_EXP_MIN = np.float32(-87.33654)  # ln of the smallest normal float32: below it, e^z is taken as e^-87.34
+_X6, _X5, _X4, _X3, _X2 = (np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+                                                   4.1665795894e-2, 1.6666665459e-1))
+_X1 = np.float32(5.0000001201e-1)
+_POW2 = np.ldexp(np.float32(1.0), np.arange(-126, 1)).astype(np.float32)  # 2^n for n = -126, ..., 0
+
+
+@njit(**_JIT)
+def _exp32_nonpositive(z):
+    """exp(z) for a float32 z <= 0 (a softmax's shifted logit): Cephes' expf, vectorisable.
+
+    Below ln(FLT_MIN) = -87.34 the result is FLT_MIN-sized instead of smaller or 0: against a
+    sum of at least 1 (the row's maximum contributes e^0) that is below float32's resolution.
+    NaN stays NaN.
+    """
+    y = max(z, _EXP_MIN)
+    n = np.floor(y * _LOG2E + half(y))  # in [-126, 0]
+    r = y - n * _LN2_HI
+    r = r - n * _LN2_LO
+    p = _X6 * r + _X5
+    p = p * r + _X4
+    p = p * r + _X3
+    p = p * r + _X2
+    p = p * r + _X1
+    p = p * (r * r) + r + one(r)  # e^r
+    e = p * _POW2[np.int64(n) + 126]  # e^r 2^n
+    return e if z == z else z
+
+
+@njit(**_JIT)
+def softmax_xent32(logits, targets, dlogits):
+    """The mean cross-entropy of softmax(logits) against targets and its gradient, float32, in one pass.
+
+    `losses.softmax_cross_entropy`'s array operations, row by row: the row's maximum (1.1), the
+    exponentials of the shifted logits and their sum, -log p_y = log s - z_y (1.2), then
+    dlogits = (e / s - onehot(y)) / N (1.3), (1.4), with the same divisions. logits and dlogits
+    (N, V) float32 C-contiguous, targets (N,) integers. Returns the loss, the float64 sum of
+    the float32 terms over N (NumPy's mean sums them in float32, pairwise), or -1 - n for the
+    first row n whose target is outside [0, V), having written nothing past the arrays.
+
+    The exponential is `_exp32_nonpositive` (within 1 ulp; NumPy's SIMD exp within 2.4 here)
+    and a row's sum is four running sums added at the end, so the bits differ from the array
+    operations' in the last place here and there (`tests/test_cpu_kernels.py`). A NaN or
+    infinite logit makes its row's loss and gradient NaN, as there.
+    """
+    N, V = logits.shape
+    total = 0.0
+    n_ = np.float32(N)
+    for n in range(N):
+        y = targets[n]
+        if y < 0 or y >= V:
+            return -1.0 - n
+        row, d = logits[n], dlogits[n]
+        m0 = m1 = m2 = m3 = row[0]  # four running maxima, as the sums below
+        for j in range(0, V - 3, 4):
+            m0 = max(m0, row[j])
+            m1 = max(m1, row[j + 1])
+            m2 = max(m2, row[j + 2])
+            m3 = max(m3, row[j + 3])
+        for j in range(V - V % 4, V):
+            m0 = max(m0, row[j])
+        m = max(max(m0, m1), max(m2, m3))  # (1.1); a NaN is caught by the exponential below
+        for j in range(V):
+            d[j] = _exp32_nonpositive(row[j] - m)  # e^(z - max z), vectorised             (1.1)
+        s0 = s1 = s2 = s3 = zero(m)  # four running sums: a quarter of one sum's latency
+        for j in range(0, V - 3, 4):
+            s0 += d[j]
+            s1 += d[j + 1]
+            s2 += d[j + 2]
+            s3 += d[j + 3]
+        for j in range(V - V % 4, V):
+            s0 += d[j]
+        s = (s0 + s1) + (s2 + s3)
+        e_y = d[y]
+        total += np.float64(np.log(s) - (row[y] - m))  # -log p_y = log sum exp z - z_y      (1.2)
+        for j in range(V):
+            d[j] = d[j] / s / n_  # softmax(logits), over the N rows                (1.3), (1.4)
+        d[y] = (e_y / s - one(s)) / n_  # p - onehot(y), over the N rows                    (1.4)
+    return total / N
+
+
+# ------------------------------------------------------------------------------ clipping and SGD
+@njit(**_JIT)
+def clipped_sgd(params, grads, coef, lr):
+    """g <- g coef (6.2), then p <- p - g lr (6.3), for each (p, g) pair, in one pass.
+
+    params and grads: tuples of 1-D C-contiguous arrays of one dtype (the parameters and
+    gradients raveled), coef and lr scalars of that dtype. Each product is rounded in the
+    dtype, as `clip_grad_norm`'s `g *= coef` and `SGD`'s `multiply(g, lr)` then `p -= ...`
+    round them: the same bits, without the gradient scaled into a scratch array in between.
+    """
+    for k in range(len(params)):
+        p, g = params[k], grads[k]
+        for i in range(p.shape[0]):
+            gi = g[i] * coef  # (6.2)
+            g[i] = gi
+            p[i] = p[i] - gi * lr  # (6.3)
+
+
 # ------------------------------------------------------------------------------ lookup
 KERNELS = {f.__name__: f for f in (
     rnn_fwd_tanh, rnn_fwd_relu, rnn_bwd_tanh, rnn_bwd_relu,

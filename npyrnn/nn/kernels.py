@@ -152,6 +152,27 @@ def scatter_rows(xp):
     return cpu_kernels.scatter_rows
 
 
+def softmax_xent(xp, dtype):
+    """`cpu_kernels.softmax_xent32` (the loss and its gradient in one compiled pass) where it may
+    run: on NumPy with Numba while the fused kernels are on, for float32; else None (float64
+    keeps the array operations, the reference the gradient checks use)."""
+    if xp.__name__ != "numpy" or str(dtype) != "float32" or not enabled() or not _numba_installed():
+        return None
+    from npyrnn.nn import cpu_kernels
+
+    return cpu_kernels.softmax_xent32
+
+
+def clipped_sgd(xp):
+    """`cpu_kernels.clipped_sgd` (clipping's scaling and plain SGD's update in one compiled pass)
+    where it may run: on NumPy with Numba while the fused kernels are on; else None."""
+    if xp.__name__ != "numpy" or not enabled() or not _numba_installed():
+        return None
+    from npyrnn.nn import cpu_kernels
+
+    return cpu_kernels.clipped_sgd
+
+
 def transpose_into(xp):
     """`cpu_kernels.transpose_into` (a weight's C-ordered transpose, compiled) where it may run: on
     NumPy with Numba while the fused kernels are on; else None."""

@@ -4,6 +4,7 @@ Equations (11.1)-(11.4) of `docs/derivations/optimizers.md`; with the
 defaults it is plain SGD, (6.3) of `docs/derivations/clipping-sgd.md`.
 """
 
+from npyrnn import backend
 from npyrnn.optim.base import Optimizer
 
 
@@ -66,6 +67,36 @@ class SGD(Optimizer):
 
     def _state_names(self):
         return ("momentum_buffer",) if self.hyper["momentum"] != 0 else ()
+
+    def _clipped_step(self, grads, max_norm, eps=1e-6):
+        """`clip_grad_norm(grads, max_norm, eps)` then `step(grads)` in one compiled pass a parameter,
+        for plain SGD (no momentum, weight decay or maximize) on NumPy with the `fast` extra; the
+        norm before clipping, or None (nothing done) where that does not apply.
+
+        The norm and the factor are computed as `clip_grad_norm` computes them; then each
+        element is g <- g c (6.2), p <- p - (g lr) (6.3), each product rounded in the dtype as
+        the array operations round it, so the bits are theirs (`tests/test_optim.py`).
+        """
+        from npyrnn.nn import kernels
+        from npyrnn.optim.clip import _norm_and_factor
+
+        h = self.hyper
+        if h["momentum"] != 0 or h["weight_decay"] != 0 or h["maximize"]:
+            return None
+        triples = self._pairs(grads)
+        if not triples:
+            return None
+        xp = backend.get_array_module(triples[0][1])
+        update = kernels.clipped_sgd(xp)
+        dtype = triples[0][1].dtype
+        if update is None or not all(p.dtype == dtype and g.dtype == dtype and p.flags.c_contiguous
+                                     and g.flags.c_contiguous and g.flags.writeable for _, p, g in triples):
+            return None
+        total_norm, coef = _norm_and_factor([g for _, _, g in triples], max_norm, eps, xp)  # (6.1), (6.2)
+        self.step_count += 1
+        update(tuple(p.reshape(-1) for _, p, _ in triples), tuple(g.reshape(-1) for _, _, g in triples),
+               coef.astype(dtype)[()], dtype.type(h["lr"]))  # (6.2), (6.3)
+        return total_norm
 
     def _update(self, p, g, state, scratch, xp):
         h = self.hyper
