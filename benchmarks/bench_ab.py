@@ -17,7 +17,8 @@ helper), ``loops`` (``cpu_loops.enabled``: the compiled time loops), ``fused``
 products read a C-ordered copy of W^T, not the view), ``pad`` (``recurrent.PAD_BYTES``: that copy's
 rows 64 bytes longer where they are a multiple of 1 KiB), ``tail`` (the loss and its gradient
 in one compiled pass, ``cpu_kernels.softmax_xent32``, and clipping's scaling with the SGD step in
-another, ``cpu_kernels.clipped_sgd``; off: their array operations).
+another, ``cpu_kernels.clipped_sgd``; off: their array operations), ``gather`` (``cpu_loops.gather``:
+the compiled forward loops gather token ids' input side step by step; off: all steps before the loop).
 """
 
 import argparse
@@ -43,6 +44,8 @@ def switch_setter(name):
         return lambda on: setattr(cpu_loops, "halves", on)
     if name == "loops":
         return lambda on: setattr(cpu_loops, "enabled", on)
+    if name == "gather":
+        return lambda on: setattr(cpu_loops, "gather", on)
     if name == "wt":
         return lambda on: setattr(recurrent, "transposed_copies", on)
     if name == "pad":
@@ -101,7 +104,7 @@ def run(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--switch", choices=("halves", "loops", "fused", "wt", "pad", "tail"), default="halves")
+    p.add_argument("--switch", choices=("halves", "loops", "fused", "wt", "pad", "tail", "gather"), default="halves")
     p.add_argument("--cell", choices=("rnn", "gru", "lstm"), default="gru")
     p.add_argument("--gru-reset", choices=("after", "before"), default="after")
     p.add_argument("--proj-size", type=int, default=0)

@@ -287,6 +287,28 @@ def test_token_ids_batch_first_and_no_states(ran):
     assert len(ran) == 2 * len(CELLS) * 2 and all(result for _, result in ran)
 
 
+@pytest.mark.parametrize("helpers", [0, 1])
+@pytest.mark.parametrize("cell", CELLS)
+def test_the_forward_loops_gather_token_ids_step_by_step_with_the_same_bits(cell, helpers, ran, monkeypatch):
+    """Token ids: the compiled forward loops write each step's rows of the input table themselves
+    (`cpu_loops.gather`), so nothing gathers all steps first (`backend.take_rows` is not called);
+    the bits are those of the gather before the loop, and of the Python loops. Both directions of
+    layer 0 read one table buffer in turn."""
+    cls, kwargs = CELLS[cell]
+    split(helpers)
+    gathers = []
+    take_rows = backend.take_rows
+    monkeypatch.setattr(backend, "take_rows", lambda *a, **k: gathers.append(a[1].shape) or take_rows(*a, **k))
+    args = dict(ids=True, I=28, H=HIDDEN[cls], calls=2)
+    in_loop = run_layer(cls, kwargs, compiled=True, **args)
+    assert gathers == [] and ran and all(result for _, result in ran)
+    monkeypatch.setattr(cpu_loops, "gather", False)
+    before = run_layer(cls, kwargs, compiled=True, **args)
+    assert gathers == [(9, 32)] * 4  # two directions, two calls
+    assert same_bits(in_loop, before)
+    assert same_bits(in_loop, run_layer(cls, kwargs, compiled=False, **args))
+
+
 @settings(derandomize=True, max_examples=30, deadline=None)
 @given(
     cell=st.sampled_from(sorted(CELLS)),

@@ -29,6 +29,13 @@ calling thread computes itself. A kernel's rows do not mix, so the bits are the 
 computes which rows, at every thread count. Measured at 2 threads, 0.75 to 1.5 ms less a
 minibatch (4 to 8.5%; docs/performance.md); `halves = False` turns it off.
 
+Token ids' input side gathered step by step. For token ids the forward loops are handed the
+ids and the (V, G*H) input table (`Recurrent._loop_gather`) and write each step's rows of the
+input side just before the step's kernel reads them (`_gather_rows`, by whichever thread runs
+those rows), instead of the driver gathering all T*B rows before the loop: the table stays in
+cache and the rows are read where they were just written. A copy, so the same bits. Measured at
+2 threads, 0.14 to 0.23 ms less a minibatch (docs/performance.md); `gather = False` turns it off.
+
 Each wrapper takes the cell's buffers as the Python loop names them; `reverse` runs the time
 loop as the backward direction of a bidirectional layer does. Each loop takes `part` and
 `lseq` from `run_loop`; `*_rows` run one kernel call on rows [r0, r1) of the batch.
@@ -45,6 +52,7 @@ __all__ = ["rnn_forward", "rnn_backward", "gru_forward", "gru_backward", "gru_be
 
 enabled = True  # False: the cells run their Python loops (benchmarks/bench_train.py --pyloops measures both)
 halves = True  # False: a gated cell's kernels run whole on the calling thread, the helper only in the products
+gather = True  # False: token ids' input side gathered for all steps before the loop, not step by step in it
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
 
@@ -73,6 +81,31 @@ def _step_operand(WT):
     return WT.T, TRANS, WT.T
 
 
+def _gather_args(ids, table, dtype):
+    """The (ids, table) a forward loop takes: token ids (T, B) as C-ordered intp and the (V, G*H)
+    input table, for the loop to gather each step's rows itself (5.1); empty when there is nothing
+    to gather (dense input, or gathered already), which the same compiled loop reads as none."""
+    if ids is None:
+        return np.empty((0, 0), dtype=np.intp), np.empty((0, 0), dtype=dtype)
+    return np.ascontiguousarray(ids, dtype=np.intp), table
+
+
+@njit(**_JIT)
+def _gather_rows(ids, table, dst, t, r0, r1):
+    """dst[b] = table[ids[t, b]] for the rows b in [r0, r1) of step t (5.1), unless ids is empty.
+
+    The gather of token ids' input side, step by step inside a forward loop: a step's rows are
+    written just before its kernel reads them, from a (V, G*H) table that stays in cache, instead
+    of all T*B rows (3.4 MB for a GRU at H = 256) in one pass before the loop. A copy: the bits
+    of `backend.take_rows`."""
+    if ids.shape[0] == 0:
+        return
+    for b in range(r0, r1):
+        row, src = dst[b], table[ids[t, b]]
+        for j in range(src.shape[0]):
+            row[j] = src[j]
+
+
 def _buffer_of(a):
     """The C-ordered 2-D buffer a row-padded view `a` (`Recurrent._padded_buffer`) was cut from,
     for `run_loop` to keep; `a` itself otherwise."""
@@ -87,14 +120,16 @@ def _buffer_of(a):
 # The Elman RNN's kernel (one tanh a step) is too short to share: with halves its loops took
 # 0.1-0.2 ms longer a minibatch at H = 512 (docs/performance.md), so they run part 0 alone.
 @njit(**_JIT)
-def _rnn_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, Hs, W_hh, tb, tmp, o, p, reverse, relu):
-    """`RNN._scan`: step t reads h_{t-1} from Hs[p+t] and turns Hs[o+t] into h_t; W_hh, tb: `_step_operand`."""
+def _rnn_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, Hs, W_hh, tb, tmp, o, p, reverse, relu, ids, table):
+    """`RNN._scan`: step t reads h_{t-1} from Hs[p+t] and turns Hs[o+t] into h_t; W_hh, tb: `_step_operand`;
+    ids, table: `_gather_args`."""
     T = Hs.shape[0] - 1
     took = 1
     for s in range(T):
         t = T - 1 - s if reverse else s
-        h = Hs[o + t]  # holds x_t W_ih^T + b_ih + b_hh
+        h = Hs[o + t]  # holds x_t W_ih^T + b_ih + b_hh, or gets it now
         took = max(took, loop_product(ctl, ts, Hs[p + t], W_hh, tmp, hs, ps, tb, plans[0], helpers))  # (2.1)
+        _gather_rows(ids, table, h, t, 0, h.shape[0])  # (5.1)
         if relu:
             _rnn_fwd_relu(h, tmp, h)  # (2.1), (2.2)
         else:
@@ -117,12 +152,13 @@ def _rnn_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, Y, dA, W_hh, carr
     return took
 
 
-def rnn_forward(Hs, W_hhT, tmp, o, p, reverse, relu):
-    """The Elman RNN's forward loop over Hs (T+1, B, H); W_hhT (H, H) W_hh^T, tmp (B, H). Whether it ran."""
+def rnn_forward(Hs, W_hhT, tmp, o, p, reverse, relu, ids=None, table=None):
+    """The Elman RNN's forward loop over Hs (T+1, B, H); W_hhT (H, H) W_hh^T, tmp (B, H); ids (T, B) and
+    table (V, H), or None: `_gather_args`. Whether it ran."""
     B, H = tmp.shape
     W, tb, W_buffer = _step_operand(W_hhT)
     return cpu_gemm.run_loop(_rnn_forward, [(B, H, H)], Hs.dtype, (Hs, W_buffer, tmp),
-                             Hs, W, tb, tmp, o, p, reverse, relu)
+                             Hs, W, tb, tmp, o, p, reverse, relu, *_gather_args(ids, table, Hs.dtype))
 
 
 def rnn_backward(Y, dA, W_hh, carry, reverse, relu):
@@ -134,8 +170,9 @@ def rnn_backward(Y, dA, W_hh, carry, reverse, relu):
 
 # ------------------------------------------------------------------------------ GRU
 @njit(**_JIT)
-def _gru_forward_rows(G, GH, Hs, b_hn, has_bias, o, p, t, r0, r1):
+def _gru_forward_rows(G, GH, Hs, b_hn, has_bias, o, p, t, r0, r1, ids, table):
     H = Hs.shape[2]
+    _gather_rows(ids, table, G[t], t, r0, r1)  # (5.1)
     gh, g, h_prev = GH[t, r0:r1], G[t, r0:r1], Hs[p + t, r0:r1]
     if has_bias:  # (8.1), (8.2), (8.3a), (8.4)
         _gru_after_fwd(gh[:, :H], gh[:, H : 2 * H], h_prev, b_hn,
@@ -146,14 +183,15 @@ def _gru_forward_rows(G, GH, Hs, b_hn, has_bias, o, p, t, r0, r1):
 
 
 @njit(**_JIT)
-def _gru_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, GH, Hs, W_hh, tb, b_hn, has_bias, o, p, reverse):
+def _gru_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, GH, Hs, W_hh, tb, b_hn, has_bias, o, p, reverse,
+                 ids, table):
     """`GRU._scan` with `reset_after=True` and its fused kernel: G the input side, then [r, z, n]."""
     T, B = G.shape[0], G.shape[1]
     if part == 1:  # the helper's side
         seen = np.full(1, ctl[cpu_gemm.SEQ] - 1)
         t = helper_next_half(ctl, ts, lseq, seen)
         while t >= 0:
-            _gru_forward_rows(G, GH, Hs, b_hn, has_bias, o, p, t, B // 2, B)
+            _gru_forward_rows(G, GH, Hs, b_hn, has_bias, o, p, t, B // 2, B, ids, table)
             half_done(ctl, lseq, t)
             t = helper_next_half(ctl, ts, lseq, seen)
         return 1
@@ -162,9 +200,9 @@ def _gru_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, GH, Hs, W_hh, t
         t = T - 1 - s if reverse else s
         took = max(took, loop_product(ctl, ts, Hs[p + t], W_hh, GH[t], hs, ps, tb, plans[0], helpers))  # (8.1)-(8.3a)
         mid = offer_half(ctl, ts, lseq, t, B)
-        _gru_forward_rows(G, GH, Hs, b_hn, has_bias, o, p, t, 0, mid)
+        _gru_forward_rows(G, GH, Hs, b_hn, has_bias, o, p, t, 0, mid, ids, table)
         if mid < B and take_half(ctl, ts, lseq, t):
-            _gru_forward_rows(G, GH, Hs, b_hn, has_bias, o, p, t, mid, B)
+            _gru_forward_rows(G, GH, Hs, b_hn, has_bias, o, p, t, mid, B, ids, table)
     return took
 
 
@@ -203,13 +241,15 @@ def _gru_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry, zdh, G
     return took
 
 
-def gru_forward(G, GH, Hs, W_hhT, b_hn, o, p, reverse):
-    """The GRU's forward loop (reset_after): G, GH (T, B, 3H), Hs (T+1, B, H), W_hhT (H, 3H), b_hn (H,) or None."""
+def gru_forward(G, GH, Hs, W_hhT, b_hn, o, p, reverse, ids=None, table=None):
+    """The GRU's forward loop (reset_after): G, GH (T, B, 3H), Hs (T+1, B, H), W_hhT (H, 3H), b_hn (H,) or None;
+    ids, table: `_gather_args`."""
     B, H = Hs.shape[1], W_hhT.shape[0]
     b = np.zeros(1, dtype=Hs.dtype) if b_hn is None else b_hn
     W, tb, W_buffer = _step_operand(W_hhT)
     return cpu_gemm.run_loop(_gru_forward, [(B, 3 * H, H)], Hs.dtype, (Hs, W_buffer, GH),
-                             G, GH, Hs, W, tb, b, b_hn is not None, o, p, reverse, halves=halves)
+                             G, GH, Hs, W, tb, b, b_hn is not None, o, p, reverse, *_gather_args(ids, table, Hs.dtype),
+                             halves=halves)
 
 
 def gru_backward(dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse):
@@ -220,25 +260,27 @@ def gru_backward(dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse):
 
 
 @njit(**_JIT)
-def _gru_before_forward_rows(k, G, ghrz, tmp, RH, Hs, o, p, t, r0, r1):
+def _gru_before_forward_rows(k, G, ghrz, tmp, RH, Hs, o, p, t, r0, r1, ids, table):
     """Kernel k (0: r and z, 1: n and h_t) of step t on rows [r0, r1)."""
     H = Hs.shape[2]
     g, h_prev = G[t, r0:r1], Hs[p + t, r0:r1]
     if k == 0:
+        _gather_rows(ids, table, G[t], t, r0, r1)  # (5.1)
         _gru_before_rz(ghrz[r0:r1, :H], ghrz[r0:r1, H:], h_prev, g[:, :H], g[:, H : 2 * H], RH[t, r0:r1])  # (8.1), (8.2)
     else:
         _gru_before_n(tmp[r0:r1], g[:, H : 2 * H], h_prev, g[:, 2 * H :], Hs[o + t, r0:r1])  # (8.3b), (8.4)
 
 
 @njit(**_JIT)
-def _gru_before_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, ghrz, tmp, RH, Hs, W_hh, tb, o, p, reverse):
+def _gru_before_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, ghrz, tmp, RH, Hs, W_hh, tb, o, p, reverse,
+                        ids, table):
     """`GRU._scan` with `reset_after=False` (d2l's GRU) and its two fused kernels, calls 2t and 2t + 1."""
     T, B, H = G.shape[0], G.shape[1], Hs.shape[2]
     if part == 1:  # the helper's side
         seen = np.full(1, ctl[cpu_gemm.SEQ] - 1)
         i = helper_next_half(ctl, ts, lseq, seen)
         while i >= 0:
-            _gru_before_forward_rows(i % 2, G, ghrz, tmp, RH, Hs, o, p, i // 2, B // 2, B)
+            _gru_before_forward_rows(i % 2, G, ghrz, tmp, RH, Hs, o, p, i // 2, B // 2, B, ids, table)
             half_done(ctl, lseq, i)
             i = helper_next_half(ctl, ts, lseq, seen)
         return 1
@@ -254,9 +296,9 @@ def _gru_before_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, ghrz, tm
             if k == 1:
                 took = max(took, loop_product(ctl, ts, RH[t], W_hn, tmp, hs, ps, tb, plans[1], helpers))  # (8.3b)
             mid = offer_half(ctl, ts, lseq, 2 * t + k, B)
-            _gru_before_forward_rows(k, G, ghrz, tmp, RH, Hs, o, p, t, 0, mid)
+            _gru_before_forward_rows(k, G, ghrz, tmp, RH, Hs, o, p, t, 0, mid, ids, table)
             if mid < B and take_half(ctl, ts, lseq, 2 * t + k):
-                _gru_before_forward_rows(k, G, ghrz, tmp, RH, Hs, o, p, t, mid, B)
+                _gru_before_forward_rows(k, G, ghrz, tmp, RH, Hs, o, p, t, mid, B, ids, table)
     return took
 
 
@@ -301,13 +343,14 @@ def _gru_before_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry,
     return took
 
 
-def gru_before_forward(G, ghrz, tmp, RH, Hs, W_hhT, o, p, reverse):
+def gru_before_forward(G, ghrz, tmp, RH, Hs, W_hhT, o, p, reverse, ids=None, table=None):
     """d2l's GRU's forward loop (reset before): G (T, B, 3H), ghrz (B, 2H), tmp (B, H), RH (T, B, H),
-    W_hhT (H, 3H)."""
+    W_hhT (H, 3H); ids, table: `_gather_args`."""
     B, H = Hs.shape[1], W_hhT.shape[0]
     W, tb, W_buffer = _step_operand(W_hhT)
     return cpu_gemm.run_loop(_gru_before_forward, [(B, 2 * H, H), (B, H, H)], Hs.dtype, (Hs, W_buffer, ghrz, RH, tmp),
-                             G, ghrz, tmp, RH, Hs, W, tb, o, p, reverse, halves=halves)
+                             G, ghrz, tmp, RH, Hs, W, tb, o, p, reverse, *_gather_args(ids, table, Hs.dtype),
+                             halves=halves)
 
 
 def gru_before_backward(dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p, reverse):
@@ -319,23 +362,24 @@ def gru_before_backward(dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p, reverse):
 
 # ------------------------------------------------------------------------------ LSTM
 @njit(**_JIT)
-def _lstm_forward_rows(G, gh, C, TC, out, o, p, t, r0, r1):
+def _lstm_forward_rows(G, gh, C, TC, out, o, p, t, r0, r1, ids, table):
     """Step t's kernel on rows [r0, r1): m_t into out (Hs[o+t] without a projection, M[t] with one)."""
     H = C.shape[2]
+    _gather_rows(ids, table, G[t], t, r0, r1)  # (5.1)
     a, g = G[t, r0:r1], gh[r0:r1]
     _lstm_fwd(g[:, :H], g[:, H : 2 * H], g[:, 2 * H : 3 * H], g[:, 3 * H :], C[p + t, r0:r1],  # (9.1)-(9.4)
               a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :], C[o + t, r0:r1], TC[t, r0:r1], out[r0:r1])
 
 
 @njit(**_JIT)
-def _lstm_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, gh, Hs, C, TC, W_hh, tb, o, p, reverse):
+def _lstm_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, gh, Hs, C, TC, W_hh, tb, o, p, reverse, ids, table):
     """`LSTM._scan` without a projection and with its fused kernel: h_t = m_t goes to Hs[o+t]."""
     T, B = G.shape[0], G.shape[1]
     if part == 1:  # the helper's side
         seen = np.full(1, ctl[cpu_gemm.SEQ] - 1)
         t = helper_next_half(ctl, ts, lseq, seen)
         while t >= 0:
-            _lstm_forward_rows(G, gh, C, TC, Hs[o + t], o, p, t, B // 2, B)
+            _lstm_forward_rows(G, gh, C, TC, Hs[o + t], o, p, t, B // 2, B, ids, table)
             half_done(ctl, lseq, t)
             t = helper_next_half(ctl, ts, lseq, seen)
         return 1
@@ -344,9 +388,9 @@ def _lstm_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, gh, Hs, C, TC,
         t = T - 1 - s if reverse else s
         took = max(took, loop_product(ctl, ts, Hs[p + t], W_hh, gh, hs, ps, tb, plans[0], helpers))  # (9.1)
         mid = offer_half(ctl, ts, lseq, t, B)
-        _lstm_forward_rows(G, gh, C, TC, Hs[o + t], o, p, t, 0, mid)
+        _lstm_forward_rows(G, gh, C, TC, Hs[o + t], o, p, t, 0, mid, ids, table)
         if mid < B and take_half(ctl, ts, lseq, t):
-            _lstm_forward_rows(G, gh, C, TC, Hs[o + t], o, p, t, mid, B)
+            _lstm_forward_rows(G, gh, C, TC, Hs[o + t], o, p, t, mid, B, ids, table)
     return took
 
 
@@ -388,13 +432,13 @@ def _lstm_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry_h, car
     return took
 
 
-def lstm_forward(G, gh, Hs, C, TC, W_hhT, o, p, reverse):
+def lstm_forward(G, gh, Hs, C, TC, W_hhT, o, p, reverse, ids=None, table=None):
     """The LSTM's forward loop (no projection): G (T, B, 4H), gh (B, 4H), Hs and C (T+1, B, H), TC (T, B, H),
-    W_hhT (H, 4H)."""
+    W_hhT (H, 4H); ids, table: `_gather_args`."""
     B, H = Hs.shape[1], W_hhT.shape[0]
     W, tb, W_buffer = _step_operand(W_hhT)
     return cpu_gemm.run_loop(_lstm_forward, [(B, 4 * H, H)], Hs.dtype, (Hs, W_buffer, _buffer_of(gh)),
-                             G, gh, Hs, C, TC, W, tb, o, p, reverse, halves=halves)
+                             G, gh, Hs, C, TC, W, tb, o, p, reverse, *_gather_args(ids, table, Hs.dtype), halves=halves)
 
 
 def lstm_backward(dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse):
@@ -406,14 +450,14 @@ def lstm_backward(dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse):
 
 @njit(**_JIT)
 def _lstm_proj_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, gh, Hs, C, TC, M, W_hh, tb, W_hr, tbr, o, p,
-                       reverse):
+                       reverse, ids, table):
     """`LSTM._scan` with a projection: m_t goes to M[t], h_t = m_t W_hr^T to Hs[o+t]."""
     T, B = G.shape[0], G.shape[1]
     if part == 1:  # the helper's side
         seen = np.full(1, ctl[cpu_gemm.SEQ] - 1)
         t = helper_next_half(ctl, ts, lseq, seen)
         while t >= 0:
-            _lstm_forward_rows(G, gh, C, TC, M[t], o, p, t, B // 2, B)
+            _lstm_forward_rows(G, gh, C, TC, M[t], o, p, t, B // 2, B, ids, table)
             half_done(ctl, lseq, t)
             t = helper_next_half(ctl, ts, lseq, seen)
         return 1
@@ -422,9 +466,9 @@ def _lstm_proj_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, gh, Hs, C
         t = T - 1 - s if reverse else s
         took = max(took, loop_product(ctl, ts, Hs[p + t], W_hh, gh, hs, ps, tb, plans[0], helpers))  # (9.1)
         mid = offer_half(ctl, ts, lseq, t, B)
-        _lstm_forward_rows(G, gh, C, TC, M[t], o, p, t, 0, mid)
+        _lstm_forward_rows(G, gh, C, TC, M[t], o, p, t, 0, mid, ids, table)
         if mid < B and take_half(ctl, ts, lseq, t):
-            _lstm_forward_rows(G, gh, C, TC, M[t], o, p, t, mid, B)
+            _lstm_forward_rows(G, gh, C, TC, M[t], o, p, t, mid, B, ids, table)
         took = max(took, loop_product(ctl, ts, M[t], W_hr, Hs[o + t], hs, ps, tbr, plans[1], helpers))  # (9.5)
     return took
 
@@ -458,13 +502,15 @@ def _lstm_proj_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry_h
     return took
 
 
-def lstm_proj_forward(G, gh, Hs, C, TC, M, W_hhT, W_hrT, o, p, reverse):
-    """The LSTM's forward loop with a projection: Hs (T+1, B, P), M and TC (T, B, H), W_hhT (P, 4H), W_hrT (H, P)."""
+def lstm_proj_forward(G, gh, Hs, C, TC, M, W_hhT, W_hrT, o, p, reverse, ids=None, table=None):
+    """The LSTM's forward loop with a projection: Hs (T+1, B, P), M and TC (T, B, H), W_hhT (P, 4H), W_hrT (H, P);
+    ids, table: `_gather_args`."""
     B, H, P = Hs.shape[1], W_hrT.shape[0], W_hrT.shape[1]
     W, tb, W_buffer = _step_operand(W_hhT)
     Wr, tbr, Wr_buffer = _step_operand(W_hrT)
     return cpu_gemm.run_loop(_lstm_proj_forward, [(B, 4 * H, P), (B, P, H)], Hs.dtype, (Hs, W_buffer, Wr_buffer, _buffer_of(gh), M),
-                             G, gh, Hs, C, TC, M, W, tb, Wr, tbr, o, p, reverse, halves=halves)
+                             G, gh, Hs, C, TC, M, W, tb, Wr, tbr, o, p, reverse, *_gather_args(ids, table, Hs.dtype),
+                             halves=halves)
 
 
 def lstm_proj_backward(dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, p, reverse):

@@ -147,9 +147,12 @@ class GRU(Recurrent):
         fused = self._fused_forward(xp)  # None when the fused kernels are off or unavailable
         bias = (b_hn,) if self.reset_after and b_hn is not None else ()
         loops = self._cpu_loops(xp) if fused is not None else None
-        if loops is not None and (loops.gru_forward(G, rec.GH, Hs, W_hhT, b_hn, o, p, rec.reverse) if self.reset_after
-                                  else loops.gru_before_forward(G, ghrz, tmp, rec.RH, Hs, W_hhT, o, p, rec.reverse)):
+        if loops is not None and (loops.gru_forward(G, rec.GH, Hs, W_hhT, b_hn, o, p, rec.reverse,
+                                                    *self._loop_gather(rec, loops)) if self.reset_after
+                                  else loops.gru_before_forward(G, ghrz, tmp, rec.RH, Hs, W_hhT, o, p, rec.reverse,
+                                                                *self._loop_gather(rec, loops))):
             return  # the fused loop below, compiled whole
+        self._input_rows(rec)  # token ids' input side, all steps at once                      (5.1)
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):
             h_prev = Hs[p + t]
             rz, n = G[t, :, : 2 * H], G[t, :, 2 * H :]

@@ -138,10 +138,12 @@ class LSTM(Recurrent):
         tmp = self._buffer("tmp", (rec.B, H), xp)
         fused = kernels.get(xp, "lstm_fwd", self.dtype)  # None when the fused kernels are off or unavailable
         loops = self._cpu_loops(xp) if fused is not None else None
-        if loops is not None and (loops.lstm_forward(G, gh, Hs, C, rec.TC, W_hhT, o, p, rec.reverse) if W_hrT is None
+        if loops is not None and (loops.lstm_forward(G, gh, Hs, C, rec.TC, W_hhT, o, p, rec.reverse,
+                                                     *self._loop_gather(rec, loops)) if W_hrT is None
                                   else loops.lstm_proj_forward(G, gh, Hs, C, rec.TC, rec.M, W_hhT, W_hrT, o, p,
-                                                               rec.reverse)):
+                                                               rec.reverse, *self._loop_gather(rec, loops))):
             return  # the fused loop below, compiled whole
+        self._input_rows(rec)  # token ids' input side, all steps at once                      (5.1)
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):
             a = G[t]
             backend.matmul(Hs[p + t], W_hhT, out=gh)  # h_{t-1} W_hh^T, all four gates         (9.1)

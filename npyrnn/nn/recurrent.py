@@ -57,6 +57,8 @@ class Recurrent(Module):
     - `_input_bias(k, suffix)`: the (G*H,) bias folded into the input side;
     - `_scan(rec, c0)`: the time loop, filling `rec.Hs[o:o+T]` from `rec.gx` and the initial
       state the driver put in `rec.Hs[p*T]` (the LSTM also fills `rec.C`, starting from `c0`);
+      for token ids the input side is not in `rec.gx` yet: the loop calls `_input_rows(rec)`
+      first, or hands `_loop_gather(rec, loops)` to a compiled loop that gathers step by step;
     - `_scan_back(rec, dY, dh_n, dc_n)`: the backward time loop; accumulates the hidden-side
       weight gradients and returns `(dgx, dh0, dc0)`, dgx (T, B, G*H) the gradient of `rec.gx`;
     - `_bias_hh_grad(rec, db_ih)`: the gradient of `bias_hh` given that of `bias_ih`;
@@ -329,9 +331,12 @@ class Recurrent(Module):
                 rec = SimpleNamespace(k=k, suffix=suffix, key=key, reverse=reverse, o=o, p=p, T=T, B=B, Hs=Hs)
                 self._alloc_cell(rec, xp)
                 # the input part of every gate for all T*B rows at once                (2.1)
+                rec.ids = rec.table = None
                 if k == 0 and is_ids:  # one-hot rows: a gather from a (V, G*H) table   (5.1)
-                    table = self._input_table(k, suffix, self._buffer("table", (self.input_size, GH), xp))
-                    backend.take_rows(table, inp, out=rec.gx)
+                    # done by the time loop (`_input_rows`, `_loop_gather`): a compiled loop gathers
+                    # each step's rows just before its kernel reads them, while they are in cache
+                    rec.table = self._input_table(k, suffix, self._buffer("table", (self.input_size, GH), xp))
+                    rec.ids = inp
                 else:
                     backend.matmul(inp.reshape(T * B, -1), self._p("weight_ih", k, suffix).T, out=rec.gx.reshape(T * B, GH))
                     if self.bias:
@@ -433,6 +438,22 @@ class Recurrent(Module):
             dY = None if dX is None else dX.reshape(T, B, -1)
         dx = None if is_ids else (dY.swapaxes(0, 1) if self.batch_first else dY)
         return dx, dh0, dc0
+
+    def _input_rows(self, rec):
+        """Gather the token ids' rows of the input table into `rec.gx`, all steps at once (5.1),
+        unless done: a cell's `_scan` calls it before a loop that reads `rec.gx` whole."""
+        if rec.ids is not None:
+            backend.take_rows(rec.table, rec.ids, out=rec.gx)  # (5.1)
+            rec.ids = None
+
+    def _loop_gather(self, rec, loops):
+        """(ids, table) for a compiled forward loop (`cpu_loops`) to gather each step's rows of the
+        input side itself (5.1), or (None, None) when they are in `rec.gx` already (dense input,
+        or `cpu_loops.gather` off: gathered here, now). A loop that declines gathers nothing: the
+        cell then calls `_input_rows` before its Python loop."""
+        if rec.ids is not None and not loops.gather:
+            self._input_rows(rec)
+        return rec.ids, rec.table
 
     def _step_weight(self, name, rec, xp):
         """W^T, the (C, R) operand of a step product `h W^T` of one (layer, direction); W (R, C).

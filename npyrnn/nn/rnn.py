@@ -142,8 +142,10 @@ class RNN(Recurrent):
         tmp = self._buffer("tmp", (rec.B, self.hidden_size), xp)
         fused = kernels.get(xp, f"rnn_fwd_{self.nonlinearity}", self.dtype)  # None when the fused kernels are off or unavailable
         loops = self._cpu_loops(xp) if fused is not None else None
-        if loops is not None and loops.rnn_forward(Hs, W_hhT, tmp, o, p, rec.reverse, self.nonlinearity == "relu"):
+        if loops is not None and loops.rnn_forward(Hs, W_hhT, tmp, o, p, rec.reverse, self.nonlinearity == "relu",
+                                                   *self._loop_gather(rec, loops)):
             return  # the fused loop below, compiled whole
+        self._input_rows(rec)  # token ids' input side, all steps at once                      (5.1)
         for t in range(rec.T - 1, -1, -1) if rec.reverse else range(rec.T):
             h = Hs[o + t]  # holds x_t W_ih^T + b_ih + b_hh
             backend.matmul(Hs[p + t], W_hhT, out=tmp)  # h_{t-1} W_hh^T                        (2.1)
