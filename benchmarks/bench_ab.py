@@ -18,7 +18,9 @@ products read a C-ordered copy of W^T, not the view), ``pad`` (``recurrent.PAD_B
 rows 64 bytes longer where they are a multiple of 1 KiB), ``tail`` (the loss and its gradient
 in one compiled pass, ``cpu_kernels.softmax_xent32``, and clipping's scaling with the SGD step in
 another, ``cpu_kernels.clipped_sgd``; off: their array operations), ``gather`` (``cpu_loops.gather``:
-the compiled forward loops gather token ids' input side step by step; off: all steps before the loop).
+the compiled forward loops gather token ids' input side step by step; off: all steps before the loop),
+``scatter`` (``cpu_loops.scatter``: the compiled backward loops sum that gather's gradient step by
+step; off: one pass after the loop).
 """
 
 import argparse
@@ -46,6 +48,8 @@ def switch_setter(name):
         return lambda on: setattr(cpu_loops, "enabled", on)
     if name == "gather":
         return lambda on: setattr(cpu_loops, "gather", on)
+    if name == "scatter":
+        return lambda on: setattr(cpu_loops, "scatter", on)
     if name == "wt":
         return lambda on: setattr(recurrent, "transposed_copies", on)
     if name == "pad":
@@ -104,7 +108,7 @@ def run(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--switch", choices=("halves", "loops", "fused", "wt", "pad", "tail", "gather"), default="halves")
+    p.add_argument("--switch", choices=("halves", "loops", "fused", "wt", "pad", "tail", "gather", "scatter"), default="halves")
     p.add_argument("--cell", choices=("rnn", "gru", "lstm"), default="gru")
     p.add_argument("--gru-reset", choices=("after", "before"), default="after")
     p.add_argument("--proj-size", type=int, default=0)

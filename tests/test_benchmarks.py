@@ -438,7 +438,7 @@ def test_npyrnn_variants(tmp_path):
     assert "npyrnn-pyloops" in stdout
 
 
-@pytest.mark.parametrize("switch", ["halves", "loops", "fused", "wt", "pad", "tail", "gather"])
+@pytest.mark.parametrize("switch", ["halves", "loops", "fused", "wt", "pad", "tail", "gather", "scatter"])
 def test_bench_ab_flips_a_switch_minibatch_by_minibatch(switch):
     """benchmarks/bench_ab.py at tiny sizes: both sides measured, every part printed, the switch left on."""
     proc = subprocess.run(

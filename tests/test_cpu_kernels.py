@@ -190,29 +190,38 @@ def test_read_only_and_fortran_arrays_from_the_caller(cfg):
 
 # ------------------------------------------------------------------------------ the gather's gradient
 @settings(max_examples=80, deadline=None, derandomize=True)
-@given(N=st.integers(1, 40), V=st.integers(1, 140), GH=st.integers(1, 20), with_sum=st.booleans(),
-       dtype=st.sampled_from(["float64", "float32"]), seed=st.integers(0, 2**32 - 1))
-def test_compiled_gather_gradient_is_the_sum_of_each_tokens_rows(N, V, GH, with_sum, dtype, seed):
+@given(T=st.integers(1, 8), B=st.integers(1, 9), V=st.integers(1, 140), GH=st.integers(1, 20),
+       with_sum=st.booleans(), reverse=st.booleans(), dtype=st.sampled_from(["float64", "float32"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_compiled_gather_gradient_is_the_sum_of_each_tokens_rows(T, B, V, GH, with_sum, reverse, dtype, seed):
     """`_scatter_columns` through `cpu_kernels.scatter_rows` (any vocabulary: the one-hot product's
-    sizes and the sorted scatter's) against np.add.at in float64; twice in a row, the same bits."""
-    from npyrnn.nn.recurrent import _scatter_columns
+    sizes and the sorted scatter's; B = 1, whose one half of the rows is empty) against np.add.at
+    in float64; twice in a row, the same bits; and the bits of `scatter_step` called step by step
+    in the backward loop's order, each step's rows in two parts, as a compiled loop calls it."""
+    from npyrnn.nn.recurrent import _halves_sums, _scatter_columns
 
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, min(V, 1 + N // 2), N)  # repeated tokens: their rows must add up
-    dG2 = rng.standard_normal((N, GH)).astype(dtype)
+    ids = rng.integers(0, min(V, 1 + T * B // 2), (T, B))  # repeated tokens: their rows must add up
+    dG = rng.standard_normal((T, B, GH)).astype(dtype)
     expected = np.zeros((V, GH))
-    np.add.at(expected, ids, dG2.astype(np.float64))
+    np.add.at(expected, ids.reshape(-1), dG.reshape(-1, GH).astype(np.float64))
     kernels.set_enabled(True)
     assert kernels.scatter_rows(np) is cpu_kernels.scatter_rows
-    dW, db = _scatter_columns(ids, dG2, V, np, with_sum)
+    dW, db = _scatter_columns(ids, dG, V, np, with_sum, reverse)
     assert dW.shape == (GH, V) and dW.dtype == dtype and (db is None) == (not with_sum)
-    tol = dict(rtol=1e-12, atol=1e-12 * N) if dtype == "float64" else dict(rtol=1e-5, atol=1e-5 * N)
+    tol = dict(rtol=1e-12, atol=1e-12 * T * B) if dtype == "float64" else dict(rtol=1e-5, atol=1e-5 * T * B)
     np.testing.assert_allclose(dW, expected.T, **tol)
     if with_sum:
         assert db.shape == (GH,) and db.dtype == dtype
-        np.testing.assert_allclose(db, dG2.astype(np.float64).sum(axis=0), **tol)
-    again = _scatter_columns(ids, dG2, V, np, with_sum)
+        np.testing.assert_allclose(db, dG.reshape(-1, GH).astype(np.float64).sum(axis=0), **tol)
+    again = _scatter_columns(ids, dG, V, np, with_sum, reverse)
     assert dW.tobytes() == again[0].tobytes() and (db is None or db.tobytes() == again[1].tobytes())
+    sums = np.zeros((2, V + int(with_sum), GH), dtype)
+    for t in (range(T) if reverse else range(T - 1, -1, -1)):
+        for r0, r1 in ((0, B // 2), (B // 2, B)):
+            cpu_kernels.scatter_step(ids.astype(np.intp), dG[t], sums, with_sum, t, r0, r1)
+    by_step = _halves_sums(sums, V, with_sum)
+    assert by_step[0].tobytes() == dW.tobytes() and (db is None or by_step[1].tobytes() == db.tobytes())
 
 
 def test_token_id_layers_take_the_compiled_gather_gradient_unless_the_kernels_are_off(monkeypatch):
@@ -221,9 +230,9 @@ def test_token_id_layers_take_the_compiled_gather_gradient_unless_the_kernels_ar
     calls = []
     compiled = cpu_kernels.scatter_rows
 
-    def spy(ids, src, out, with_sum):
-        calls.append((src.shape, out.shape, with_sum))
-        return compiled(ids, src, out, with_sum)
+    def spy(ids, src, sums, with_sum, reverse):
+        calls.append((src.shape, sums.shape, with_sum, reverse))
+        return compiled(ids, src, sums, with_sum, reverse)
 
     monkeypatch.setattr(cpu_kernels, "scatter_rows", spy)
     rng = np.random.default_rng(0)
@@ -237,7 +246,8 @@ def test_token_id_layers_take_the_compiled_gather_gradient_unless_the_kernels_ar
         return gru.grads
 
     fused, plain = grads(True), grads(False)
-    assert calls == [((21, 12), (12, 12), True)] * 2  # layer 0, both directions; with the bias row
+    assert calls == [((7, 3, 12), (2, 12, 12), True, False), ((7, 3, 12), (2, 12, 12), True, True)]  # layer 0, both
+    # directions (the reverse one sums its steps in its backward loop's order); with the bias row
     for name in plain:
         np.testing.assert_allclose(fused[name], plain[name], rtol=1e-12, atol=1e-13, err_msg=name)
     kernels.set_enabled(False)

@@ -289,23 +289,30 @@ def test_token_ids_batch_first_and_no_states(ran):
 
 @pytest.mark.parametrize("helpers", [0, 1])
 @pytest.mark.parametrize("cell", CELLS)
-def test_the_forward_loops_gather_token_ids_step_by_step_with_the_same_bits(cell, helpers, ran, monkeypatch):
+def test_the_loops_gather_token_ids_and_sum_their_gradient_step_by_step_with_the_same_bits(cell, helpers, ran,
+                                                                                         monkeypatch):
     """Token ids: the compiled forward loops write each step's rows of the input table themselves
-    (`cpu_loops.gather`), so nothing gathers all steps first (`backend.take_rows` is not called);
-    the bits are those of the gather before the loop, and of the Python loops. Both directions of
-    layer 0 read one table buffer in turn."""
+    (`cpu_loops.gather`: `backend.take_rows` is not called), the backward loops add each step's rows
+    of its gradient to their tokens' sums as they finish them, each thread its own rows
+    (`cpu_loops.scatter`: `_scatter_columns` is not called); the bits are those of the gather
+    before the loop and the scatter after it, and of the Python loops. Both directions of layer 0
+    read one table buffer in turn."""
+    from npyrnn.nn import recurrent
+
     cls, kwargs = CELLS[cell]
     split(helpers)
-    gathers = []
-    take_rows = backend.take_rows
+    gathers, scatters = [], []
+    take_rows, scatter_columns = backend.take_rows, recurrent._scatter_columns
     monkeypatch.setattr(backend, "take_rows", lambda *a, **k: gathers.append(a[1].shape) or take_rows(*a, **k))
+    monkeypatch.setattr(recurrent, "_scatter_columns", lambda *a: scatters.append(a[0].shape) or scatter_columns(*a))
     args = dict(ids=True, I=28, H=HIDDEN[cls], calls=2)
     in_loop = run_layer(cls, kwargs, compiled=True, **args)
-    assert gathers == [] and ran and all(result for _, result in ran)
+    assert gathers == [] and scatters == [] and ran and all(result for _, result in ran)
     monkeypatch.setattr(cpu_loops, "gather", False)
-    before = run_layer(cls, kwargs, compiled=True, **args)
-    assert gathers == [(9, 32)] * 4  # two directions, two calls
-    assert same_bits(in_loop, before)
+    monkeypatch.setattr(cpu_loops, "scatter", False)
+    around = run_layer(cls, kwargs, compiled=True, **args)
+    assert gathers == scatters == [(9, 32)] * 4  # two directions, two calls
+    assert same_bits(in_loop, around)
     assert same_bits(in_loop, run_layer(cls, kwargs, compiled=False, **args))
 
 

@@ -457,24 +457,46 @@ def lstm_bwd_noproj(dy, ch, gi, gf, gg, go, tc, c_prev, da_i, da_f, da_g, da_o, 
 
 # ------------------------------------------------------------------------------ the gather's gradient
 @njit(**_JIT)
-def scatter_rows(ids, src, out, with_sum):
-    """out[ids[n]] += src[n] for n = 0, 1, ..., N-1 in order (5.2); with_sum, out[V] += src[n] too (5.3).
+def scatter_step(ids, src, sums, with_sum, t, r0, r1):
+    """sums[h][ids[t, b]] += src[b] for b = r0, ..., r1 - 1 in order (5.2); with_sum, sums[h][V] += src[b]
+    too (5.3); h = 0 for the rows b < B // 2, 1 for the others.
 
-    ids (N,) intp in [0, V); src (N, G*H) and out (V [+ 1], G*H) C-contiguous. The gradient of a
-    row gather read once, row by row, as the backward pass left it, instead of a product with a
-    (N, V + 1) one-hot matrix (`recurrent._scatter_columns`): 2 N G*H additions (N G*H without the
-    bias) instead of 2 N (V + 1) G*H flops, and no one-hot matrix. The sums run over n in order,
-    so the bits depend on nothing but the inputs.
+    ids (T, B) intp in [0, V); src (B, G*H), step t's rows of the input side's gradient; sums
+    (2, V [+ 1], G*H) C-contiguous. Each half of a step's rows has its own sums: the two threads
+    of a compiled backward loop (`cpu_loops`), each adding the rows it just computed, never add
+    into the same row, and the bits do not depend on which thread took which rows. The caller
+    adds the two halves' sums at the end.
     """
-    V = out.shape[0] - 1 if with_sum else out.shape[0]
-    for n in range(src.shape[0]):
-        row, src_ = out[ids[n]], src[n]
-        for j in range(src.shape[1]):
-            row[j] += src_[j]  # sum over the rows of token ids[n]                     (5.2)
+    half = ids.shape[1] // 2
+    V = sums.shape[1] - 1 if with_sum else sums.shape[1]
+    for b in range(r0, r1):
+        out = sums[0] if b < half else sums[1]
+        row, src_ = out[ids[t, b]], src[b]
+        for j in range(src_.shape[0]):
+            row[j] += src_[j]  # sum over the rows of token ids[t, b]                   (5.2)
         if with_sum:
             total = out[V]
-            for j in range(src.shape[1]):
+            for j in range(src_.shape[0]):
                 total[j] += src_[j]  # sum over every row                             (5.3)
+
+
+@njit(**_JIT)
+def scatter_rows(ids, src, sums, with_sum, reverse):
+    """The gradient of a row gather over all steps: `scatter_step` for t = T-1, ..., 0 (0, ..., T-1
+    with reverse), the order in which a backward time loop finishes them; sums[0] + sums[1] is it.
+
+    ids (T, B) intp in [0, V); src (T, B, G*H) with contiguous rows; sums (2, V [+ 1], G*H)
+    C-contiguous, zeros. The gradient of a row gather read once, row by row, as the backward
+    pass left it, instead of a product with a (T B, V + 1) one-hot matrix
+    (`recurrent._scatter_columns`): 2 T B G*H additions (T B G*H without the bias) instead of
+    2 T B (V + 1) G*H flops, and no one-hot matrix. The sums run in the backward loop's order of
+    steps, rows in order within a step, so the bits depend on nothing but the inputs and are
+    those of a compiled backward loop that adds each step's rows as it finishes them.
+    """
+    T = ids.shape[0]
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        scatter_step(ids, src[t], sums, with_sum, t, 0, ids.shape[1])
 
 
 # ------------------------------------------------------------------------------ W^T for the step products

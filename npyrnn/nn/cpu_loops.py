@@ -35,6 +35,11 @@ input side just before the step's kernel reads them (`_gather_rows`, by whicheve
 those rows), instead of the driver gathering all T*B rows before the loop: the table stays in
 cache and the rows are read where they were just written. A copy, so the same bits. Measured at
 2 threads, 0.14 to 0.23 ms less a minibatch (docs/performance.md); `gather = False` turns it off.
+Likewise the backward loops add each step's rows of the input side's gradient to their tokens'
+sums (5.2), (5.3) as they finish them, each thread the rows it computed, into the sums of its
+half of the rows (`_scatter_rows`, `cpu_kernels.scatter_step`), instead of one pass over all
+T*B rows after the loop: the same order of additions as that pass (`cpu_kernels.scatter_rows`),
+so the same bits; 0.15 to 0.26 ms less a minibatch at 2 threads; `scatter = False` turns it off.
 
 Each wrapper takes the cell's buffers as the Python loop names them; `reverse` runs the time
 loop as the backward direction of a bidirectional layer does. Each loop takes `part` and
@@ -53,6 +58,7 @@ __all__ = ["rnn_forward", "rnn_backward", "gru_forward", "gru_backward", "gru_be
 enabled = True  # False: the cells run their Python loops (benchmarks/bench_train.py --pyloops measures both)
 halves = True  # False: a gated cell's kernels run whole on the calling thread, the helper only in the products
 gather = True  # False: token ids' input side gathered for all steps before the loop, not step by step in it
+scatter = True  # False: the gradient of that gather summed after the backward loop, not step by step in it
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
 
@@ -106,6 +112,27 @@ def _gather_rows(ids, table, dst, t, r0, r1):
             row[j] = src[j]
 
 
+def _scatter_args(ids, sums, with_sum, dtype):
+    """The (ids, sums, with_sum) a backward loop takes: token ids (T, B) as C-ordered intp and the
+    (2, V [+ 1], G*H) sums of the input side's gradient rows per token (and all, with_sum), one per
+    half of the rows, for the loop to add each step's rows as it finishes them (5.2), (5.3); empty:
+    nothing to sum."""
+    if ids is None:
+        return np.empty((0, 0), dtype=np.intp), np.empty((0, 0, 0), dtype=dtype), False
+    return np.ascontiguousarray(ids, dtype=np.intp), sums, bool(with_sum)
+
+
+@njit(**_JIT)
+def _scatter_rows(ids, sums, with_sum, src, t, r0, r1):
+    """Add step t's rows [r0, r1) of the input side's gradient, src (B, G*H), to their tokens' rows of
+    sums (5.2) (and to its last row, with_sum (5.3)), unless ids is empty: `cpu_kernels.scatter_step`,
+    called by the thread that just wrote the rows, each half of the rows into its own sums, in the
+    order of `cpu_kernels.scatter_rows` (the steps as the loop finishes them, rows in order), so
+    the bits of the scatter after the Python loops."""
+    if ids.shape[0] != 0:
+        cpu_kernels.scatter_step(ids, src, sums, with_sum, t, r0, r1)
+
+
 def _buffer_of(a):
     """The C-ordered 2-D buffer a row-padded view `a` (`Recurrent._padded_buffer`) was cut from,
     for `run_loop` to keep; `a` itself otherwise."""
@@ -138,8 +165,10 @@ def _rnn_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, Hs, W_hh, tb, tmp,
 
 
 @njit(**_JIT)
-def _rnn_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, Y, dA, W_hh, carry, reverse, relu):
-    """`RNN._scan_back` with its fused kernel: dA holds dout, carry dL/dh_T (or 0)."""
+def _rnn_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, Y, dA, W_hh, carry, reverse, relu, ids, sums,
+                  with_sum):
+    """`RNN._scan_back` with its fused kernel: dA holds dout, carry dL/dh_T (or 0); ids, sums, with_sum:
+    `_scatter_args`."""
     T = Y.shape[0]
     took = 1
     for s in range(T):
@@ -148,6 +177,7 @@ def _rnn_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, Y, dA, W_hh, carr
             _rnn_bwd_relu(Y[t], carry, dA[t])  # (2.3)-(2.5b)
         else:
             _rnn_bwd_tanh(Y[t], carry, dA[t])  # (2.3)-(2.5a)
+        _scatter_rows(ids, sums, with_sum, dA[t], t, 0, dA.shape[1])  # (5.2), (5.3)
         took = max(took, loop_product(ctl, ts, dA[t], W_hh, carry, hs, ps, NO_TRANS, plans[0], helpers))  # (2.6)
     return took
 
@@ -161,11 +191,12 @@ def rnn_forward(Hs, W_hhT, tmp, o, p, reverse, relu, ids=None, table=None):
                              Hs, W, tb, tmp, o, p, reverse, relu, *_gather_args(ids, table, Hs.dtype))
 
 
-def rnn_backward(Y, dA, W_hh, carry, reverse, relu):
-    """The Elman RNN's backward loop: Y (T, B, H) the outputs, dA (T, B, H) dout in, dL/da_t out; carry (B, H)."""
+def rnn_backward(Y, dA, W_hh, carry, reverse, relu, ids=None, sums=None, with_sum=False):
+    """The Elman RNN's backward loop: Y (T, B, H) the outputs, dA (T, B, H) dout in, dL/da_t out; carry (B, H);
+    ids, sums, with_sum: `_scatter_args`."""
     B, H = carry.shape
     return cpu_gemm.run_loop(_rnn_backward, [(B, H, H)], Y.dtype, (Y, dA, W_hh, carry),
-                             Y, dA, W_hh, carry, reverse, relu)
+                             Y, dA, W_hh, carry, reverse, relu, *_scatter_args(ids, sums, with_sum, Y.dtype))
 
 
 # ------------------------------------------------------------------------------ GRU
@@ -207,7 +238,7 @@ def _gru_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, GH, Hs, W_hh, t
 
 
 @njit(**_JIT)
-def _gru_backward_rows(dY, carry, zdh, G, Hs, GH, dGH, dgx, p, t, r0, r1):
+def _gru_backward_rows(dY, carry, zdh, G, Hs, GH, dGH, dgx, p, t, r0, r1, ids, sums, with_sum):
     H = Hs.shape[2]
     g, d, x = G[t, r0:r1], dGH[t, r0:r1], dgx[t, r0:r1]
     _gru_after_bwd(dY[t, r0:r1], carry[r0:r1], g[:, :H], g[:, H : 2 * H], g[:, 2 * H :], Hs[p + t, r0:r1],  # (8.5)-(8.9a)
@@ -216,17 +247,19 @@ def _gru_backward_rows(dY, carry, zdh, G, Hs, GH, dGH, dgx, p, t, r0, r1):
         x_, d_ = x[b], d[b]  # a loop over each row: 5 times a 2-D slice assignment's speed in Numba
         for j in range(2 * H):
             x_[j] = d_[j]
+    _scatter_rows(ids, sums, with_sum, dgx[t], t, r0, r1)  # the rows just written              (5.2), (5.3)
 
 
 @njit(**_JIT)
-def _gru_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse):
+def _gru_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse,
+                  ids, sums, with_sum):
     """`GRU._scan_back_fused` with `reset_after=True`: carry dL/dh_T (or 0) and zdh 0 in."""
     T, B = G.shape[0], G.shape[1]
     if part == 1:  # the helper's side
         seen = np.full(1, ctl[cpu_gemm.SEQ] - 1)
         t = helper_next_half(ctl, ts, lseq, seen)
         while t >= 0:
-            _gru_backward_rows(dY, carry, zdh, G, Hs, GH, dGH, dgx, p, t, B // 2, B)
+            _gru_backward_rows(dY, carry, zdh, G, Hs, GH, dGH, dgx, p, t, B // 2, B, ids, sums, with_sum)
             half_done(ctl, lseq, t)
             t = helper_next_half(ctl, ts, lseq, seen)
         return 1
@@ -234,9 +267,9 @@ def _gru_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry, zdh, G
     for s in range(T):
         t = s if reverse else T - 1 - s
         mid = offer_half(ctl, ts, lseq, t, B)
-        _gru_backward_rows(dY, carry, zdh, G, Hs, GH, dGH, dgx, p, t, 0, mid)
+        _gru_backward_rows(dY, carry, zdh, G, Hs, GH, dGH, dgx, p, t, 0, mid, ids, sums, with_sum)
         if mid < B and take_half(ctl, ts, lseq, t):
-            _gru_backward_rows(dY, carry, zdh, G, Hs, GH, dGH, dgx, p, t, mid, B)
+            _gru_backward_rows(dY, carry, zdh, G, Hs, GH, dGH, dgx, p, t, mid, B, ids, sums, with_sum)
         took = max(took, loop_product(ctl, ts, dGH[t], W_hh, carry, hs, ps, NO_TRANS, plans[0], helpers))  # (8.10a)
     return took
 
@@ -252,11 +285,13 @@ def gru_forward(G, GH, Hs, W_hhT, b_hn, o, p, reverse, ids=None, table=None):
                              halves=halves)
 
 
-def gru_backward(dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse):
-    """The GRU's backward loop (reset_after), into dGH and dgx (T, B, 3H); carry, zdh (B, H)."""
+def gru_backward(dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse, ids=None, sums=None, with_sum=False):
+    """The GRU's backward loop (reset_after), into dGH and dgx (T, B, 3H); carry, zdh (B, H); ids, sums,
+    with_sum: `_scatter_args`."""
     B, H = carry.shape
     return cpu_gemm.run_loop(_gru_backward, [(B, H, 3 * H)], Hs.dtype, (dGH, W_hh, carry),
-                             dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse, halves=halves)
+                             dY, carry, zdh, G, Hs, GH, dGH, dgx, W_hh, p, reverse,
+                             *_scatter_args(ids, sums, with_sum, Hs.dtype), halves=halves)
 
 
 @njit(**_JIT)
@@ -303,8 +338,8 @@ def _gru_before_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, ghrz, tm
 
 
 @njit(**_JIT)
-def _gru_before_backward_rows(k, dY, carry, zdh, rdh, drh, G, Hs, dgx, p, t, r0, r1):
-    """Kernel k (0: (8.5)-(8.7), 1: (8.9b)) of step t on rows [r0, r1)."""
+def _gru_before_backward_rows(k, dY, carry, zdh, rdh, drh, G, Hs, dgx, p, t, r0, r1, ids, sums, with_sum):
+    """Kernel k (0: (8.5)-(8.7), 1: (8.9b)) of step t on rows [r0, r1); after kernel 1 the rows are complete."""
     H = Hs.shape[2]
     g, d, h_prev = G[t, r0:r1], dgx[t, r0:r1], Hs[p + t, r0:r1]
     if k == 0:
@@ -312,18 +347,20 @@ def _gru_before_backward_rows(k, dY, carry, zdh, rdh, drh, G, Hs, dgx, p, t, r0,
                           d[:, H : 2 * H], d[:, 2 * H :], zdh[r0:r1])
     else:
         _gru_before_bwd_b(drh[r0:r1], g[:, :H], h_prev, d[:, :H], rdh[r0:r1])  # (8.9b)
+        _scatter_rows(ids, sums, with_sum, dgx[t], t, r0, r1)  # the rows just completed        (5.2), (5.3)
 
 
 @njit(**_JIT)
 def _gru_before_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p,
-                         reverse):
+                         reverse, ids, sums, with_sum):
     """`GRU._scan_back_fused` with `reset_after=False`: carry dL/dh_T (or 0), zdh and rdh 0 in."""
     T, B, H = G.shape[0], G.shape[1], W_hh.shape[1]
     if part == 1:  # the helper's side
         seen = np.full(1, ctl[cpu_gemm.SEQ] - 1)
         i = helper_next_half(ctl, ts, lseq, seen)
         while i >= 0:
-            _gru_before_backward_rows(i % 2, dY, carry, zdh, rdh, drh, G, Hs, dgx, p, i // 2, B // 2, B)
+            _gru_before_backward_rows(i % 2, dY, carry, zdh, rdh, drh, G, Hs, dgx, p, i // 2, B // 2, B, ids, sums,
+                                      with_sum)
             half_done(ctl, lseq, i)
             i = helper_next_half(ctl, ts, lseq, seen)
         return 1
@@ -334,9 +371,9 @@ def _gru_before_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry,
         d = dgx[t]
         for k in range(2):
             mid = offer_half(ctl, ts, lseq, 2 * t + k, B)
-            _gru_before_backward_rows(k, dY, carry, zdh, rdh, drh, G, Hs, dgx, p, t, 0, mid)
+            _gru_before_backward_rows(k, dY, carry, zdh, rdh, drh, G, Hs, dgx, p, t, 0, mid, ids, sums, with_sum)
             if mid < B and take_half(ctl, ts, lseq, 2 * t + k):
-                _gru_before_backward_rows(k, dY, carry, zdh, rdh, drh, G, Hs, dgx, p, t, mid, B)
+                _gru_before_backward_rows(k, dY, carry, zdh, rdh, drh, G, Hs, dgx, p, t, mid, B, ids, sums, with_sum)
             if k == 0:
                 took = max(took, loop_product(ctl, ts, d[:, 2 * H :], W_hn, drh, hs, ps, NO_TRANS, plans[0], helpers))  # (8.8b)
         took = max(took, loop_product(ctl, ts, d[:, : 2 * H], W_rz, carry, hs, ps, NO_TRANS, plans[1], helpers))  # (8.10b)
@@ -353,11 +390,13 @@ def gru_before_forward(G, ghrz, tmp, RH, Hs, W_hhT, o, p, reverse, ids=None, tab
                              halves=halves)
 
 
-def gru_before_backward(dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p, reverse):
-    """d2l's GRU's backward loop (reset before), into dgx (T, B, 3H); carry, zdh, rdh, drh (B, H)."""
+def gru_before_backward(dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p, reverse, ids=None, sums=None, with_sum=False):
+    """d2l's GRU's backward loop (reset before), into dgx (T, B, 3H); carry, zdh, rdh, drh (B, H); ids, sums,
+    with_sum: `_scatter_args`."""
     B, H = carry.shape
     return cpu_gemm.run_loop(_gru_before_backward, [(B, H, H), (B, H, 2 * H)], Hs.dtype, (dgx, W_hh, drh, carry),
-                             dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p, reverse, halves=halves)
+                             dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p, reverse,
+                             *_scatter_args(ids, sums, with_sum, Hs.dtype), halves=halves)
 
 
 # ------------------------------------------------------------------------------ LSTM
@@ -395,7 +434,7 @@ def _lstm_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, gh, Hs, C, TC,
 
 
 @njit(**_JIT)
-def _lstm_backward_rows(dY, carry_h, carry_c, dm, G, TC, C, dG, p, t, r0, r1):
+def _lstm_backward_rows(dY, carry_h, carry_c, dm, G, TC, C, dG, p, t, r0, r1, ids, sums, with_sum):
     """Step t's kernel on rows [r0, r1): with dm (B, H), the projection's (9.9)-(9.12); else dm_t = dout_t + c^h_t (9.6) too."""
     H = C.shape[2]
     a, d = G[t, r0:r1], dG[t, r0:r1]
@@ -406,10 +445,12 @@ def _lstm_backward_rows(dY, carry_h, carry_c, dm, G, TC, C, dG, p, t, r0, r1):
     else:
         _lstm_bwd(dm[r0:r1], a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :], TC[t, r0:r1],  # (9.9)-(9.12)
                   C[p + t, r0:r1], d[:, :H], d[:, H : 2 * H], d[:, 2 * H : 3 * H], d[:, 3 * H :], carry_c[r0:r1])
+    _scatter_rows(ids, sums, with_sum, dG[t], t, r0, r1)  # the rows just written               (5.2), (5.3)
 
 
 @njit(**_JIT)
-def _lstm_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse):
+def _lstm_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse,
+                   ids, sums, with_sum):
     """`LSTM._scan_back` without a projection and with its fused kernel: carries dL/dh_T, dL/dc_T (or 0) in."""
     T, B = G.shape[0], G.shape[1]
     no_dm = carry_c[:0]
@@ -417,7 +458,7 @@ def _lstm_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry_h, car
         seen = np.full(1, ctl[cpu_gemm.SEQ] - 1)
         t = helper_next_half(ctl, ts, lseq, seen)
         while t >= 0:
-            _lstm_backward_rows(dY, carry_h, carry_c, no_dm, G, TC, C, dG, p, t, B // 2, B)
+            _lstm_backward_rows(dY, carry_h, carry_c, no_dm, G, TC, C, dG, p, t, B // 2, B, ids, sums, with_sum)
             half_done(ctl, lseq, t)
             t = helper_next_half(ctl, ts, lseq, seen)
         return 1
@@ -425,9 +466,9 @@ def _lstm_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry_h, car
     for s in range(T):
         t = s if reverse else T - 1 - s
         mid = offer_half(ctl, ts, lseq, t, B)
-        _lstm_backward_rows(dY, carry_h, carry_c, no_dm, G, TC, C, dG, p, t, 0, mid)
+        _lstm_backward_rows(dY, carry_h, carry_c, no_dm, G, TC, C, dG, p, t, 0, mid, ids, sums, with_sum)
         if mid < B and take_half(ctl, ts, lseq, t):
-            _lstm_backward_rows(dY, carry_h, carry_c, no_dm, G, TC, C, dG, p, t, mid, B)
+            _lstm_backward_rows(dY, carry_h, carry_c, no_dm, G, TC, C, dG, p, t, mid, B, ids, sums, with_sum)
         took = max(took, loop_product(ctl, ts, dG[t], W_hh, carry_h, hs, ps, NO_TRANS, plans[0], helpers))  # (9.13)
     return took
 
@@ -441,11 +482,13 @@ def lstm_forward(G, gh, Hs, C, TC, W_hhT, o, p, reverse, ids=None, table=None):
                              G, gh, Hs, C, TC, W, tb, o, p, reverse, *_gather_args(ids, table, Hs.dtype), halves=halves)
 
 
-def lstm_backward(dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse):
-    """The LSTM's backward loop (no projection), into dG (T, B, 4H); carries (B, H)."""
+def lstm_backward(dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse, ids=None, sums=None, with_sum=False):
+    """The LSTM's backward loop (no projection), into dG (T, B, 4H); carries (B, H); ids, sums, with_sum:
+    `_scatter_args`."""
     B, H = carry_h.shape
     return cpu_gemm.run_loop(_lstm_backward, [(B, H, 4 * H)], G.dtype, (dG, W_hh, carry_h),
-                             dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse, halves=halves)
+                             dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, reverse,
+                             *_scatter_args(ids, sums, with_sum, G.dtype), halves=halves)
 
 
 @njit(**_JIT)
@@ -475,14 +518,14 @@ def _lstm_proj_forward(ctl, ts, hs, ps, helpers, plans, part, lseq, G, gh, Hs, C
 
 @njit(**_JIT)
 def _lstm_proj_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh,
-                        W_hr, p, reverse):
+                        W_hr, p, reverse, ids, sums, with_sum):
     """`LSTM._scan_back` with a projection and its fused kernel: carries dL/dh_T, dL/dc_T (or 0) in."""
     T, B = G.shape[0], G.shape[1]
     if part == 1:  # the helper's side
         seen = np.full(1, ctl[cpu_gemm.SEQ] - 1)
         t = helper_next_half(ctl, ts, lseq, seen)
         while t >= 0:
-            _lstm_backward_rows(dY, carry_h, carry_c, dm, G, TC, C, dG, p, t, B // 2, B)
+            _lstm_backward_rows(dY, carry_h, carry_c, dm, G, TC, C, dG, p, t, B // 2, B, ids, sums, with_sum)
             half_done(ctl, lseq, t)
             t = helper_next_half(ctl, ts, lseq, seen)
         return 1
@@ -495,9 +538,9 @@ def _lstm_proj_backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dY, carry_h
                 dh[b, j] = dy[b, j] + carry_h[b, j]  # dh_t = dout_t + c^h_t                    (9.6)
         took = max(took, loop_product(ctl, ts, dh, W_hr, dm, hs, ps, NO_TRANS, plans[0], helpers))  # (9.7)
         mid = offer_half(ctl, ts, lseq, t, B)
-        _lstm_backward_rows(dY, carry_h, carry_c, dm, G, TC, C, dG, p, t, 0, mid)
+        _lstm_backward_rows(dY, carry_h, carry_c, dm, G, TC, C, dG, p, t, 0, mid, ids, sums, with_sum)
         if mid < B and take_half(ctl, ts, lseq, t):
-            _lstm_backward_rows(dY, carry_h, carry_c, dm, G, TC, C, dG, p, t, mid, B)
+            _lstm_backward_rows(dY, carry_h, carry_c, dm, G, TC, C, dG, p, t, mid, B, ids, sums, with_sum)
         took = max(took, loop_product(ctl, ts, dG[t], W_hh, carry_h, hs, ps, NO_TRANS, plans[1], helpers))  # (9.13)
     return took
 
@@ -513,12 +556,15 @@ def lstm_proj_forward(G, gh, Hs, C, TC, M, W_hhT, W_hrT, o, p, reverse, ids=None
                              halves=halves)
 
 
-def lstm_proj_backward(dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, p, reverse):
-    """The LSTM's backward loop with a projection, into dG (T, B, 4H) and dHs (T, B, P)."""
+def lstm_proj_backward(dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, p, reverse, ids=None, sums=None,
+                       with_sum=False):
+    """The LSTM's backward loop with a projection, into dG (T, B, 4H) and dHs (T, B, P); ids, sums, with_sum:
+    `_scatter_args`."""
     B, P, H = carry_h.shape[0], W_hr.shape[0], W_hr.shape[1]
     return cpu_gemm.run_loop(_lstm_proj_backward, [(B, H, P), (B, P, 4 * H)], G.dtype,
                              (dHs, W_hr, dm, dG, W_hh, carry_h),
-                             dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, p, reverse, halves=halves)
+                             dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, p, reverse,
+                             *_scatter_args(ids, sums, with_sum, G.dtype), halves=halves)
 
 
 # ------------------------------------------------------------------------------ the disk cache

@@ -404,7 +404,11 @@ class GRU(Recurrent):
             # the step's rows are in cache (one pass over all steps afterwards costs ~1 ms)
             per_step = xp.__name__ == "numpy"
             loops = self._cpu_loops(xp)
-            compiled = loops is not None and loops.gru_backward(dY, carry, zdh, G, Hs, rec.GH, dGH, dgx, W_hh, p, rec.reverse)
+            scatter = self._loop_scatter(rec, loops, xp)  # (ids, sums, with_sum): the gather's gradient in the loop
+            compiled = loops is not None and loops.gru_backward(dY, carry, zdh, G, Hs, rec.GH, dGH, dgx, W_hh, p,
+                                                                rec.reverse, *scatter)
+            if compiled:
+                rec.scattered = scatter[1]  # (5.2), (5.3)
             if not compiled:  # the loop below, unless its compiled twin just ran it
                 for t in range(T) if rec.reverse else range(T - 1, -1, -1):
                     fused[0](dY[t], carry, r[t], z[t], n[t], prev[t], rec.GH[t, :, 2 * H :],  # (8.5)-(8.9a)
@@ -420,8 +424,11 @@ class GRU(Recurrent):
             rdh = self._buffer("rdh", (B, H), xp)  # drh_t * r_t of the step before
             rdh[...] = 0
             loops = self._cpu_loops(xp)
+            scatter = self._loop_scatter(rec, loops, xp)  # (ids, sums, with_sum): the gather's gradient in the loop
             compiled = loops is not None and loops.gru_before_backward(dY, carry, zdh, rdh, drh, G, Hs, dgx, W_hh, p,
-                                                                       rec.reverse)
+                                                                       rec.reverse, *scatter)
+            if compiled:
+                rec.scattered = scatter[1]  # (5.2), (5.3)
             if not compiled:  # the loop below, unless its compiled twin just ran it
                 for t in range(T) if rec.reverse else range(T - 1, -1, -1):
                     da_z, da_n = dgx[t, :, H : 2 * H], dgx[t, :, 2 * H :]

@@ -284,9 +284,13 @@ class LSTM(Recurrent):
                 carry_c[...] = 0
             has_h = has_c = True
         loops = self._cpu_loops(xp) if fused is not None else None
+        scatter = self._loop_scatter(rec, loops, xp)  # (ids, sums, with_sum): the gather's gradient in the loop
         compiled = loops is not None and (
-            loops.lstm_backward(dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, rec.reverse) if W_hr is None
-            else loops.lstm_proj_backward(dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, p, rec.reverse))
+            loops.lstm_backward(dY, carry_h, carry_c, G, TC, C, dG, W_hh, p, rec.reverse, *scatter) if W_hr is None
+            else loops.lstm_proj_backward(dY, carry_h, carry_c, dHs, dm, G, TC, C, dG, W_hh, W_hr, p, rec.reverse,
+                                          *scatter))
+        if compiled:
+            rec.scattered = scatter[1]  # (5.2), (5.3)
         if not compiled:  # the loop below, unless its compiled twin just ran it
             for t in range(T) if rec.reverse else range(T - 1, -1, -1):
                 if fused is not None and W_hr is None:  # (9.6), (9.9)-(9.12) in one fused kernel

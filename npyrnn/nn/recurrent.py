@@ -8,7 +8,9 @@ What is written once here, for every cell:
 - the layer x direction loops (4.1)-(4.6), packing `h0`/`h_n` (and `c0`/`c_n`);
 - the input side of every gate for all steps at once: a gather from a folded (V, G*H) table for
   token ids (5.1) or one matrix product for dense input (2.1); its gradients `dW_ih` (2.8),
-  (5.2), `db_ih` (2.9) and `dx` summed over directions (2.10), (4.4), once after the time loop;
+  (5.2), `db_ih` (2.9) and `dx` summed over directions (2.10), (4.4), once after the time loop
+  (the compiled loops of `cpu_loops` gather token ids' rows and sum their gradient step by step,
+  with the same bits: `_loop_gather`, `_loop_scatter`);
 - dropout between layers (10.1)-(10.3);
 - the stepper's loop over layers for generation.
 
@@ -332,6 +334,7 @@ class Recurrent(Module):
                 self._alloc_cell(rec, xp)
                 # the input part of every gate for all T*B rows at once                (2.1)
                 rec.ids = rec.table = None
+                rec.tokens = inp if k == 0 and is_ids else None  # the ids (T, B), for backward's scatter too
                 if k == 0 and is_ids:  # one-hot rows: a gather from a (V, G*H) table   (5.1)
                     # done by the time loop (`_input_rows`, `_loop_gather`): a compiled loop gathers
                     # each step's rows just before its kernel reads them, while they are in cache
@@ -405,6 +408,7 @@ class Recurrent(Module):
             dX = None
             for d, rec in enumerate(recs):
                 suffix = rec.suffix
+                rec.scattered = None  # the gather's gradient summed by the compiled loop: `_loop_scatter`
                 dY_d = dY[:, :, d * P : (d + 1) * P]  # dout_t splits by direction      (4.4)
                 dh_n_d = None if dh_n is None else dh_n[k * D + d]
                 dc_n_d = None if dc_n is None else dc_n[k * D + d]
@@ -416,7 +420,10 @@ class Recurrent(Module):
                 W_ih = self._p("weight_ih", k, suffix)
                 db = None
                 if k == 0 and is_ids:  # sum_t dgx_t^T onehot(x_t): a scatter into columns (5.2)
-                    dW, db = _scatter_columns(inp.reshape(-1), dG2, self.input_size, xp, self.bias)
+                    if rec.scattered is not None:  # the compiled loop summed each step's rows as it went
+                        dW, db = _halves_sums(rec.scattered, self.input_size, self.bias)
+                    else:
+                        dW, db = _scatter_columns(inp, dgx, self.input_size, xp, self.bias, rec.reverse)
                     self._g("weight_ih", k, suffix)[...] += dW
                 else:  # sum_t dgx_t^T x_t, one product for all steps and gates           (2.8)
                     dW = self._buffer(f"dW_ih{k}", W_ih.shape, xp)
@@ -454,6 +461,17 @@ class Recurrent(Module):
         if rec.ids is not None and not loops.gather:
             self._input_rows(rec)
         return rec.ids, rec.table
+
+    def _loop_scatter(self, rec, loops, xp):
+        """(ids, sums, with_sum) for a compiled backward loop (`cpu_loops`) to add each step's rows
+        of the input side's gradient into `sums` (2, V [+ 1], G*H) as it finishes them (5.2), (5.3),
+        or (None, None, False): no compiled loops, dense input, or `cpu_loops.scatter` off. The
+        cell sets `rec.scattered = sums` where the loop ran; the driver then takes dW_ih and db_ih
+        from it instead of summing the rows after the loop (`_scatter_columns`)."""
+        if loops is None or rec.tokens is None or not loops.scatter:
+            return None, None, False
+        rows = self.input_size + int(self.bias)
+        return rec.tokens, xp.zeros((2, rows, self.GATES * self.hidden_size), dtype=self.dtype), self.bias
 
     def _step_weight(self, name, rec, xp):
         """W^T, the (C, R) operand of a step product `h W^T` of one (layer, direction); W (R, C).
@@ -577,8 +595,17 @@ def sigmoid_(a, xp):
     return a
 
 
-def _scatter_columns(ids, dG2, num_columns, xp, with_sum=False):
+def _halves_sums(sums, num_columns, with_sum):
+    """(dW, db) from `cpu_kernels.scatter_rows`'s sums (2, V [+ 1], G*H), one per half of the rows: their
+    sum, dW (G*H, V) and db (G*H,) or None."""
+    total = sums[0] + sums[1]
+    return total[:num_columns].T, (total[num_columns] if with_sum else None)
+
+
+def _scatter_columns(ids, dG, num_columns, xp, with_sum=False, reverse=False):
     """sum_n dG2[n]^T onehot(ids[n]): the (G*H, V) gradient of a row gather (5.2); and sum_n dG2[n] (2.9).
+
+    ids (T, B) token ids, dG (T, B, G*H) the input side's gradient; dG2 and ids[n] its T*B rows.
 
     For a small vocabulary one product with a (T*B, V) one-hot matrix, built here once for all
     T*B rows, is fastest (2*T*B*V*G*H flops in BLAS); with `with_sum` the matrix gets a last
@@ -589,17 +616,20 @@ def _scatter_columns(ids, dG2, num_columns, xp, with_sum=False):
 
     With the `fast` extra on NumPy (and the fused kernels on) one compiled pass does both for
     any vocabulary: each row of dG2 added to its token's row, and to a last row for the bias
-    (`cpu_kernels.scatter_rows`), reading dG2 once without a one-hot matrix.
+    (`cpu_kernels.scatter_rows`), reading dG2 once without a one-hot matrix, in the order the
+    backward loop finished the steps (`reverse`: the reverse direction's), as the compiled loops
+    sum them step by step (`_loop_scatter`).
 
     Returns (dW, db): dW (G*H, V); db (G*H,), or None without `with_sum`.
     """
     from npyrnn.nn import kernels
 
     scatter = kernels.scatter_rows(xp)
-    if scatter is not None and dG2.flags.c_contiguous:
-        dW_T = xp.zeros((num_columns + int(with_sum), dG2.shape[1]), dtype=dG2.dtype)  # (V [+ 1], G*H)
-        scatter(ids.astype(xp.intp, copy=False), dG2, dW_T, bool(with_sum))  # (5.2), (5.3)
-        return dW_T[:num_columns].T, (dW_T[num_columns] if with_sum else None)
+    if scatter is not None and dG.strides[-1] == dG.itemsize:
+        sums = xp.zeros((2, num_columns + int(with_sum), dG.shape[-1]), dtype=dG.dtype)  # (2, V [+ 1], G*H)
+        scatter(xp.ascontiguousarray(ids, dtype=xp.intp), dG, sums, bool(with_sum), bool(reverse))  # (5.2), (5.3)
+        return _halves_sums(sums, num_columns, with_sum)
+    ids, dG2 = ids.reshape(-1), dG.reshape(-1, dG.shape[-1])
     if num_columns <= ONE_HOT_MAX:
         onehot = xp.zeros((ids.shape[0], num_columns + int(with_sum)), dtype=dG2.dtype)  # (T*B, V [+ 1])
         onehot[xp.arange(ids.shape[0]), ids] = 1

@@ -248,7 +248,11 @@ class RNN(Recurrent):
             step_carry[...] = 0 if carry is None else carry
             carry = step_carry
         loops = self._cpu_loops(xp) if fused is not None else None
-        compiled = loops is not None and loops.rnn_backward(Y, dA, W_hh, carry, rec.reverse, self.nonlinearity == "relu")
+        scatter = self._loop_scatter(rec, loops, xp)  # (ids, sums, with_sum): the gather's gradient in the loop
+        compiled = loops is not None and loops.rnn_backward(Y, dA, W_hh, carry, rec.reverse, self.nonlinearity == "relu",
+                                                            *scatter)
+        if compiled:
+            rec.scattered = scatter[1]  # (5.2), (5.3)
         if not compiled:  # the loop below, unless its compiled twin just ran it
             for t in range(T) if rec.reverse else range(T - 1, -1, -1):
                 da = dA[t]
