@@ -25,8 +25,7 @@ from npyrnn import backend
 from npyrnn.errors import DataError, NpyrnnError
 from npyrnn.generate import predict
 from npyrnn.losses import perplexity, softmax_cross_entropy
-from npyrnn.optim import SGD
-from npyrnn.optim.clip import clip_and_step
+from npyrnn.optim import SGD, clip_and_step
 
 __all__ = ["train", "train_epoch", "train_step", "evaluate", "Trainer", "Diverged", "predict"]
 

@@ -37,8 +37,11 @@ def numpy_blas_threads():
 
 
 @pytest.fixture(autouse=True)
-def _on_numpy():
+def _on_numpy(monkeypatch):
     backend.set_backend("numpy")  # the conftest fixtures restore the backend and stop the products
+    # tests that need the helper to take part keep it whatever else runs on the machine (tests in
+    # parallel, say): no pause for a busy machine, unless a test sets HELPER_SHARE_MIN itself
+    monkeypatch.setattr(cpu_gemm, "HELPER_SHARE_MIN", 0.0)
     yield
     cpu_gemm.stop()
 
@@ -139,6 +142,42 @@ def test_declines_what_it_does_not_take_and_leaves_out_alone(kind):
     before = out.copy()
     assert not cpu_gemm.matmul(a, b, out)
     assert np.array_equal(out, before)
+
+
+def test_a_helper_that_gets_few_blocks_is_paused_then_tried_again(monkeypatch):
+    """A busy machine: over a window of HELPER_WINDOW posted products the helper computed under
+    HELPER_SHARE_MIN of the blocks (here: a window of products whose blocks the caller did), so
+    nothing is posted to it for HELPER_PAUSE; the products then run on the calling thread alone,
+    with the same bits. After the pause it gets work again, and a window in which it did its
+    share pauses nothing."""
+    import time
+
+    monkeypatch.setattr(cpu_gemm, "HELPER_SHARE_MIN", 0.5)  # the default, which the fixture turned off
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((32, 512)).astype(np.float32), rng.standard_normal((512, 768)).astype(np.float32)
+    with_helper = product(1, a, b)
+    cpu_gemm.start(1)
+    try:
+        assert cpu_gemm._helpers_now() == 1
+        stats = cpu_gemm.stats()
+        cpu_gemm._ctl[cpu_gemm.POSTS] += cpu_gemm.HELPER_WINDOW  # posted; the helper did none of their blocks
+        assert cpu_gemm._helpers_now() == 0
+        assert cpu_gemm.stats()["helper_pauses"] == stats["helper_pauses"] + 1
+        posted = cpu_gemm.stats()["posted"]
+        out = np.full_like(with_helper, np.nan)
+        assert cpu_gemm.matmul(a, b, out)
+        assert cpu_gemm.stats()["posted"] == posted  # computed here, none posted
+        assert out.tobytes() == with_helper.tobytes()
+        cpu_gemm._ctl[cpu_gemm.HELPER_PAUSE_UNTIL] = time.monotonic_ns() - 1  # the pause is over
+        assert cpu_gemm._helpers_now() == 1
+        cpu_gemm._ctl[cpu_gemm.POSTS] += cpu_gemm.HELPER_WINDOW
+        cpu_gemm._ctl[cpu_gemm.HELPER_BLOCKS] += cpu_gemm.HELPER_WINDOW  # the helper did its share
+        assert cpu_gemm._helpers_now() == 1
+        assert cpu_gemm.stats()["helper_pauses"] == stats["helper_pauses"] + 1
+        posted = cpu_gemm.stats()["posted"]
+        assert cpu_gemm.matmul(a, b, out) and cpu_gemm.stats()["posted"] == posted + 1
+    finally:
+        cpu_gemm.stop()
 
 
 def test_declines_while_another_thread_uses_it():

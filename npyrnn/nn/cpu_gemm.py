@@ -80,12 +80,20 @@ FREE, HELPER, DONE, CALLER = 0, 1, 2, 3
 # last loop the caller finished and the helper left, the rows half of a step's kernel ((loop << 24
 # | t << 2 | FREE, HELPER, DONE or CALLER), halves the helper did, a loop whose helper part failed,
 # a stall in ns the helper makes after it claims a half (tests), halves the caller waited for
-# past HALF_LATE, and the time until which no half is offered
+# past HALF_LATE, and the time until which no half is offered; then the time until which nothing
+# is posted to the helper (`_helpers_now`), and the times that was decided
 (LOOP_SEQ, LOOP_DONE, LOOP_EXIT, HALF, HALVES, LOOP_FAILED, HALF_STALL, HALVES_LATE,
- HALF_PAUSE_UNTIL) = range(STATE + MAX_BLOCKS, STATE + MAX_BLOCKS + 9)
-CTL_SIZE = HALF_PAUSE_UNTIL + 1
+ HALF_PAUSE_UNTIL, HELPER_PAUSE_UNTIL, HELPER_PAUSES) = range(STATE + MAX_BLOCKS, STATE + MAX_BLOCKS + 11)
+CTL_SIZE = HELPER_PAUSES + 1
 HALF_LATE = 200_000  # ns: a half takes 5-30 us; a wait this long means the helper lost its core inside it
 HALF_PAUSE = 500_000_000  # ns without halves after such a wait: the helper keeps to the products, which it cannot hold up
+# A busy machine: a helper that got under HELPER_SHARE_MIN of the blocks posted to it over the
+# last HELPER_WINDOW products (it did 99.7% of them on a quiet machine, 26% with one busy process
+# competing for the 2 cores) gets none for HELPER_PAUSE: the calling thread computes every block
+# and the helper sleeps, rather than three threads sharing two cores
+HELPER_WINDOW = 64  # products posted: about one minibatch of d2l's job (35 step products each way, then 3 or 4)
+HELPER_SHARE_MIN = 0.5
+HELPER_PAUSE = 1_000_000_000  # ns
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 
 
@@ -387,8 +395,11 @@ def _helper(ctl, ts):
             if spins < 2000:
                 _pause()
                 continue
-            idle = _now(ts) - idle_since
-            if idle < 2_000_000:  # 2 ms
+            now = _now(ts)
+            idle = now - idle_since
+            if now < _load(ctl, HELPER_PAUSE_UNTIL):  # paused for a busy machine: nothing comes for a while
+                _usleep(np.uint32(1000))
+            elif idle < 2_000_000:  # 2 ms
                 _yield()
             elif idle < 200_000_000:  # 200 ms
                 _usleep(np.uint32(50))
@@ -543,6 +554,7 @@ _helper_scratch = {}  # dtype char -> 1-D array the helper writes its blocks int
 _partials = {}  # dtype char -> 1-D array of the caller's partial sums over k (no helper writes it)
 _kept = []  # (seq, arrays): memory a helper that lost its core may still touch, kept until it is done with seq
 _blas_threads = None  # NumPy's OpenBLAS thread count before start(), restored by stop()
+_window = [0, 0]  # posts and helper blocks when `_helpers_now` last looked at the helper's share
 _started = False
 
 
@@ -555,6 +567,30 @@ def _live_helpers():
     """The helper threads alive: a helper ended by a bug in a loop's part (its traceback printed)
     gets no more blocks or halves, so the products run on the calling thread alone."""
     return sum(thread.is_alive() for thread in _threads)
+
+
+def _helpers_now():
+    """The helpers the next product or loop may post to: `_live_helpers()`, or 0 while the helper is
+    paused. Every HELPER_WINDOW products posted, the share of their blocks the helper computed is
+    looked at; under HELPER_SHARE_MIN (the helper mostly did not get a core in time: another
+    process wants it), nothing is posted for HELPER_PAUSE, so the calling thread runs at one
+    thread's speed on a core of its own instead of sharing two cores three ways. The blocks are
+    the same whoever computes them, so the bits do not change."""
+    live = _live_helpers()
+    if not live:
+        return 0
+    now = time.monotonic_ns()  # CLOCK_MONOTONIC, as the compiled code's `_now`
+    if now < _ctl[HELPER_PAUSE_UNTIL]:
+        return 0
+    posts, done = int(_ctl[POSTS]), int(_ctl[HELPER_BLOCKS])
+    if posts - _window[0] >= HELPER_WINDOW:
+        share = (done - _window[1]) / (posts - _window[0])
+        _window[:] = [posts, done]
+        if share < HELPER_SHARE_MIN:
+            _ctl[HELPER_PAUSE_UNTIL] = now + HELPER_PAUSE
+            _ctl[HELPER_PAUSES] += 1
+            return 0
+    return live
 
 
 def helpers():
@@ -578,6 +614,8 @@ def start(num_helpers):
         _blas_threads = _blas_thread_count()
     _set_blas_threads(1)
     _ctl[STOP] = 0
+    _ctl[HELPER_PAUSE_UNTIL] = 0  # a new helper starts with a clean slate (`_helpers_now`)
+    _window[:] = [int(_ctl[POSTS]), int(_ctl[HELPER_BLOCKS])]
     if int(num_helpers) > 0:
         thread = threading.Thread(target=_helper_main, args=(_ctl, _helper_clock), name="npyrnn-gemm-helper",
                                   daemon=True)
@@ -638,9 +676,11 @@ if hasattr(os, "register_at_fork"):
 def stats():
     """Counters since the process began: products posted to the helper, blocks the helper did, blocks taken
     back from it, products declined because OpenBLAS was not at one thread or another thread was in, halves
-    of kernel calls the helper did in compiled loops, and halves the caller waited for past HALF_LATE."""
+    of kernel calls the helper did in compiled loops, halves the caller waited for past HALF_LATE, and the
+    times the helper was paused for a busy machine (`_helpers_now`)."""
     return {"posted": int(_ctl[POSTS]), "helper_blocks": int(_ctl[HELPER_BLOCKS]), "taken_back": int(_ctl[TAKEOVERS]),
-            "declined": int(_ctl[DECLINED]), "helper_halves": int(_ctl[HALVES]), "halves_waited_for": int(_ctl[HALVES_LATE])}
+            "declined": int(_ctl[DECLINED]), "helper_halves": int(_ctl[HALVES]), "halves_waited_for": int(_ctl[HALVES_LATE]),
+            "helper_pauses": int(_ctl[HELPER_PAUSES])}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -731,7 +771,7 @@ def run_loop(loop, shapes, dtype, keep, *args, halves=False):
             done = int(_ctl[HDONE])
             _kept[:] = [entry for entry in _kept if entry[0] > done]
         plans = np.array([blocks(m, n, k) for m, n, k in shapes], dtype=np.int64)  # (axis, nch, cs) each
-        helpers_now = _live_helpers()
+        helpers_now = _helpers_now()
         hs_need = max((nch * m * n if axis == 2 else m * n) if helpers_now and nch > 1 else 0
                       for (m, n, _), (axis, nch, _) in zip(shapes, plans))
         ps_need = max(nch * m * n if axis == 2 else 0 for (m, n, _), (axis, nch, _) in zip(shapes, plans))
@@ -789,7 +829,7 @@ def matmul(a, b, out):
             done = int(_ctl[HDONE])
             _kept[:] = [entry for entry in _kept if entry[0] > done]
         axis, nch, cs = blocks(m, n, k)
-        helpers_now = _live_helpers()
+        helpers_now = _helpers_now()
         hs = _scratch(_helper_scratch, dt, (nch * m * n if axis == 2 else m * n) if helpers_now and nch > 1 else 0)
         ps = _scratch(_partials, dt, nch * m * n if axis == 2 else 0)
         done = _product(_ctl, _clock, a, b, out, hs, ps, pa[0], pa[1], pb[0], pb[1], pc[1], nch, cs, axis, helpers_now)

@@ -7,6 +7,7 @@ The optimisers follow `torch.optim`'s names, defaults and update rules
 | name | file | equations |
 |---|---|---|
 | `clip_grad_norm` | `clip.py` | (6.1)-(6.2) |
+| `clip_and_step` | `clip.py` | (6.1)-(6.3) |
 | `SGD` | `sgd.py` | (6.3), (11.1)-(11.4) |
 | `Adagrad` | `adagrad.py` | (11.5)-(11.7) |
 | `RMSprop` | `rmsprop.py` | (11.8)-(11.11) |
@@ -24,13 +25,14 @@ sched = CosineAnnealingLR(opt, T_max=epochs)
 from npyrnn.optim.adagrad import Adagrad
 from npyrnn.optim.adam import Adam, AdamW
 from npyrnn.optim.base import Optimizer, join_state_dict, split_state_dict
-from npyrnn.optim.clip import clip_grad_norm
+from npyrnn.optim.clip import clip_and_step, clip_grad_norm
 from npyrnn.optim.rmsprop import RMSprop
 from npyrnn.optim.schedules import CosineAnnealingLR, ExponentialLR, LinearLR, LRScheduler, MultiStepLR, StepLR
 from npyrnn.optim.sgd import SGD
 
 __all__ = [
     "clip_grad_norm",
+    "clip_and_step",
     "Optimizer",
     "SGD",
     "Adagrad",

@@ -1,4 +1,5 @@
-"""Global-norm gradient clipping, equations (6.1)-(6.2) of `docs/derivations/clipping-sgd.md`."""
+"""Global-norm gradient clipping, equations (6.1)-(6.2) of `docs/derivations/clipping-sgd.md`;
+`clip_and_step`, clipping then the optimiser's step (6.3)."""
 
 from npyrnn import backend
 
