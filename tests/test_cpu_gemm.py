@@ -96,6 +96,30 @@ def test_products_match_numpy_and_repeat_at_every_thread_count(m, k, n, kinds, d
     assert np.array_equal(shared, again)  # and the next call: nothing carried over
 
 
+@settings(derandomize=True, max_examples=30, deadline=None)
+@given(
+    k=st.integers(2, 1100), n=st.integers(2, 1100), kinds=st.tuples(st.sampled_from(["C", "T"]), st.sampled_from(["C", "T"])),
+    dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**16),
+)
+def test_one_row_products_are_split_matrix_vector_products_with_numpys_bits(k, n, kinds, dtype, seed):
+    """Generation at batch 1: a (1, k) row times op(b) (k, n). A large one (n k >= MATVEC_SPLIT_ITEMS)
+    is cut by columns into two matrix-vector products, one a thread: the same bits at 0 and 1
+    helpers; with W^T (a transposed view, as the stepper's h W^T) the bits of numpy.dot(W, h); a
+    smaller one is declined."""
+    rng = np.random.default_rng(seed)
+    a = layout(rng, (1, k), kinds[0], dtype)
+    b = layout(rng, (k, n), kinds[1], dtype)
+    if cpu_gemm.blocks(1, n, k)[1] < 2:
+        cpu_gemm.start(1)
+        assert not cpu_gemm.matmul(a, b, np.empty((1, n), dtype=dtype))
+        return
+    assert n * k >= cpu_gemm.MATVEC_SPLIT_ITEMS and cpu_gemm.blocks(1, n, k)[0] == 1
+    alone, shared = product(0, a, b), product(1, a, b)
+    assert close(alone, a, b) and alone.tobytes() == shared.tobytes()
+    if kinds[1] == "T":  # b = W^T, W C-ordered
+        assert alone[0].tobytes() == np.dot(b.T, a[0]).tobytes()
+
+
 def test_blocks_depend_on_the_shape_alone_and_cover_it():
     for m, n, k in [(32, 768, 256), (32, 256, 768), (768, 256, 1120), (1120, 28, 256), (33, 300, 100), (2, 2, 2)]:
         axis, count, size = cpu_gemm.blocks(m, n, k)

@@ -81,12 +81,14 @@ class NpyrnnLM:
         return seconds, self.cfg.epochs * self.num_batches() * self.cfg.batch_size * self.cfg.num_steps, ppl, cpu
 
     def generate(self):
-        """Greedy generation after the prefix; return (seconds, text)."""
+        """Greedy generation after the prefix, on the cores as ``npyrnn generate --threads`` sets them
+        (``cores``); return (seconds, text)."""
         from npyrnn.train import predict
 
-        start = time.perf_counter()
-        text = predict(self.cfg.prefix, self.cfg.num_preds, self.model, self.vocab)
-        return time.perf_counter() - start, text
+        with self.cores():
+            start = time.perf_counter()
+            text = predict(self.cfg.prefix, self.cfg.num_preds, self.model, self.vocab)
+            return time.perf_counter() - start, text
 
 
 class NpyrnnOpenBLAS(NpyrnnLM):

@@ -69,6 +69,10 @@ BLOCK_ALIGN = 16  # block edges on multiples of 16 (64 bytes of float32)
 MAX_BLOCKS = 2  # and so one helper: more blocks cost more per product on 2 cores, and `_scratch` relies on one
 MIN_FLOPS = 2 * 32 * 64 * 64  # below this a product runs as numpy.matmul
 SPLIT_FLOPS = 2 * 32 * 128 * 256  # below this a product is one block: halves of it cost more than they gain
+# A one-row product (generation at batch 1: h W^T) reads all of W for 2 flops an element. With W
+# of 512 KB or more (H = 512: 1 MB) its reads, not its flops, are the cost; cut by columns it
+# leaves each core reading its half of W's rows from its own L2 cache, step after step
+MATVEC_SPLIT_ITEMS = 128 * 1024
 _JIT = dict(nogil=True, cache=True)
 
 # the shared control block: one int64 array, these indices
@@ -156,6 +160,8 @@ I32, I64, F32, F64 = types.int32, types.int64, types.float32, types.float64
 _SIGNATURES = {  # pointers are passed as int64 addresses
     "sgemm": types.void(I32, I32, I32, I64, I64, I64, F32, I64, I64, I64, I64, F32, I64, I64),
     "dgemm": types.void(I32, I32, I32, I64, I64, I64, F64, I64, I64, I64, I64, F64, I64, I64),
+    "sgemv": types.void(I32, I32, I64, I64, F32, I64, I64, I64, I64, F32, I64, I64),
+    "dgemv": types.void(I32, I32, I64, I64, F64, I64, I64, I64, I64, F64, I64, I64),
     "openblas_get_num_threads": types.int32(),
     "sched_yield": types.int32(),
     "usleep": types.int32(types.uint32),
@@ -194,7 +200,7 @@ try:
     _why = None
 except (OSError, AttributeError, ImportError) as exc:
     _why = f"unavailable ({exc})"
-_sgemm, _dgemm, _get_threads, _yield, _usleep, _clock_gettime, _memcpy = (
+_sgemm, _dgemm, _sgemv, _dgemv, _get_threads, _yield, _usleep, _clock_gettime, _memcpy = (
     types.ExternalFunction(f"npyrnn_gemm_{name}", sig) for name, sig in _SIGNATURES.items()
 )
 
@@ -231,6 +237,22 @@ def _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis):
     """
     item = 4 if dt == 0 else 8
     a0, b0, d0 = a, b, dst
+    if m == 1 and axis == 1:  # one row: columns [n0, n0 + n) of a op(b) as a matrix-vector product
+        n0 = i * cs
+        n = min(n - n0, cs)
+        inc = np.int64(1) if ta == NO_TRANS else lda  # a's k elements
+        if tb == TRANS:  # op(b) = W^T: the rows [n0, n0 + n) of W (ldb apart) times a
+            b0 = b + item * n0 * ldb
+            tv, rows, cols = NO_TRANS, n, k
+        else:  # op(b) = b (k, n): its columns [n0, n0 + n), transposed, times a
+            b0 = b + item * n0
+            tv, rows, cols = TRANS, k, n
+        d0 = dst + item * n0
+        if dt == 0:
+            _sgemv(np.int32(ROW_MAJOR), np.int32(tv), rows, cols, np.float32(1.0), b0, ldb, a, inc, np.float32(0.0), d0, np.int64(1))
+        else:
+            _dgemv(np.int32(ROW_MAJOR), np.int32(tv), rows, cols, 1.0, b0, ldb, a, inc, 0.0, d0, np.int64(1))
+        return
     if axis == 0:
         r0 = i * cs
         a0 = a + item * (r0 * lda if ta == NO_TRANS else r0)  # row r0 of op(a)
@@ -695,7 +717,9 @@ def blocks(m, n, k):
     rows.
     """
     axis, length = max(((0, m), (1, n), (2, k)), key=lambda pair: (pair[1], -pair[0]))
-    if 2 * m * n * k < SPLIT_FLOPS:
+    if m == 1 and n * k >= MATVEC_SPLIT_ITEMS and n >= 2 * BLOCK_MIN:  # a large matrix-vector product: by columns
+        axis, length = 1, n
+    elif 2 * m * n * k < SPLIT_FLOPS:
         return 1, 1, n
     nch = max(1, min(MAX_BLOCKS, length // BLOCK_MIN))
     size = -(-length // nch)
@@ -814,7 +838,9 @@ def matmul(a, b, out):
         return False
     m, k = a.shape
     n = b.shape[1]
-    if b.shape[0] != k or out.shape != (m, n) or min(m, n, k) < 2 or 2 * m * n * k < MIN_FLOPS:
+    if b.shape[0] != k or out.shape != (m, n) or min(n, k) < 2 or 2 * m * n * k < MIN_FLOPS:
+        return False
+    if m < 2 and blocks(m, n, k)[1] < 2:  # one row: only a large matrix-vector product, cut in two
         return False
     pa, pb, pc = _operand(a), _operand(b), _operand(out)
     if pa is None or pb is None or pc is None or pc[0] != NO_TRANS:

@@ -578,9 +578,18 @@ def row_pad(columns, itemsize):
 def hidden_product(W, B, xp):
     """A function `f(h, out)` computing `out = h W^T` for one step: W (R, C), h (B, C), out (B, R).
 
-    With one sequence (B = 1) a matrix-vector product (gemv) beats a one-row matrix product.
+    With one sequence (B = 1) a matrix-vector product (gemv) beats a one-row matrix product;
+    while the split products are on (`backend.set_cpu_threads`, as `npyrnn generate` sets them)
+    a large one (W of 512 KB or more) is cut in two by rows of W, one half a thread, each half
+    staying in its core's L2 cache from step to step (`cpu_gemm.MATVEC_SPLIT_ITEMS`).
     """
     if B == 1:
+        if xp.__name__ == "numpy" and backend.split_products() and W.dtype.char in "fd":
+            from npyrnn.nn import cpu_gemm
+
+            if cpu_gemm.blocks(1, W.shape[0], W.shape[1])[1] > 1:
+                WT = W.T
+                return lambda h, out: backend.matmul(h, WT, out=out)
         return lambda h, out: xp.dot(W, h[0], out=out[0])
     WT = W.T
     return lambda h, out: backend.matmul(h, WT, out=out)
