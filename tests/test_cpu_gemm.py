@@ -101,11 +101,11 @@ def test_products_match_numpy_and_repeat_at_every_thread_count(m, k, n, kinds, d
     k=st.integers(2, 1100), n=st.integers(2, 1100), kinds=st.tuples(st.sampled_from(["C", "T"]), st.sampled_from(["C", "T"])),
     dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**16),
 )
-def test_one_row_products_are_split_matrix_vector_products_with_numpys_bits(k, n, kinds, dtype, seed):
-    """Generation at batch 1: a (1, k) row times op(b) (k, n). A large one (n k >= MATVEC_SPLIT_ITEMS)
+def test_one_row_products_are_split_matrix_vector_products(k, n, kinds, dtype, seed):
+    """Generation at batch 1: a (1, k) row times op(b) (k, n). A large one (n k >= MATVEC_SPLIT_ITEMS, k >= 512)
     is cut by columns into two matrix-vector products, one a thread: the same bits at 0 and 1
-    helpers; with W^T (a transposed view, as the stepper's h W^T) the bits of numpy.dot(W, h); a
-    smaller one is declined."""
+    helpers, through `matmul` and through the stepper's planned `matvec(W)` alike; a smaller one
+    is declined."""
     rng = np.random.default_rng(seed)
     a = layout(rng, (1, k), kinds[0], dtype)
     b = layout(rng, (k, n), kinds[1], dtype)
@@ -113,11 +113,22 @@ def test_one_row_products_are_split_matrix_vector_products_with_numpys_bits(k, n
         cpu_gemm.start(1)
         assert not cpu_gemm.matmul(a, b, np.empty((1, n), dtype=dtype))
         return
-    assert n * k >= cpu_gemm.MATVEC_SPLIT_ITEMS and cpu_gemm.blocks(1, n, k)[0] == 1
+    assert n * k >= cpu_gemm.MATVEC_SPLIT_ITEMS and k >= cpu_gemm.MATVEC_SPLIT_K and cpu_gemm.blocks(1, n, k)[0] == 1
     alone, shared = product(0, a, b), product(1, a, b)
     assert close(alone, a, b) and alone.tobytes() == shared.tobytes()
-    if kinds[1] == "T":  # b = W^T, W C-ordered
-        assert alone[0].tobytes() == np.dot(b.T, a[0]).tobytes()
+    if kinds[1] == "T":  # b = W^T, W C-ordered: also `matvec(W)`, the stepper's planned product
+        W = b.T
+        for helpers in (0, 1):
+            cpu_gemm.start(helpers)
+            f = cpu_gemm.matvec(W)
+            for _ in range(2):  # called again with the same arrays, as a stepper does
+                out = np.full((1, n), np.nan, dtype=dtype)
+                f(a, out)
+                assert out.tobytes() == alone.tobytes()
+            cpu_gemm.stop()
+            f(a, out)  # the products off: numpy.dot (whose bits may differ where the cut splits its kernel's rows)
+            assert out.tobytes() == np.dot(W, a[0]).tobytes()
+        assert cpu_gemm.matvec(W) is None  # off
 
 
 def test_blocks_depend_on_the_shape_alone_and_cover_it():

@@ -580,16 +580,16 @@ def hidden_product(W, B, xp):
 
     With one sequence (B = 1) a matrix-vector product (gemv) beats a one-row matrix product;
     while the split products are on (`backend.set_cpu_threads`, as `npyrnn generate` sets them)
-    a large one (W of 512 KB or more) is cut in two by rows of W, one half a thread, each half
-    staying in its core's L2 cache from step to step (`cpu_gemm.MATVEC_SPLIT_ITEMS`).
+    a large one (W of 512 KB or more, rows of 512 or more: the scratch RNN at H = 512) is cut in
+    two by rows of W, one half a thread (`cpu_gemm.matvec`).
     """
     if B == 1:
-        if xp.__name__ == "numpy" and backend.split_products() and W.dtype.char in "fd":
+        if xp.__name__ == "numpy" and backend.split_products():
             from npyrnn.nn import cpu_gemm
 
-            if cpu_gemm.blocks(1, W.shape[0], W.shape[1])[1] > 1:
-                WT = W.T
-                return lambda h, out: backend.matmul(h, WT, out=out)
+            split = cpu_gemm.matvec(W)  # None unless W is large and C-ordered
+            if split is not None:
+                return split
         return lambda h, out: xp.dot(W, h[0], out=out[0])
     WT = W.T
     return lambda h, out: backend.matmul(h, WT, out=out)
