@@ -368,3 +368,26 @@ def test_loss_of_nonfinite_logits_is_nan(fused):
         logits[1, 2] = bad
         loss, d = softmax_cross_entropy(logits, np.array([0, 1, 2]))
         assert np.isnan(loss) and np.isnan(d[1]).all() and np.isfinite(d[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["scatter after the loop", "compiled loops"])
+def test_token_ids_changed_between_forward_and_backward_are_refused_not_scattered_out_of_bounds(split):
+    """The compiled scatter adds rows at the ids' indices without bounds checks: ids a caller changed
+    in place after forward (out of range now) raise a ValueError before the input side's gradients
+    are written (or anything, where the compiled loop would have summed them)."""
+    from npyrnn.nn import GRU
+
+    kernels.set_enabled(True)
+    if split:
+        backend.set_cpu_threads(2, split=True)
+    try:
+        gru = GRU(11, 64, dtype="float32", seed=0)
+        ids = np.random.default_rng(0).integers(0, 11, (35, 32))
+        out, _ = gru.forward(ids)
+        before = {k: g.copy() for k, g in gru.grads.items()}
+        ids[3, 4] = 11
+        with pytest.raises(ValueError, match=r"token ids changed since forward \(now from 0 to 11, outside \[0, 11\)\)"):
+            gru.backward(np.ones_like(out))
+        assert all(np.array_equal(gru.grads[k], before[k]) for k in ("weight_ih_l0", "bias_ih_l0"))
+    finally:
+        backend.set_cpu_threads(None, split=False)

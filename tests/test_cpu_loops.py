@@ -178,10 +178,9 @@ def test_the_helper_computes_halves_of_the_kernels_with_the_same_bits(cell, ran)
         before, blocks = halves_done(), cpu_gemm.stats()["helper_blocks"]
         assert same_bits(run_layer(cls, kwargs, compiled=True, H=HIDDEN[cls]), expected)
         assert ran and all(result for _, result in ran)
-        if halves_done() > before:
-            assert cpu_gemm.stats()["helper_blocks"] > blocks  # it served the products as well
+        if halves_done() > before and cpu_gemm.stats()["helper_blocks"] > blocks:  # and served the products
             return
-    pytest.fail("the helper never computed a half of a kernel call")
+    pytest.fail("the helper never computed both a half of a kernel call and a block of a product in one run")
 
 
 @pytest.mark.parametrize("B", [2, 3])

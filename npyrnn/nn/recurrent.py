@@ -471,7 +471,8 @@ class Recurrent(Module):
         if loops is None or rec.tokens is None or not loops.scatter:
             return None, None, False
         rows = self.input_size + int(self.bias)
-        return rec.tokens, xp.zeros((2, rows, self.GATES * self.hidden_size), dtype=self.dtype), self.bias
+        ids = _ids_in_range(rec.tokens, self.input_size, self._where("backward"))
+        return ids, xp.zeros((2, rows, self.GATES * self.hidden_size), dtype=self.dtype), self.bias
 
     def _step_weight(self, name, rec, xp):
         """W^T, the (C, R) operand of a step product `h W^T` of one (layer, direction); W (R, C).
@@ -604,6 +605,16 @@ def sigmoid_(a, xp):
     return a
 
 
+def _ids_in_range(ids, V, where):
+    """`ids` when every id is in [0, V), else ValueError: the compiled scatter adds rows at these
+    indices without bounds checks, and forward checked them, so only ids changed in place since
+    forward can fail here."""
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise ValueError(f"{where}: the token ids changed since forward (now from {int(ids.min())} to "
+                         f"{int(ids.max())}, outside [0, {V})); do not modify x between forward and backward")
+    return ids
+
+
 def _halves_sums(sums, num_columns, with_sum):
     """(dW, db) from `cpu_kernels.scatter_rows`'s sums (2, V [+ 1], G*H), one per half of the rows: their
     sum, dW (G*H, V) and db (G*H,) or None."""
@@ -636,7 +647,8 @@ def _scatter_columns(ids, dG, num_columns, xp, with_sum=False, reverse=False):
     scatter = kernels.scatter_rows(xp)
     if scatter is not None and dG.strides[-1] == dG.itemsize:
         sums = xp.zeros((2, num_columns + int(with_sum), dG.shape[-1]), dtype=dG.dtype)  # (2, V [+ 1], G*H)
-        scatter(xp.ascontiguousarray(ids, dtype=xp.intp), dG, sums, bool(with_sum), bool(reverse))  # (5.2), (5.3)
+        ids = _ids_in_range(xp.ascontiguousarray(ids, dtype=xp.intp), num_columns, "backward")
+        scatter(ids, dG, sums, bool(with_sum), bool(reverse))  # (5.2), (5.3)
         return _halves_sums(sums, num_columns, with_sum)
     ids, dG2 = ids.reshape(-1), dG.reshape(-1, dG.shape[-1])
     if num_columns <= ONE_HOT_MAX:
