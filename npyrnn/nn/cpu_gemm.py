@@ -594,6 +594,13 @@ def _live_helpers():
     return sum(thread.is_alive() for thread in _threads)
 
 
+def _drop_kept():
+    """Let go of the memory kept alive for a helper that lost its core, once it is done with it."""
+    if _kept:
+        done = int(_ctl[HDONE])
+        _kept[:] = [entry for entry in _kept if entry[0] > done]
+
+
 def _helpers_now():
     """The helpers the next product or loop may post to: `_live_helpers()`, or 0 while the helper is
     paused. Every HELPER_WINDOW products posted, the share of their blocks the helper computed is
@@ -720,9 +727,8 @@ def blocks(m, n, k):
     rows.
     """
     axis, length = max(((0, m), (1, n), (2, k)), key=lambda pair: (pair[1], -pair[0]))
-    if m == 1 and k >= MATVEC_SPLIT_K and n * k >= MATVEC_SPLIT_ITEMS and n >= 2 * BLOCK_MIN:  # a large matrix-vector
-        # product: by columns
-        axis, length = 1, n
+    if m == 1 and k >= MATVEC_SPLIT_K and n * k >= MATVEC_SPLIT_ITEMS and n >= 2 * BLOCK_MIN:
+        axis, length = 1, n  # a large matrix-vector product: by columns (MATVEC_SPLIT_ITEMS)
     elif 2 * m * n * k < SPLIT_FLOPS:
         return 1, 1, n
     nch = max(1, min(MAX_BLOCKS, length // BLOCK_MIN))
@@ -795,9 +801,7 @@ def run_loop(loop, shapes, dtype, keep, *args, halves=False):
         if not one_blas_thread():  # every block is a single-threaded product (another thread changed the count)
             _ctl[DECLINED] += 1
             return False
-        if _kept:  # let go of what the helper has finished with
-            done = int(_ctl[HDONE])
-            _kept[:] = [entry for entry in _kept if entry[0] > done]
+        _drop_kept()
         plans = np.array([blocks(m, n, k) for m, n, k in shapes], dtype=np.int64)  # (axis, nch, cs) each
         helpers_now = _helpers_now()
         hs_need = max((nch * m * n if axis == 2 else m * n) if helpers_now and nch > 1 else 0
@@ -841,26 +845,12 @@ def matvec(W):
     axis, nch, cs = blocks(1, R, C)
     if nch < 2 or axis != 1:
         return None
-    WT, dt, item = W.T, W.dtype, W.itemsize
+    WT, item = W.T, W.itemsize
 
     def f(h, out):
-        if not _started or h.strides[1] != item or out.strides[1] != item or not _lock.acquire(blocking=False):
-            return np.dot(W, h[0], out=out[0])
-        try:
-            if _kept:  # let go of what the helper has finished with
-                done = int(_ctl[HDONE])
-                _kept[:] = [entry for entry in _kept if entry[0] > done]
-            helpers_now = _helpers_now()
-            hs = _scratch(_helper_scratch, dt, R if helpers_now else 0)
-            ps = _scratch(_partials, dt, 0)
-            done = _product(_ctl, _clock, h, WT, out, hs, ps, NO_TRANS, h.strides[0] // item, TRANS, C,
-                            out.strides[0] // item, nch, cs, axis, helpers_now)
-            if done == 2:  # the helper may still be reading h and W (and writing hs)
-                _kept.append((int(_ctl[SEQ]), (h, W, hs)))
-        finally:
-            _lock.release()
-        if not done:  # OpenBLAS not at one thread
-            _ctl[DECLINED] += 1
+        if not (_started and h.strides[1] == item and out.strides[1] == item
+                and _locked_product(h, WT, out, NO_TRANS, h.strides[0] // item, TRANS, C, out.strides[0] // item,
+                                    1, R, (axis, nch, cs))):
             np.dot(W, h[0], out=out[0])
 
     return f
@@ -891,18 +881,26 @@ def matmul(a, b, out):
         return False
     if np.may_share_memory(out, a) or np.may_share_memory(out, b):
         return False
+    return _locked_product(a, b, out, pa[0], pa[1], pb[0], pb[1], pc[1], m, n, blocks(m, n, k))
+
+
+def _locked_product(a, b, out, ta, lda, tb, ldb, ldc, m, n, plan):
+    """`matmul`'s and `matvec`'s product once its operands are checked: out = op(a) op(b) in the blocks
+    of `plan` (`blocks`), shared with the helper; whether it ran (False, nothing written: another
+    thread has the products, they were stopped meanwhile, or OpenBLAS is not at one thread)."""
     if not _lock.acquire(blocking=False):
         _ctl[DECLINED] += 1
         return False
     try:
-        if _kept:  # let go of what the helper has finished with
-            done = int(_ctl[HDONE])
-            _kept[:] = [entry for entry in _kept if entry[0] > done]
-        axis, nch, cs = blocks(m, n, k)
+        if not _started:  # stopped while this thread waited for nothing: `stop` holds the lock to stop
+            return False
+        _drop_kept()
+        axis, nch, cs = plan
+        dt = a.dtype
         helpers_now = _helpers_now()
         hs = _scratch(_helper_scratch, dt, (nch * m * n if axis == 2 else m * n) if helpers_now and nch > 1 else 0)
         ps = _scratch(_partials, dt, nch * m * n if axis == 2 else 0)
-        done = _product(_ctl, _clock, a, b, out, hs, ps, pa[0], pa[1], pb[0], pb[1], pc[1], nch, cs, axis, helpers_now)
+        done = _product(_ctl, _clock, a, b, out, hs, ps, ta, lda, tb, ldb, ldc, nch, cs, axis, helpers_now)
         if not done:
             _ctl[DECLINED] += 1
             return False

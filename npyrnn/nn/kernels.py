@@ -142,45 +142,36 @@ def get(xp, name, dtype):
     return None if key in _failures else kernel
 
 
-def scatter_rows(xp):
-    """`cpu_kernels.scatter_rows` (the gradient of a row gather, compiled) where it may run: on NumPy
+def _cpu_pass(xp, name):
+    """`cpu_kernels.<name>`, a compiled pass that is not a step kernel, where it may run: on NumPy
     with Numba while the fused kernels are on (`set_enabled`, `NPYRNN_FUSED`); else None."""
     if xp.__name__ != "numpy" or not enabled() or not _numba_installed():
         return None
     from npyrnn.nn import cpu_kernels
 
-    return cpu_kernels.scatter_rows
+    return getattr(cpu_kernels, name)
+
+
+def scatter_rows(xp):
+    """`cpu_kernels.scatter_rows` (the gradient of a row gather, compiled), or None: `_cpu_pass`."""
+    return _cpu_pass(xp, "scatter_rows")
 
 
 def softmax_xent(xp, dtype):
-    """`cpu_kernels.softmax_xent32` (the loss and its gradient in one compiled pass) where it may
-    run: on NumPy with Numba while the fused kernels are on, for float32; else None (float64
-    keeps the array operations, the reference the gradient checks use)."""
-    if xp.__name__ != "numpy" or str(dtype) != "float32" or not enabled() or not _numba_installed():
-        return None
-    from npyrnn.nn import cpu_kernels
-
-    return cpu_kernels.softmax_xent32
+    """`cpu_kernels.softmax_xent32` (the loss and its gradient in one compiled pass) for float32, or
+    None: `_cpu_pass` (float64 keeps the array operations, the reference the gradient checks use)."""
+    return _cpu_pass(xp, "softmax_xent32") if str(dtype) == "float32" else None
 
 
 def clipped_sgd(xp):
-    """`cpu_kernels.clipped_sgd` (clipping's scaling and plain SGD's update in one compiled pass)
-    where it may run: on NumPy with Numba while the fused kernels are on; else None."""
-    if xp.__name__ != "numpy" or not enabled() or not _numba_installed():
-        return None
-    from npyrnn.nn import cpu_kernels
-
-    return cpu_kernels.clipped_sgd
+    """`cpu_kernels.clipped_sgd` (clipping's scaling and plain SGD's update in one compiled pass), or
+    None: `_cpu_pass`."""
+    return _cpu_pass(xp, "clipped_sgd")
 
 
 def transpose_into(xp):
-    """`cpu_kernels.transpose_into` (a weight's C-ordered transpose, compiled) where it may run: on
-    NumPy with Numba while the fused kernels are on; else None."""
-    if xp.__name__ != "numpy" or not enabled() or not _numba_installed():
-        return None
-    from npyrnn.nn import cpu_kernels
-
-    return cpu_kernels.transpose_into
+    """`cpu_kernels.transpose_into` (a weight's C-ordered transpose, compiled), or None: `_cpu_pass`."""
+    return _cpu_pass(xp, "transpose_into")
 
 
 def prepare(xp, dtype):
