@@ -229,19 +229,55 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def _start(model, ids, batch_size, num_preds):
-    """Warm up on the prefix ids; return the stepper and the device array of generated ids."""
+def _warm_up(model, ids):
+    """The state of one sequence after all prefix ids but the last: fed a token at a time through
+    the stepper, as d2l's `predict_ch8` feeds them, or for a bidirectional model (whose stepper
+    runs each token alone) in one forward pass over them."""
     xp = model.xp
     state = model.begin_state(1)
-    if len(ids) > 1:  # warm-up: one forward pass over all but the last prefix token, for one sequence
-        _, state = model.forward(xp.asarray([ids[:-1]]), state)
+    if len(ids) < 2:
+        return state
+    prefix = xp.asarray(ids[:-1], dtype="int64")
+    if getattr(getattr(model, "rnn", None), "bidirectional", False):
+        _, state = model.forward(prefix[None, :], state)
+        return state
+    step = model.stepper(state)  # updates state in place
+    for t in range(len(prefix)):
+        step(prefix[t : t + 1])
+    return state
+
+
+def _start(model, ids, batch_size, num_preds):
+    """Warm up on the prefix ids; return the state after them (every sample's) and the device array of
+    generated ids, whose first row is the last prefix id."""
+    xp = model.xp
+    state = _warm_up(model, ids)
     if isinstance(state, tuple):  # the LSTM's (h, c)
         state = tuple(xp.repeat(part, batch_size, axis=1) for part in state)
     else:
         state = xp.repeat(state, batch_size, axis=1)  # (L*D, B, H): every sample starts from it
     out = xp.empty((num_preds + 1, batch_size), dtype="int64")  # generated ids stay on the device
     out[0] = ids[-1]
-    return model.stepper(state), out
+    return state, out
+
+
+def _greedy_ids(model, ids, num_preds):
+    """Greedy generation of one sequence: the device array (num_preds,) of ids after the prefix ids.
+
+    One compiled loop, warm-up included, where it can run (`RNNLM._greedy_compiled`); else the
+    warm-up and then the stepper a token at a time. The same ids either way, and no host sync
+    per token.
+    """
+    xp = model.xp
+    P = len(ids)
+    out = xp.empty((P + num_preds, 1), dtype="int64")  # the prefix, then the generated ids
+    out[:P, 0] = xp.asarray(ids, dtype="int64")
+    compiled = getattr(model, "_greedy_compiled", None)  # a stand-in model may not have it
+    if compiled is None or not compiled(model.begin_state(1), out, P - 1):
+        step = model.stepper(_warm_up(model, ids))
+        for t in range(P - 1, P - 1 + num_preds):
+            step(out[t]).argmax(axis=1, out=out[t + 1])
+    return out[P:, 0]
 
 
 class _Stop:
@@ -275,7 +311,8 @@ def _pieces(prefix, tokens, num_preds, model, vocab, temperature, top_k, top_p, 
 def _pieces_eval(prefix, tokens, num_preds, model, vocab, temperature, top_k, top_p, seeds, sep, stop):
     xp = model.xp
     B = len(seeds)
-    step, out = _start(model, vocab[tokens], B, num_preds)
+    state, out = _start(model, vocab[tokens], B, num_preds)
+    step = model.stepper(state)
     sampler = _Sampler(seeds, model.vocab_size, temperature, top_k, top_p) if temperature else None
     stops = [_Stop(stop) if stop is not None else None for _ in range(B)]
     running = [True] * B
@@ -403,9 +440,7 @@ def predict(prefix, num_preds, model, vocab, temperature=0.0, top_k=None, seed=N
         texts = ["".join(pieces) for pieces in texts]
     else:  # greedy (one sample): the ids stay on the device until the end, no host sync per token
         with _eval_mode(model):
-            step, out = _start(model, vocab[tokens], 1, num_preds)
-            for t in range(num_preds):
-                step(out[t]).argmax(axis=1, out=out[t + 1])
-        generated = vocab.to_tokens(backend.to_numpy(out[1:, 0]))
+            ids = _greedy_ids(model, vocab[tokens], num_preds)
+        generated = vocab.to_tokens(backend.to_numpy(ids))
         texts = [prefix + _cut("".join(sep + g for g in generated), stop)]
     return texts[0] if num_samples is None else texts

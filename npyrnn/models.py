@@ -212,6 +212,17 @@ class RNNLM(Module):
 
         return step
 
+    def _greedy_compiled(self, state, out, forced):
+        """Feed the ids out[:forced + 1] (N, 1) a step at a time, then fill out[forced + 1:] greedily,
+        as `predict` does with the stepper, in one compiled loop (`npyrnn.nn.cpu_greedy`: the same
+        ids and final state); whether it ran (on NumPy with the split products and the fused
+        kernels on, at batch 1, unidirectional; else nothing is done)."""
+        if self.xp.__name__ != "numpy" or backend.split_products() is None:
+            return False
+        from npyrnn.nn import cpu_greedy
+
+        return cpu_greedy.run(self, state, out, forced)
+
     def backward(self, dlogits, dstate=None):
         """Backpropagate `dlogits` through the output layer and the recurrent layer; grads accumulate.
 

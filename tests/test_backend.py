@@ -24,6 +24,7 @@ HOST_SIDE = {
     "nn/cpu_kernels.py": "the Numba-compiled kernels, which run on NumPy arrays only (kernels.get hands them out on NumPy)",
     "nn/cpu_gemm.py": "the split products, NumPy's OpenBLAS called on NumPy arrays only (backend.matmul hands them out on NumPy)",
     "nn/cpu_loops.py": "the compiled time loops, on NumPy arrays only (Recurrent._cpu_loops hands them out on NumPy)",
+    "nn/cpu_greedy.py": "greedy generation compiled whole, on NumPy arrays only (RNNLM._greedy_compiled runs it on NumPy)",
 }
 COMPUTE_MODULES = sorted({path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")} - set(HOST_SIDE))
 

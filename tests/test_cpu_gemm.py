@@ -102,7 +102,7 @@ def test_products_match_numpy_and_repeat_at_every_thread_count(m, k, n, kinds, d
     dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**16),
 )
 def test_one_row_products_are_split_matrix_vector_products(k, n, kinds, dtype, seed):
-    """Generation at batch 1: a (1, k) row times op(b) (k, n). A large one (n k >= MATVEC_SPLIT_ITEMS, k >= 512)
+    """Generation at batch 1: a (1, k) row times op(b) (k, n). A large one (n k >= MATVEC_SPLIT_ITEMS, k >= MATVEC_SPLIT_K)
     is cut by columns into two matrix-vector products, one a thread: the same bits at 0 and 1
     helpers, through `matmul` and through the stepper's planned `matvec(W)` alike; a smaller one
     is declined."""

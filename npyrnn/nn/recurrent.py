@@ -551,7 +551,7 @@ class Recurrent(Module):
         if self._has_cell_state:
             self._check_state("c", c, B, xp, size=self.hidden_size, layers=L)
         table = self._input_table(0, "", xp.empty((self.input_size, GH), dtype=self.dtype))  # (5.1)
-        W_ihT = [self._p("weight_ih", k, "").T for k in range(L)]
+        input_products = [hidden_product(self._p("weight_ih", k, ""), B, xp) for k in range(L)]  # x W_ih^T (gemv at B = 1)
         bias = [self._input_bias(k, "") if self.bias else None for k in range(L)]
         xw = xp.empty((B, GH), dtype=self.dtype)  # the input side of layer k's gates
         cell_steps = [self._step_fn(k, h, c, xw) for k in range(L)]
@@ -561,7 +561,7 @@ class Recurrent(Module):
                 if k == 0 and x_t.dtype.kind in "iu":  # token ids
                     backend.take_rows(table, x_t, out=xw)  # onehot(x_t) W_ih^T + b        (5.1)
                 else:
-                    backend.matmul(x_t if k == 0 else h[k - 1], W_ihT[k], out=xw)  # x_t W_ih^T   (2.1)
+                    input_products[k](x_t if k == 0 else h[k - 1], xw)  # x_t W_ih^T            (2.1)
                     if bias[k] is not None:
                         xp.add(xw, bias[k], out=xw)
                 cell_steps[k]()
