@@ -264,19 +264,25 @@ def _start(model, ids, batch_size, num_preds):
 def _greedy_ids(model, ids, num_preds):
     """Greedy generation of one sequence: the device array (num_preds,) of ids after the prefix ids.
 
-    One compiled loop, warm-up included, where it can run (`RNNLM._greedy_compiled`); else the
-    warm-up and then the stepper a token at a time. The same ids either way, and no host sync
-    per token.
+    A compiled loop, warm-up included, where it can run (`RNNLM._greedy_compiled`); else (or from
+    where it stopped) the stepper a token at a time, after a forward pass over the prefix for a
+    bidirectional model. The same ids either way, and no host sync per token.
     """
     xp = model.xp
     P = len(ids)
     out = xp.empty((P + num_preds, 1), dtype="int64")  # the prefix, then the generated ids
     out[:P, 0] = xp.asarray(ids, dtype="int64")
+    state = model.begin_state(1)
     compiled = getattr(model, "_greedy_compiled", None)  # a stand-in model may not have it
-    if compiled is None or not compiled(model.begin_state(1), out, P - 1):
-        step = model.stepper(_warm_up(model, ids))
-        for t in range(P - 1, P - 1 + num_preds):
-            step(out[t]).argmax(axis=1, out=out[t + 1])
+    fed = compiled(state, out, P - 1) if compiled is not None else 0  # ids of out fed so far
+    if fed < P - 1 + num_preds:
+        if fed == 0 and getattr(getattr(model, "rnn", None), "bidirectional", False):
+            state, fed = _warm_up(model, ids), P - 1  # no step-by-step form: the prefix in one pass
+        step = model.stepper(state)  # goes on from the state after out[:fed]
+        for t in range(fed, P - 1 + num_preds):
+            logits = step(out[t])
+            if t >= P - 1:
+                logits.argmax(axis=1, out=out[t + 1])
     return out[P:, 0]
 
 

@@ -214,11 +214,11 @@ class RNNLM(Module):
 
     def _greedy_compiled(self, state, out, forced):
         """Feed the ids out[:forced + 1] (N, 1) a step at a time, then fill out[forced + 1:] greedily,
-        as `predict` does with the stepper, in one compiled loop (`npyrnn.nn.cpu_greedy`: the same
-        ids and final state); whether it ran (on NumPy with the split products and the fused
-        kernels on, at batch 1, unidirectional; else nothing is done)."""
+        as `predict` does with the stepper, in a compiled loop (`npyrnn.nn.cpu_greedy.run`: the
+        same ids and final state); the number of ids fed, N - 1 when done (on NumPy with the split
+        products and the fused kernels on, at batch 1, unidirectional; else 0, nothing done)."""
         if self.xp.__name__ != "numpy" or backend.split_products() is None:
-            return False
+            return 0
         from npyrnn.nn import cpu_greedy
 
         return cpu_greedy.run(self, state, out, forced)

@@ -112,7 +112,7 @@ def test_the_compiled_loop_gives_the_stepper_loops_ids_and_state(name, L, dtype,
     prefix = [3, 1, 4, 1, 5]
     model = varied_model(CELLS[name], L, dtype, prefix, 40)
     ran, ids, state, _ = compiled_loop(model, prefix, 40)
-    assert ran
+    assert ran == len(prefix) - 1 + 40
     expected, expected_state = stepper_loop(model, prefix, 40)
     assert ids == expected
     for ours, theirs in zip(parts(state), parts(expected_state)):
@@ -132,7 +132,7 @@ def test_a_product_cut_between_the_cores_gives_the_same_bits(name):
     assert (cpu_gemm.blocks(1, rows, H)[1] == 2) == cut
     before = cpu_gemm.stats()
     ran, ids, state, _ = compiled_loop(model, [1, 2, 3], 30)
-    assert ran
+    assert ran == 2 + 30
     after = cpu_gemm.stats()
     if cut:
         assert after["posted"] > before["posted"]  # offered to the helper (which computes them when awake)
@@ -161,7 +161,7 @@ def test_any_model_and_prefix_gives_the_stepper_loops_ids_and_state(name, V, H, 
     model = model_of(cfg, V=V, H=H, L=L, dtype=dtype, seed=V * 7 + H)
     prefix = [i % V for i in prefix]
     ran, ids, state, _ = compiled_loop(model, prefix, n)
-    assert ran
+    assert ran == len(prefix) - 1 + n
     again = compiled_loop(model, prefix, n)  # a second call: nothing carried over from the first
     assert again[1] == ids
     expected, expected_state = stepper_loop(model, prefix, n)
@@ -179,15 +179,52 @@ def test_predict_gives_the_same_text_compiled_or_not(monkeypatch):
     for name in ("gru", "lstm proj", "rnn tanh"):
         model = model_of(CELLS[name], V=len(vocab), H=16, L=2, dtype="float32")
         compiled = predict("abc ab", 60, model, vocab)
-        assert calls[-1] is True
+        assert calls[-1] == 6 - 1 + 60
         cpu_greedy.enabled = False
         try:
             assert predict("abc ab", 60, model, vocab) == compiled
-            assert calls[-1] is False
+            assert calls[-1] == 0
         finally:
             cpu_greedy.enabled = True
         stop = compiled[6:8]
         assert predict("abc ab", 60, model, vocab, stop=stop) == compiled[: compiled.index(stop, 6) + 2]
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm proj"])
+def test_calls_of_a_few_tokens_each_give_the_same_ids_and_state(name, monkeypatch):
+    """`CHUNK` tokens a compiled call (Ctrl-C is seen between calls): chunks of 7, the prefix cut too."""
+    split(1)
+    prefix = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    model = varied_model(CELLS[name], 2, "float64", prefix, 40)
+    monkeypatch.setattr(cpu_greedy, "CHUNK", 7)
+    calls = []
+    real = cpu_gemm.run_loop
+    monkeypatch.setattr(cpu_gemm, "run_loop", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ran, ids, state, _ = compiled_loop(model, prefix, 40)
+    assert ran == len(prefix) - 1 + 40 and len(calls) == 7  # 49 tokens: 7 calls
+    expected, expected_state = stepper_loop(model, prefix, 40)
+    assert ids == expected
+    for ours, theirs in zip(parts(state), parts(expected_state)):
+        assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("declined_after", [0, 1, 3])
+def test_predict_goes_on_with_the_stepper_where_the_compiled_calls_stop(declined_after, monkeypatch):
+    """The products taken by another thread between two calls: the stepper goes on from there."""
+    split(0)
+    vocab = Vocab(list("abcdefghij "))
+    model = model_of(CELLS["lstm"], V=len(vocab), H=12, L=2, dtype="float32")
+    expected = predict("abc ab", 50, model, vocab)
+    monkeypatch.setattr(cpu_greedy, "CHUNK", 8)
+    calls = []
+    real = cpu_gemm.run_loop
+    monkeypatch.setattr(cpu_gemm, "run_loop",
+                        lambda *a, **k: len(calls) < declined_after and (calls.append(1) or real(*a, **k)))
+    fed = []
+    real_run = cpu_greedy.run
+    monkeypatch.setattr(cpu_greedy, "run", lambda *a: fed.append(real_run(*a)) or fed[-1])
+    assert predict("abc ab", 50, model, vocab) == expected
+    assert fed == [8 * declined_after]
 
 
 def declined(model, state=None, out=None, forced=0):
@@ -204,7 +241,7 @@ def test_it_declines_where_it_cannot_run_and_writes_nothing(monkeypatch):
     model = model_of(CELLS["gru"])
     assert declined(model), "split products off: declined"
     split(0)
-    assert cpu_greedy.run(model, model.begin_state(1), np.zeros((6, 1), dtype=np.int64)), "it runs with the products on"
+    assert cpu_greedy.run(model, model.begin_state(1), np.zeros((6, 1), dtype=np.int64)) == 5, "it runs with the products on"
     both_ways = RNNLM(13, 9, bidirectional=True, seed=0)
     both_ways.eval()
     assert declined(both_ways), "no step-by-step form"

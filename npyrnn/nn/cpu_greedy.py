@@ -33,6 +33,7 @@ from npyrnn.nn.cpu_loops import (_gru_after_fwd, _gru_after_fwd_nobias, _gru_bef
 __all__ = ["run"]
 
 enabled = True  # False: `predict` runs the stepper a token at a time
+CHUNK = 4096  # tokens a compiled call (40-80 ms): Ctrl-C is seen between calls
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
 RNN_TANH, RNN_RELU, GRU_AFTER, GRU_BEFORE, LSTM = range(5)  # the loop's `cell`
@@ -158,31 +159,34 @@ def _stack(arrays, shape, dtype):
 
 def run(model, state, out, forced=0):
     """Feed the ids out[:forced + 1, 0] a step at a time, then fill out[forced + 1:, 0] greedily, as
-    `predict` does with the stepper; whether it ran.
+    `predict` does with the stepper; the number of ids fed.
 
     model: an `RNNLM` in evaluation mode; state: its state at batch 1, (L, 1, P) or the LSTM's
-    (h, c), updated in place; out: (N, 1) int64, N > forced. False, with nothing done, where
-    the loop cannot run here (see the module's docstring).
+    (h, c), updated in place; out: (N, 1) int64, N > forced. Runs in calls of `CHUNK` tokens,
+    between which Python can raise KeyboardInterrupt. Returns N - 1 when done; 0, with nothing
+    done, where the loop cannot run here (see the module's docstring); fewer when the products
+    were taken by another thread between two calls: out[:fed + 1] is then written and the state
+    is the state after out[:fed], for the stepper to go on from.
     """
     rnn, linear = model.rnn, model.linear
     h, c = state if isinstance(state, tuple) else (state, None)
     dtype = np.dtype(model.dtype)
     if not enabled or backend.split_products() is None or rnn.bidirectional or rnn._dropping():
-        return False
+        return 0
     if not (isinstance(h, np.ndarray) and h.ndim == 3 and h.shape[1] == 1 and h.flags.c_contiguous
             and h.dtype == dtype and (c is None or (isinstance(c, np.ndarray) and c.flags.c_contiguous
                                                   and c.dtype == dtype))):
-        return False
+        return 0
     if not (isinstance(out, np.ndarray) and out.dtype == np.int64 and out.ndim == 2 and out.shape[1] == 1
             and out.flags.c_contiguous and 0 <= forced < out.shape[0]
             and linear.params["weight"].shape[0] == rnn.input_size):  # each id chosen is the next input
-        return False
+        return 0
     given = out[: forced + 1, 0]
     if given.min() < 0 or given.max() >= rnn.input_size:  # the loop's gather reads no bounds
-        return False
+        return 0
     cell = _fused(rnn, dtype)
     if cell is None:
-        return False
+        return 0
     L, H, P, G = rnn.num_layers, rnn.hidden_size, rnn.output_size, rnn.GATES
     GH, V = G * H, linear.params["weight"].shape[0]
     table = rnn._input_table(0, "", np.empty((rnn.input_size, GH), dtype=dtype))  # (5.1)
@@ -212,7 +216,14 @@ def run(model, state, out, forced=0):
     tmp, rh, m = (np.empty((1, H), dtype=dtype) for _ in range(3))
     logits = np.empty((1, V), dtype=dtype)
     if any(cpu_gemm.blocks(*shape)[0] != 1 for shape in shapes):  # a cut over k: `numpy.dot`'s bits are not its
-        return False
+        return 0
     keep = (W_ih, h, W_hh, W_n, W_hr, xw, gh, tmp, rh, m, W_out, logits)  # what the products read or write
-    return cpu_gemm.run_loop(_greedy, shapes, dtype, keep, out, forced, table, W_ih, b_ih, bool(rnn.bias), cell, h, c, W_hh,
-                             W_n, W_hr, b_hn, xw, gh, tmp, rh, m, W_out, b_out, has_out_bias, logits, small=True)
+    fed, n = 0, out.shape[0] - 1
+    while fed < n:
+        end = min(n, fed + CHUNK)
+        if not cpu_gemm.run_loop(_greedy, shapes, dtype, keep, out[fed : end + 1], max(forced - fed, 0), table, W_ih,
+                                 b_ih, bool(rnn.bias), cell, h, c, W_hh, W_n, W_hr, b_hn, xw, gh, tmp, rh, m, W_out,
+                                 b_out, has_out_bias, logits, small=True):
+            break
+        fed = end
+    return fed
