@@ -1,8 +1,9 @@
 """The entry point every example shares: bad input is one line on stderr and exit code 2, like `npyrnn`.
 
 Not an example itself: the scripts import it from their own folder (on `sys.path` when a
-script runs). `Parser` is argparse whose usage errors are one line (no usage dump);
-`positive_int` and friends reject impossible flag values while parsing; `check_memory`
+script runs). `Parser` is the `npyrnn` command's argparse, whose usage errors are one line (no
+usage dump); `positive_int` and friends (also the command's) reject impossible flag values while
+parsing; `folder` an empty output folder name; `check_memory`
 refuses a model far beyond the machine's memory; `run` calls a
 script's `main` and turns `npyrnn.errors.NpyrnnError` (an unusable backend, a missing corpus
 or checkpoint, impossible sizes), `OSError` and `MemoryError` into
@@ -19,35 +20,13 @@ import os
 import sys
 from pathlib import Path
 
-from npyrnn.errors import NpyrnnError  # imports nothing else, so it works whatever NPYRNN_BACKEND says
+# the `npyrnn` command's own parser and flag types (npyrnn.cli imports only the standard library and
+# npyrnn.errors at import time, so they work whatever NPYRNN_BACKEND says)
+from npyrnn.cli import Parser, nonnegative_float, nonnegative_int, positive_float, positive_int, probability
+from npyrnn.errors import NpyrnnError
 
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line, `NAME: error: MESSAGE`, with exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
-
-
-def _typed(kind, check, what):
-    def convert(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-
-    convert.__name__ = what
-    return convert
-
-
-positive_int = _typed(int, lambda v: v >= 1, "a positive integer")
-nonnegative_int = _typed(int, lambda v: v >= 0, "a non-negative integer")
-positive_float = _typed(float, lambda v: 0 < v < float("inf"), "a positive number")
-nonnegative_float = _typed(float, lambda v: 0 <= v < float("inf"), "a non-negative number")
-probability = _typed(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+__all__ = ["Parser", "positive_int", "nonnegative_int", "positive_float", "nonnegative_float", "probability", "folder",
+           "check_memory", "run"]
 
 
 def folder(text):

@@ -46,7 +46,7 @@ class _HelpFormatter(argparse.HelpFormatter):
         return bool(action.option_strings) and not (default is None or default is False or default == argparse.SUPPRESS)
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (no usage dump), exit code 2; defaults shown in --help."""
 
     def __init__(self, *args, **kwargs):
@@ -122,9 +122,9 @@ def _add_data_flags(p):
 def build_parser():
     from npyrnn import __version__
 
-    parser = _Parser(prog="npyrnn", description="Recurrent language models with hand-derived BPTT on NumPy or CuPy.")
+    parser = Parser(prog="npyrnn", description="Recurrent language models with hand-derived BPTT on NumPy or CuPy.")
     parser.add_argument("--version", action="version", version=f"npyrnn {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", help="train a character-level RNN language model",
                        description="Train an RNN language model and write model.safetensors, metrics.csv, "
