@@ -1,7 +1,9 @@
 """Text generation from a trained language model (d2l's `predict_ch8`): greedy or sampled, batched, streamed.
 
-The prefix warms the state up (one forward pass over all but its last token); then each
-step feeds one token per sample through `RNNLM.stepper` and picks the next one:
+The prefix warms the state up (all but its last token, fed a token at a time as d2l's
+`predict_ch8` feeds them; for a bidirectional model, which has no step-by-step form, one
+forward pass over them); then each step feeds one token per sample through `RNNLM.stepper`
+and picks the next one:
 
 - **greedy** (`temperature=0`, d2l's choice): the most likely token;
 - **sampled** (`temperature > 0`): a draw from `sampling_probs`, which applies, in this
@@ -15,7 +17,9 @@ Costs:
 
 - Greedy generation by `predict` keeps the generated ids on the device and copies them back
   once at the end: no host sync per token, with or without a stop string (the text is cut
-  after the stop string at the end, so all `num_preds` steps run).
+  after the stop string at the end, so all `num_preds` steps run). On NumPy with the `fast`
+  extra, while the split products are on (`npyrnn generate` turns them on), its warm-up and
+  its loop run compiled whole (`npyrnn.nn.cpu_greedy`), with the stepper's bits.
 - Sampling copies each step's logits, shape (B, V), to the host and draws there: one host
   sync per token, which drawing on the host needs. It stops early once every sample has met
   its stop string.
