@@ -34,6 +34,8 @@ CELLS = {  # every cell and variant the loop has a branch for
     "lstm": {"cell": "lstm"},
     "lstm proj": {"cell": "lstm", "proj_size": 5},
     "lstm no bias": {"cell": "lstm", "bias": False},
+    "lstm proj no bias": {"cell": "lstm", "proj_size": 5, "bias": False},
+    "gru reset before no bias": {"cell": "gru", "reset_after": False, "bias": False},
 }
 
 
@@ -227,6 +229,22 @@ def test_predict_goes_on_with_the_stepper_where_the_compiled_calls_stop(declined
     assert fed == [8 * declined_after]
 
 
+@pytest.mark.parametrize("logits", ["tied", "nan"])
+def test_the_argmax_is_numpys_on_ties_and_nans(logits):
+    """numpy.argmax takes the first of equal values, and the first NaN if there is one."""
+    split(0)
+    model = model_of(CELLS["gru"], V=9, H=6)
+    model.linear.params["weight"][...] = 0  # the logits are the bias
+    bias = np.array([0.0, 1.0, 5.0, 2.0, 5.0, -1.0, 5.0, 0.0, 3.0])
+    if logits == "nan":
+        bias[[3, 7]] = np.nan
+    model.linear.params["bias"][...] = bias
+    ran, ids, state, _ = compiled_loop(model, [1, 2], 6)
+    assert ran == 7 and ids == [2 if logits == "tied" else 3] * 6
+    expected, expected_state = stepper_loop(model, [1, 2], 6)
+    assert ids == expected and np.array_equal(state, expected_state)
+
+
 def declined(model, state=None, out=None, forced=0):
     state = model.begin_state(1) if state is None else state
     if out is None:
@@ -254,6 +272,23 @@ def test_it_declines_where_it_cannot_run_and_writes_nothing(monkeypatch):
     assert declined(model, out=np.zeros((6, 1), dtype=np.int32)), "int64 ids only"
     assert declined(model, state=np.zeros((1, 2, 9))), "batch 1 only"
     assert declined(model, state=np.zeros((1, 1, 9), dtype=np.float32)), "the model's dtype"
+    for wrong in (np.zeros((2, 1, 9)), np.zeros((1, 1, 8)), (np.zeros((1, 1, 9)), np.zeros((1, 1, 9))), [np.zeros((1, 1, 9))],
+                  np.zeros((1, 1, 9))[:, :, ::-1]):  # more layers, another size, an LSTM's pair, a list, strided
+        assert declined(model, state=wrong)
+    lstm = model_of(CELLS["lstm proj"], L=2)  # h (2, 1, 5), c (2, 1, 9)
+    for wrong in (np.zeros((2, 1, 5)), (np.zeros((2, 1, 9)), np.zeros((2, 1, 9))), (np.zeros((2, 1, 5)), np.zeros((1, 1, 9))),
+                  (np.zeros((2, 1, 5)), np.zeros((2, 9)))):
+        assert declined(lstm, state=wrong)
+    read_only = np.zeros((6, 1), dtype=np.int64)
+    read_only.flags.writeable = False
+    assert not cpu_greedy.run(model, model.begin_state(1), read_only)
+    for name, value in (("rnn.weight_hh_l0", np.asfortranarray(model.params["rnn.weight_hh_l0"])),
+                        ("linear.weight", np.asfortranarray(model.params["linear.weight"])),
+                        ("linear.bias", model.params["linear.bias"].astype(">f8"))):
+        other = model_of(CELLS["gru"])
+        layer, key = name.split(".")
+        getattr(other, layer).params[key] = value  # the stepper reads it as it is: declined, not copied
+        assert declined(other), name
     kernels.set_enabled(False)
     assert declined(model), "fused kernels off: the stepper's array operations are the reference"
     kernels.set_enabled(True)

@@ -16,9 +16,13 @@ same compiled kernels as `cpu_loops`. So it writes the ids the stepper's loop wr
 the state it leaves, bit for bit (`tests/test_cpu_greedy.py`).
 
 Used on NumPy while the split products are on (`backend.set_cpu_threads`, as `npyrnn generate`
-calls it) and the cell's fused kernels are on; `run` returns False, having done nothing,
-otherwise (and for a bidirectional model, which has no step-by-step form), and `predict` runs
-the stepper. `enabled = False` turns it off.
+calls it) and the cell's fused kernels are on; `run` returns 0, having done nothing, otherwise
+(and for a bidirectional model, which has no step-by-step form, a state or an output array of
+another shape, dtype or layout than the stepper's, parameters not C-ordered in the model's
+dtype), and `predict` runs the stepper. The same bits as the stepper where both get the split
+products (the stepper falls back to `numpy.dot` while another thread holds them, which may
+differ in the last place where `blocks` cuts a product). A one-layer model's weights are read
+where they are; a deeper model's are copied once a call. `enabled = False` turns it off.
 """
 
 import numpy as np
@@ -137,12 +141,12 @@ def _fused(rnn, dtype):
     would use them), else None."""
     name = type(rnn).__name__
     if name == "RNN":
-        ok = kernels.get(np, f"rnn_fwd_{rnn.nonlinearity}", rnn.dtype) is not None
+        ok = kernels.get(np, f"rnn_fwd_{rnn.nonlinearity}", dtype) is not None
         return (RNN_TANH if rnn.nonlinearity == "tanh" else RNN_RELU) if ok else None
     if name == "GRU":
         return (GRU_AFTER if rnn.reset_after else GRU_BEFORE) if rnn._fused_forward(np) is not None else None
     if name == "LSTM":
-        return LSTM if kernels.get(np, "lstm_fwd", rnn.dtype) is not None else None
+        return LSTM if kernels.get(np, "lstm_fwd", dtype) is not None else None
     return None
 
 
@@ -169,26 +173,31 @@ def run(model, state, out, forced=0):
     is the state after out[:fed], for the stepper to go on from.
     """
     rnn, linear = model.rnn, model.linear
-    h, c = state if isinstance(state, tuple) else (state, None)
-    dtype = np.dtype(model.dtype)
+    dtype = np.dtype(rnn.dtype)
     if not enabled or backend.split_products() is None or rnn.bidirectional or rnn._dropping():
         return 0
-    if not (isinstance(h, np.ndarray) and h.ndim == 3 and h.shape[1] == 1 and h.flags.c_contiguous
-            and h.dtype == dtype and (c is None or (isinstance(c, np.ndarray) and c.flags.c_contiguous
-                                                  and c.dtype == dtype))):
+    L, H, P = rnn.num_layers, rnn.hidden_size, rnn.output_size
+    h, c = state if isinstance(state, tuple) and len(state) == 2 else (state, None)
+    states = [(h, (L, 1, P))] + ([(c, (L, 1, H))] if rnn._has_cell_state else [])
+    if (rnn._has_cell_state and not isinstance(state, tuple)) or (not rnn._has_cell_state and c is not None):
+        return 0
+    if not all(isinstance(a, np.ndarray) and a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+               and a.flags.writeable for a, shape in states):  # the loop reads and writes them without bounds
+        return 0
+    params = list(rnn.params.values()) + list(linear.params.values())
+    if not all(p.dtype == dtype and p.flags.c_contiguous for p in params):  # the stepper's products read them as they are
         return 0
     if not (isinstance(out, np.ndarray) and out.dtype == np.int64 and out.ndim == 2 and out.shape[1] == 1
-            and out.flags.c_contiguous and 0 <= forced < out.shape[0]
-            and linear.params["weight"].shape[0] == rnn.input_size):  # each id chosen is the next input
+            and out.flags.c_contiguous and out.flags.writeable and 0 <= forced < out.shape[0]
+            and linear.params["weight"].shape == (rnn.input_size, P)):  # each id chosen is the next input
         return 0
     given = out[: forced + 1, 0]
     if given.min() < 0 or given.max() >= rnn.input_size:  # the loop's gather reads no bounds
         return 0
-    cell = _fused(rnn, dtype)
+    cell = _fused(rnn, rnn.dtype)
     if cell is None:
         return 0
-    L, H, P, G = rnn.num_layers, rnn.hidden_size, rnn.output_size, rnn.GATES
-    GH, V = G * H, linear.params["weight"].shape[0]
+    GH, V = rnn.GATES * H, rnn.input_size
     table = rnn._input_table(0, "", np.empty((rnn.input_size, GH), dtype=dtype))  # (5.1)
     W_ih = _stack([rnn._p("weight_ih", k, "") for k in range(1, L)], (GH, P), dtype)
     b_ih = _stack([rnn._input_bias(k, "") for k in range(1, L)] if rnn.bias else [], (GH,), dtype)
@@ -209,7 +218,7 @@ def run(model, state, out, forced=0):
     W_hh = _stack(W_hh, W_hh[0].shape, dtype)
     if c is None:
         c = np.empty((L, 1, 0), dtype=dtype)
-    W_out = np.ascontiguousarray(linear.params["weight"], dtype=dtype)
+    W_out = linear.params["weight"]
     has_out_bias = bool(linear.bias)
     b_out = linear.params["bias"] if has_out_bias else np.empty(0, dtype=dtype)
     xw, gh = np.empty((1, GH), dtype=dtype), np.empty((1, GH), dtype=dtype)

@@ -551,7 +551,8 @@ class Recurrent(Module):
         if self._has_cell_state:
             self._check_state("c", c, B, xp, size=self.hidden_size, layers=L)
         table = self._input_table(0, "", xp.empty((self.input_size, GH), dtype=self.dtype))  # (5.1)
-        input_products = [hidden_product(self._p("weight_ih", k, ""), B, xp) for k in range(L)]  # x W_ih^T (gemv at B = 1)
+        W_ihT = self._p("weight_ih", 0, "").T  # dense input: any float dtype, as forward takes it
+        input_products = [None] + [hidden_product(self._p("weight_ih", k, ""), B, xp) for k in range(1, L)]  # (gemv at B = 1)
         bias = [self._input_bias(k, "") if self.bias else None for k in range(L)]
         xw = xp.empty((B, GH), dtype=self.dtype)  # the input side of layer k's gates
         cell_steps = [self._step_fn(k, h, c, xw) for k in range(L)]
@@ -561,7 +562,10 @@ class Recurrent(Module):
                 if k == 0 and x_t.dtype.kind in "iu":  # token ids
                     backend.take_rows(table, x_t, out=xw)  # onehot(x_t) W_ih^T + b        (5.1)
                 else:
-                    input_products[k](x_t if k == 0 else h[k - 1], xw)  # x_t W_ih^T            (2.1)
+                    if k == 0:
+                        backend.matmul(x_t, W_ihT, out=xw)  # x_t W_ih^T                     (2.1)
+                    else:
+                        input_products[k](h[k - 1], xw)  # h^{k-1}_t W_ih^T                (2.1)
                     if bias[k] is not None:
                         xp.add(xw, bias[k], out=xw)
                 cell_steps[k]()
@@ -581,8 +585,8 @@ def hidden_product(W, B, xp):
 
     With one sequence (B = 1) a matrix-vector product (gemv) beats a one-row matrix product;
     while the split products are on (`backend.set_cpu_threads`, as `npyrnn generate` sets them)
-    a large one (W of 512 KB or more, rows of 512 or more: the scratch RNN at H = 512) is cut in
-    two by rows of W, one half a thread (`cpu_gemm.matvec`).
+    a large one (W of 192K items or more in rows of 256 or more: the GRU and the LSTM at H = 256,
+    the scratch RNN at H = 512) is cut in two by rows of W, one half a thread (`cpu_gemm.matvec`).
     """
     if B == 1:
         if xp.__name__ == "numpy" and backend.split_products():
