@@ -16,7 +16,8 @@ pytest.importorskip("numba", reason="the compiled loops need Numba (pip install 
 
 from npyrnn import backend  # noqa: E402
 from npyrnn.data import Vocab  # noqa: E402
-from npyrnn.generate import predict  # noqa: E402
+from npyrnn import generate  # noqa: E402
+from npyrnn.generate import generate_stream, predict  # noqa: E402
 from npyrnn.models import RNNLM  # noqa: E402
 from npyrnn.nn import cpu_gemm, kernels  # noqa: E402
 
@@ -243,6 +244,32 @@ def test_the_argmax_is_numpys_on_ties_and_nans(logits):
     assert ran == 7 and ids == [2 if logits == "tied" else 3] * 6
     expected, expected_state = stepper_loop(model, [1, 2], 6)
     assert ids == expected and np.array_equal(state, expected_state)
+
+
+@pytest.mark.parametrize("chunk", [256, 5])
+@pytest.mark.parametrize("declined_after", [None, 1, 2])
+def test_streamed_greedy_text_is_predicts(chunk, declined_after, monkeypatch):
+    """Greedy streaming of one sequence runs compiled, `STREAM_CHUNK` tokens a call, and joins to
+    `predict`'s text, with and without a stop string; should the products be taken by another
+    thread after some calls, the stepper goes on from there."""
+    split(1)
+    vocab = Vocab(list("abcdefghij "))
+    model = model_of(CELLS["lstm proj"], V=len(vocab), H=16, L=2, dtype="float32")
+    expected = predict("abc ab", 60, model, vocab)
+    stop = expected[9:11]
+    expected_stopped = predict("abc ab", 60, model, vocab, stop=stop)
+    assert len(expected_stopped) < len(expected)
+    monkeypatch.setattr(generate, "STREAM_CHUNK", chunk)
+    calls = []
+    real = cpu_gemm.run_loop
+    monkeypatch.setattr(cpu_gemm, "run_loop", lambda *a, **k: (declined_after is None or len(calls) < declined_after)
+                        and (calls.append(1) or real(*a, **k)))
+    pieces = list(generate_stream("abc ab", 60, model, vocab))
+    assert "".join(pieces) == expected and pieces[0] == "abc ab" and len(pieces) == 61
+    needed = 1 + max(0, -(-(60 - chunk) // chunk))  # the prefix's 5 ids and the first chunk, then a chunk a call
+    assert len(calls) == (needed if declined_after is None else min(declined_after, needed))
+    calls.clear()
+    assert "".join(generate_stream("abc ab", 60, model, vocab, stop=stop)) == expected_stopped
 
 
 def declined(model, state=None, out=None, forced=0):
