@@ -383,7 +383,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.argv = argv
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:  # the reader went away (`npyrnn generate ... | head -1`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush goes nowhere
+        return 141  # as a shell reports a command ended by SIGPIPE
     except (NpyrnnError, OSError) as exc:
         if os.environ.get("NPYRNN_DEBUG"):
             raise

@@ -581,6 +581,23 @@ def test_subprocess_train_and_generate(tmp_path, corpus):
     assert result.stdout.startswith("the") and len(result.stdout) == 3 + 7 + 1
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(trained, tmp_path):
+    """`npyrnn generate ... | head -1`: the closed pipe is not reported as an error (exit 141, as a shell
+    reports SIGPIPE), and nothing is printed on stderr. (200,000 characters: the command is still
+    writing when the reader goes away.)"""
+    env = dict(os.environ)
+    env.pop("NPYRNN_DEBUG", None)
+    if env.get("NPYRNN_DATA_DIR"):
+        env["NPYRNN_DATA_DIR"] = str(Path(env["NPYRNN_DATA_DIR"]).resolve())
+    args = ["generate", "--checkpoint", trained, "--prefix", "the", "--length", "200000"]
+    child = subprocess.Popen([sys.executable, "-m", "npyrnn", *map(str, args)], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.read(3)  # the first bytes, then the reader goes away
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141 and err == "", err
+
+
 def test_bogus_backend_env(tmp_path, corpus):
     before = tree(tmp_path)
     result = run_subprocess(["train", "--corpus", corpus, *SMALL, "--epochs", "1", "--out", "out"], tmp_path,
