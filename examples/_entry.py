@@ -68,12 +68,17 @@ def run(main, *args, oom_advice="use a smaller --hidden, --batch-size or --num-s
     -------
     int
         What `main` returned; 2 after an `NpyrnnError`, `OSError` or `MemoryError`; 130
-        after Ctrl-C.
+        after Ctrl-C; 141, quietly, when the reader of the output went away.
     """
     prog = Path(sys.argv[0]).name or "example"
     debug = bool(os.environ.get("NPYRNN_DEBUG"))
     try:
-        return main(*args, **kwargs)
+        code = main(*args, **kwargs)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:  # the reader went away (`... | head -1`): quietly, as `npyrnn` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (NpyrnnError, OSError) as exc:
         if debug:
             raise
