@@ -284,12 +284,17 @@ def _greedy_ids(model, ids, num_preds):
     if fed < P - 1 + num_preds:
         if fed == 0 and getattr(getattr(model, "rnn", None), "bidirectional", False):
             state, fed = _warm_up(model, ids), P - 1  # no step-by-step form: the prefix in one pass
-        step = model.stepper(state)  # goes on from the state after out[:fed]
-        for t in range(fed, P - 1 + num_preds):
-            logits = step(out[t])
-            if t >= P - 1:
-                logits.argmax(axis=1, out=out[t + 1])
+        _feed(model.stepper(state), out, fed, P - 1 + num_preds, P - 1)  # on from the state after out[:fed]
     return out[P:, 0]
+
+
+def _feed(step, out, start, end, forced):
+    """Feed out[t] through the stepper for t in [start, end); from t = forced on, out[t + 1] = the
+    argmax of the logits after it (greedy). Before, out[t + 1] is given (the prefix)."""
+    for t in range(start, end):
+        logits = step(out[t])
+        if t >= forced:
+            logits.argmax(axis=1, out=out[t + 1])
 
 
 class _Stop:
@@ -346,10 +351,7 @@ def _compiled_stream(model, ids, num_preds):
         while True:
             if fed < end:  # the compiled call stopped short: the stepper goes on from the state after out[:fed]
                 step = step or model.stepper(state)
-                for t in range(fed, end):
-                    logits = step(out[t])
-                    if t >= P - 1:
-                        logits.argmax(axis=1, out=out[t + 1])
+                _feed(step, out, fed, end, P - 1)
             yield backend.to_numpy(out[start : end + 1, 0])
             if end == total:
                 return
