@@ -6,8 +6,9 @@ kernel (Numba converts each of its arrays, 12 for the LSTM: 5 us), the output la
 the argmax. For d2l's scratch LSTM at H = 256 that was 15 of 27 us a character, around a 1 MB
 matrix-vector product of 11 us.
 
-What. `run(model, state, out)` runs `predict`'s greedy loop for a unidirectional `RNNLM` at
-batch 1 as one compiled loop, statement for statement the stepper's (`Recurrent._stepper` and
+What. `run(model, state, out, forced)` runs `predict`'s warm-up on the prefix and its greedy
+loop (and greedy `generate_stream`'s, a chunk a call) for a unidirectional `RNNLM` at batch 1 as
+one compiled loop, statement for statement the stepper's (`Recurrent._stepper` and
 each cell's `_step_fn`, then `RNNLM.stepper`'s output layer and `numpy.argmax`): layer 0's
 input row from the same table (5.1), layer k's input side, the step products and the output
 layer through `cpu_gemm.loop_product` with the plans `cpu_gemm.matvec` and `numpy.dot` follow
