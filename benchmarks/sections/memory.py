@@ -31,7 +31,8 @@ METHOD = (
     "(echo 5 > /proc/self/clear_refs), the model is built and trained for two measurements' worth of "
     "minibatches (warm-up + one), and the increase is VmHWM - baseline. Includes parameters, gradients, "
     "activations, autograd graph, allocator caches and thread stacks; RSS counts pages touched, not bytes "
-    "requested."
+    "requested. numba_compiled: functions Numba compiled during the measurement instead of loading them from its "
+    "disk cache (after a source edit; the compiler's memory is then counted: run again)."
 )
 
 
@@ -73,6 +74,7 @@ def child(cfg, which, threads):
         impl.train()
         peak = proc_status_kb("VmHWM")
     return {
+        "numba_compiled": None if with_torch else numba_compiled(),
         "implementation": which,
         "hidden": size,
         "baseline_rss_kb": baseline,
@@ -81,6 +83,21 @@ def child(cfg, which, threads):
         "peak_rss_kb": peak,
         "increase_kb": None if peak is None or baseline is None else peak - baseline,
     }
+
+
+def numba_compiled():
+    """Functions of npyrnn's compiled CPU modules that Numba compiled in this process instead of
+    loading them from its disk cache (after a source edit): the compiler's memory then counts in
+    the measurement. None without Numba."""
+    import sys as _sys
+
+    try:
+        from numba.core.registry import CPUDispatcher
+    except ImportError:
+        return None
+    modules = [_sys.modules.get(f"npyrnn.nn.{name}") for name in ("cpu_kernels", "cpu_gemm", "cpu_loops", "cpu_greedy")]
+    return sum(sum(d.stats.cache_misses.values()) for m in modules if m is not None
+               for d in vars(m).values() if isinstance(d, CPUDispatcher))
 
 
 def measure(cfg, threads, which):
@@ -107,6 +124,9 @@ def run(cfg, threads, log):
             results[which] = r
             log(f"  memory {which}: +{r['increase_kb'] / 1024:.1f} MiB over {r['baseline_rss_kb'] / 1024:.1f} MiB "
                 f"(peak reset {'ok' if r['hwm_reset'] else 'FAILED'})")
+            if r.get("numba_compiled"):
+                log(f"  memory {which}: WARNING: Numba compiled {r['numba_compiled']} functions during the measurement "
+                    "(its disk cache was stale after a source edit), which counts the compiler's memory: run again")
     results["children_at_once"] = at_once
     for kind in kinds(cfg.cells):
         a, b = results[f"npyrnn-{kind}"]["increase_kb"], results[f"torch-{kind}"]["increase_kb"]
