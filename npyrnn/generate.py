@@ -267,6 +267,15 @@ def _start(model, ids, batch_size, num_preds):
     return state, out
 
 
+def _one_sequence(model, ids, num_preds):
+    """(out, state) for generating one sequence: out (P + num_preds, 1) int64 on the device, holding
+    the P prefix ids, then room for the generated ones; the initial state at batch 1."""
+    xp = model.xp
+    out = xp.empty((len(ids) + num_preds, 1), dtype="int64")
+    out[: len(ids), 0] = xp.asarray(ids, dtype="int64")
+    return out, model.begin_state(1)
+
+
 def _greedy_ids(model, ids, num_preds):
     """Greedy generation of one sequence: the device array (num_preds,) of ids after the prefix ids.
 
@@ -274,11 +283,8 @@ def _greedy_ids(model, ids, num_preds):
     where it stopped) the stepper a token at a time, after a forward pass over the prefix for a
     bidirectional model. The same ids either way, and no host sync per token.
     """
-    xp = model.xp
     P = len(ids)
-    out = xp.empty((P + num_preds, 1), dtype="int64")  # the prefix, then the generated ids
-    out[:P, 0] = xp.asarray(ids, dtype="int64")
-    state = model.begin_state(1)
+    out, state = _one_sequence(model, ids, num_preds)
     compiled = getattr(model, "_greedy_compiled", None)  # a stand-in model may not have it
     fed = compiled(state, out, P - 1) if compiled is not None else 0  # ids of out fed so far
     if fed < P - 1 + num_preds:
@@ -336,11 +342,8 @@ def _compiled_stream(model, ids, num_preds):
     compiled = getattr(model, "_greedy_compiled", None)  # a stand-in model may not have it
     if compiled is None or num_preds == 0:
         return None
-    xp = model.xp
     P, total = len(ids), len(ids) - 1 + num_preds  # ids of out to feed
-    out = xp.empty((P + num_preds, 1), dtype="int64")  # the prefix, then the generated ids
-    out[:P, 0] = xp.asarray(ids, dtype="int64")
-    state = model.begin_state(1)
+    out, state = _one_sequence(model, ids, num_preds)
     end = min(total, P - 1 + STREAM_CHUNK)
     fed = compiled(state, out[: end + 1], P - 1)
     if fed == 0:

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 pytest.importorskip("numba", reason="the compiled loops need Numba (pip install 'npyrnn[fast]')")
 
-from npyrnn import backend  # noqa: E402
 from npyrnn.data import Vocab  # noqa: E402
 from npyrnn import generate  # noqa: E402
 from npyrnn.generate import generate_stream, predict  # noqa: E402
@@ -25,6 +24,7 @@ if cpu_gemm.why_unavailable() is not None:
     pytest.skip(f"split products {cpu_gemm.why_unavailable()}", allow_module_level=True)
 
 from npyrnn.nn import cpu_greedy  # noqa: E402
+from test_cpu_loops import _on_numpy, split  # noqa: E402,F401 (the fused kernels on, the helper taking part; a fixture)
 
 CELLS = {  # every cell and variant the loop has a branch for
     "rnn tanh": {"cell": "rnn"},
@@ -38,21 +38,6 @@ CELLS = {  # every cell and variant the loop has a branch for
     "lstm proj no bias": {"cell": "lstm", "proj_size": 5, "bias": False},
     "gru reset before no bias": {"cell": "gru", "reset_after": False, "bias": False},
 }
-
-
-@pytest.fixture(autouse=True)
-def _on_numpy(monkeypatch):
-    backend.set_backend("numpy")
-    kernels.set_enabled(True)  # whatever NPYRNN_FUSED says: the loop runs the fused kernels
-    monkeypatch.setattr(cpu_gemm, "HELPER_SHARE_MIN", 0.0)  # the helper takes part, however busy the machine
-    yield
-    kernels.set_enabled(None)
-    backend.set_cpu_threads(None, split=False)
-
-
-def split(helpers):
-    backend.set_cpu_threads(helpers + 1, split=True)
-    assert backend.split_products() == helpers + 1
 
 
 def model_of(cfg, V=13, H=9, L=1, dtype="float64", seed=0, scale=4.0):

@@ -350,8 +350,7 @@ def gru_after_bwd(dy, carry, r, z, n, h_prev, ghn, da_r, da_z, da_n, dghn, zdh):
     for a in literal_unroll((dy, carry, r, z, n, h_prev, ghn, da_r, da_z, da_n, dghn, zdh)):
         _check(a, zdh.shape[0], zdh.shape[1])
     for b in range(zdh.shape[0]):
-        dy_, c_, r_, z_ = (_row(dy, b), _row(carry, b),
-                           _row(r, b), _row(z, b))
+        dy_, c_, r_, z_ = (_row(dy, b), _row(carry, b), _row(r, b), _row(z, b))
         n_, hp_, ghn_ = _row(n, b), _row(h_prev, b), _row(ghn, b)
         dar_, daz_, dan_ = _row(da_r, b), _row(da_z, b), _row(da_n, b)
         dghn_, zdh_ = _row(dghn, b), _row(zdh, b)
@@ -415,12 +414,9 @@ def lstm_fwd(ghi, ghf, ghg, gho, c_prev, gi, gf, gg, go, c, tc, m):
     for a in literal_unroll((ghi, ghf, ghg, gho, c_prev, gi, gf, gg, go, c, tc, m)):
         _check(a, c.shape[0], c.shape[1])
     for b in range(c.shape[0]):
-        ghi_, ghf_, ghg_, gho_ = (_row(ghi, b), _row(ghf, b),
-                                  _row(ghg, b), _row(gho, b))
-        gi_, gf_, gg_, go_ = (_row(gi, b), _row(gf, b),
-                              _row(gg, b), _row(go, b))
-        cp_, c_, tc_, m_ = (_row(c_prev, b), _row(c, b),
-                            _row(tc, b), _row(m, b))
+        ghi_, ghf_, ghg_, gho_ = (_row(ghi, b), _row(ghf, b), _row(ghg, b), _row(gho, b))
+        gi_, gf_, gg_, go_ = (_row(gi, b), _row(gf, b), _row(gg, b), _row(go, b))
+        cp_, c_, tc_, m_ = (_row(c_prev, b), _row(c, b), _row(tc, b), _row(m, b))
         for j in range(c.shape[1]):
             ai = sigmoid_(gi_[j] + ghi_[j])  # a_t (9.1), gates (9.2)
             af = sigmoid_(gf_[j] + ghf_[j])
@@ -466,12 +462,9 @@ def lstm_bwd(dm, gi, gf, gg, go, tc, c_prev, da_i, da_f, da_g, da_o, cc):
     for a in literal_unroll((dm, gi, gf, gg, go, tc, c_prev, da_i, da_f, da_g, da_o, cc)):
         _check(a, cc.shape[0], cc.shape[1])
     for b in range(cc.shape[0]):
-        dm_, tc_, cp_, cc_ = (_row(dm, b), _row(tc, b),
-                              _row(c_prev, b), _row(cc, b))
-        gi_, gf_, gg_, go_ = (_row(gi, b), _row(gf, b),
-                              _row(gg, b), _row(go, b))
-        di_, df_, dg_, do_ = (_row(da_i, b), _row(da_f, b),
-                              _row(da_g, b), _row(da_o, b))
+        dm_, tc_, cp_, cc_ = (_row(dm, b), _row(tc, b), _row(c_prev, b), _row(cc, b))
+        gi_, gf_, gg_, go_ = (_row(gi, b), _row(gf, b), _row(gg, b), _row(go, b))
+        di_, df_, dg_, do_ = (_row(da_i, b), _row(da_f, b), _row(da_g, b), _row(da_o, b))
         for j in range(cc.shape[1]):
             di_[j], df_[j], dg_[j], do_[j], cc_[j] = _lstm_step_back(
                 dm_[j], gi_[j], gf_[j], gg_[j], go_[j], tc_[j], cp_[j], cc_[j])
@@ -485,10 +478,8 @@ def lstm_bwd_noproj(dy, ch, gi, gf, gg, go, tc, c_prev, da_i, da_f, da_g, da_o, 
     for b in range(cc.shape[0]):
         dy_, ch_ = _row(dy, b), _row(ch, b)
         tc_, cp_, cc_ = _row(tc, b), _row(c_prev, b), _row(cc, b)
-        gi_, gf_, gg_, go_ = (_row(gi, b), _row(gf, b),
-                              _row(gg, b), _row(go, b))
-        di_, df_, dg_, do_ = (_row(da_i, b), _row(da_f, b),
-                              _row(da_g, b), _row(da_o, b))
+        gi_, gf_, gg_, go_ = (_row(gi, b), _row(gf, b), _row(gg, b), _row(go, b))
+        di_, df_, dg_, do_ = (_row(da_i, b), _row(da_f, b), _row(da_g, b), _row(da_o, b))
         for j in range(cc.shape[1]):
             dm = dy_[j] + ch_[j]  # without a projection dm_t = dh_t = dout_t + c^h_t (9.6)
             di_[j], df_[j], dg_[j], do_[j], cc_[j] = _lstm_step_back(
