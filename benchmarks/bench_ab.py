@@ -20,7 +20,8 @@ in one compiled pass, ``cpu_kernels.softmax_xent32``, and clipping's scaling wit
 another, ``cpu_kernels.clipped_sgd``; off: their array operations), ``gather`` (``cpu_loops.gather``:
 the compiled forward loops gather token ids' input side step by step; off: all steps before the loop),
 ``scatter`` (``cpu_loops.scatter``: the compiled backward loops sum that gather's gradient step by
-step; off: one pass after the loop).
+step; off: one pass after the loop), ``tiles`` (``cpu_gemm.NO_TILES``: the split products' blocks of
+few rows computed by npyrnn's own tiles; off: by OpenBLAS).
 """
 
 import argparse
@@ -40,8 +41,10 @@ from benchmarks.sections.floor import timed_parts  # noqa: E402
 
 def switch_setter(name):
     """A function that turns the switch on (True) or off (False)."""
-    from npyrnn.nn import cpu_loops, kernels, recurrent
+    from npyrnn.nn import cpu_gemm, cpu_loops, kernels, recurrent
 
+    if name == "tiles":
+        return lambda on: cpu_gemm._ctl.__setitem__(cpu_gemm.NO_TILES, 0 if on is not False else 1)
     if name == "halves":
         return lambda on: setattr(cpu_loops, "halves", on)
     if name == "loops":
@@ -108,7 +111,7 @@ def run(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--switch", choices=("halves", "loops", "fused", "wt", "pad", "tail", "gather", "scatter"), default="halves")
+    p.add_argument("--switch", choices=("halves", "loops", "fused", "wt", "pad", "tail", "gather", "scatter", "tiles"), default="halves")
     p.add_argument("--cell", choices=("rnn", "gru", "lstm"), default="gru")
     p.add_argument("--gru-reset", choices=("after", "before"), default="after")
     p.add_argument("--proj-size", type=int, default=0)

@@ -172,13 +172,18 @@ def render(results):
         rows = [[p["name"], p["shape"], f"{p['seconds']['median'] * 1e3:.3f}", f"{p['gflops_per_s']:.1f}"]
                 for p in f["products"]]
         rows.append(["floor (sum)", "", f"{f['floor_seconds']['median'] * 1e3:.3f}", f"{f['floor_gflops_per_s']:.1f}"])
+        if "npyrnn_products_floor_seconds" in f:  # results written before 2026-12-08 have not
+            ours = f["npyrnn_products_floor_seconds"]["median"]
+            rows.append(["floor, npyrnn's products", "", f"{ours * 1e3:.3f}", f"{f['flops_per_minibatch'] / ours / 1e9:.1f}"])
         rows.append(["npyrnn minibatch", "", f"{f['npyrnn_seconds_per_minibatch']['median'] * 1e3:.3f}",
                      f"{f['npyrnn_gflops_per_s']:.1f}"])
         ph = f["npyrnn_phase_seconds"]
         out += ["", f"FLOOR {f['cell'].upper()} at hidden {f['shapes']['hidden']} (NumPy matmul, float32; "
                 f"{f['flops_per_minibatch'] / 1e9:.3f} GFLOP per minibatch)",
                 fmt_table(rows, ["product", "shape", "ms", "GFLOP/s"]),
-                f"npyrnn / floor: {r3(f['ratio_npyrnn_over_floor'])}",
+                f"npyrnn / floor: {r3(f['ratio_npyrnn_over_floor'])}"
+                + (f"; npyrnn / its products' floor: {r3(f['ratio_npyrnn_over_its_products_floor'])}"
+                   if "ratio_npyrnn_over_its_products_floor" in f else ""),
                 "npyrnn phases, ms (median): " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in ph.items())]
         if "npyrnn_parts" in f:  # results written before 2026-12-07 have neither
             split = f["npyrnn_split_products"]

@@ -136,6 +136,10 @@ def test_floor(quick):
         assert floor["flops_per_minibatch"] == sum(p["flops"] for p in floor["products"])
         assert_summary(floor["floor_seconds"], 1)
         assert_summary(floor["ratio_npyrnn_over_floor"], 1)
+        assert_summary(floor["npyrnn_products_floor_seconds"], 1)  # the same products through npyrnn's
+        assert_summary(floor["ratio_npyrnn_over_its_products_floor"], 1)
+        assert [p["name"] for p in floor["npyrnn_products"]] == [p["name"] for p in floor["products"]]
+        assert "npyrnn / its products' floor" in stdout
         assert set(floor["npyrnn_phase_seconds"]) == {"zero_grad", "forward", "loss", "backward", "clip_and_sgd"}
         assert f"FLOOR {cell.upper()} at hidden 16" in stdout
         # npyrnn timed as `npyrnn train --threads 1` runs it (the split products where they can run), not

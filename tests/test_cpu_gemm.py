@@ -131,6 +131,58 @@ def test_one_row_products_are_split_matrix_vector_products(k, n, kinds, dtype, s
         assert cpu_gemm.matvec(W) is None  # off
 
 
+def tiled(a, b, ldd_extra=3):
+    """`cpu_gemm._tiles`' a @ b (row-major a, b), written into rows `ldd_extra` elements wider than
+    the product, whose extra elements must come back untouched; (product, what was past its columns)."""
+    m, n, k = a.shape[0], b.shape[1], a.shape[1]
+    dt = 0 if a.dtype == np.float32 else 1
+    d = np.full((m, n + ldd_extra), -7.0, dtype=a.dtype)
+    item = a.itemsize
+    cpu_gemm._tiles(dt, m, n, k, a.ctypes.data, a.strides[0] // item, b.ctypes.data, b.strides[0] // item,
+                    d.ctypes.data, d.shape[1])
+    return d[:, :n], d[:, n:]
+
+
+@settings(derandomize=True, max_examples=40, deadline=None)
+@given(
+    m=st.integers(1, cpu_gemm.TILE_M_MAX + 9), k=st.integers(0, 300), n=st.integers(1, 100),
+    kinds=st.tuples(st.sampled_from(["C", "rows"]), st.sampled_from(["C", "rows"])),
+    dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**16),
+)
+def test_tiles_compute_every_row_and_column_and_nothing_past_them(m, k, n, kinds, dtype, seed):
+    """The tiles (8 rows by 2 vectors of columns, fewer rows last, the columns past the last whole
+    tile by a gemm) against an exact product: small integers, whose float32 sums are exact; and
+    random numbers within rounding. Wider rows of a, b and the product (leading dimensions)."""
+    rng = np.random.default_rng(seed)
+    a, b = layout(rng, (m, k), kinds[0], dtype), layout(rng, (k, n), kinds[1], dtype)
+    a[...] = rng.integers(-8, 9, a.shape)
+    b[...] = rng.integers(-8, 9, b.shape)
+    out, past = tiled(a, b)
+    assert np.array_equal(out, a.astype(np.int64) @ b.astype(np.int64)) and np.all(past == -7.0)
+    a[...], b[...] = rng.standard_normal(a.shape), rng.standard_normal(b.shape)
+    out, past = tiled(a, b, ldd_extra=0)
+    assert close(out, a, b)
+
+
+def test_tiles_switch_off_and_on_and_stay_correct():
+    """NO_TILES 1: every block OpenBLAS's; 0: the tiles' where `TILES` (this host has AVX-512); both
+    the right product, at 0 and 1 helpers, and each the same bits at both."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((32, 512)).astype(np.float32)
+    b = rng.standard_normal((512, 1024)).astype(np.float32)
+    try:
+        results = {}
+        for off in (1, 0):
+            cpu_gemm._ctl[cpu_gemm.NO_TILES] = off
+            alone, shared = product(0, a, b), product(1, a, b)
+            assert close(alone, a, b) and np.array_equal(alone, shared)
+            results[off] = alone
+        if cpu_gemm.TILES:  # blocks of columns: each element the tiles' sum over all of k, as a tile alone makes it
+            assert np.array_equal(results[0], tiled(a, b, ldd_extra=0)[0])
+    finally:
+        cpu_gemm._ctl[cpu_gemm.NO_TILES] = 0
+
+
 def test_blocks_depend_on_the_shape_alone_and_cover_it():
     for m, n, k in [(32, 768, 256), (32, 256, 768), (768, 256, 1120), (1120, 28, 256), (33, 300, 100), (2, 2, 2)]:
         axis, count, size = cpu_gemm.blocks(m, n, k)
@@ -271,7 +323,7 @@ def _fake_helper(ctl, seen, stall_us, garbage):
     if stall_us == 0:
         dst, ldd = cpu_gemm._target(axis, i, 0, 0, s, 0, m, n, 4 if dt == 0 else 8, True)
         cpu_gemm._block(dt, ctl[cpu_gemm.TA], ctl[cpu_gemm.TB], m, n, k, ctl[cpu_gemm.A], ctl[cpu_gemm.LDA],
-                        ctl[cpu_gemm.B], ctl[cpu_gemm.LDB], dst, ldd, i, cs, axis)
+                        ctl[cpu_gemm.B], ctl[cpu_gemm.LDB], dst, ldd, i, cs, axis, ctl[cpu_gemm.TL] != 0)
     for _ in range(stall_us // 1000):  # it has lost its core, yet writes now and then
         cpu_gemm._memcpy(s, np.int64(garbage.ctypes.data), np.int64(garbage.nbytes))
         cpu_gemm._usleep(np.uint32(1000))
@@ -286,7 +338,7 @@ def with_fake_helper(stall_us, garbage, run, counter):
     cpu_gemm.start(0)
     cpu_gemm._threads.append(threading.current_thread())  # the products now count one helper: the fake one
     try:
-        for _ in range(50):
+        for _ in range(200):  # a fake helper that lost its core for a moment misses the product (the caller takes it)
             before = cpu_gemm.stats()[counter]
             result = {}
             seen = int(cpu_gemm._ctl[cpu_gemm.SEQ])

@@ -26,7 +26,7 @@ from benchmarks.peers.npyrnn_peer import NpyrnnLM
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 
 NOTES = (
-    "floor = sum over the products of the median time of one call (the x T products: one loop of T calls "
+    "floor = sum over the products of the median time of one call, numpy.matmul (the x T products: one loop of T calls "
     "into preallocated outputs, the forward ones chained and reading W_hh^T as npyrnn's do here: a C-ordered "
     "copy where OpenBLAS runs its AVX-512 kernels (forward_reads_a_copy_of_w_transposed), else the view); "
     "npyrnn time per minibatch = median over "
@@ -36,7 +36,10 @@ NOTES = (
     "elementwise work. npyrnn runs on the cores as `npyrnn train --threads` sets them (split products where "
     "the fast extra has them: npyrnn_split_products), the floor's products with OpenBLAS's own threads. "
     "npyrnn_parts: median seconds per minibatch of each call a minibatch is made of (outermost calls only; "
-    "'other' is the rest of train_step: Python, zero_grad, the output layer's bias and state copies)."
+    "'other' is the rest of train_step: Python, zero_grad, the output layer's bias and state copies). "
+    "npyrnn_products_floor_seconds: the same products through npyrnn.backend.matmul on the cores as "
+    "`npyrnn train --threads` sets them (the split products' blocks, a step's product in npyrnn's tiles), "
+    "and ratio_npyrnn_over_its_products_floor against it."
 )
 
 
@@ -55,7 +58,7 @@ class Product:
         return self.calls * self.flops_per_call
 
 
-def products(B, T, H, V, rng, gates=1, copies=None):
+def products(B, T, H, V, rng, gates=1, copies=None, matmul=np.matmul):
     """The matrix products of one npyrnn training minibatch (one layer, token-id input), torch layout.
 
     ``gates`` is G: 1 (RNN), 3 (GRU), 4 (LSTM); ``W_hh`` is (G*H, H) with the gates stacked, so each
@@ -69,6 +72,9 @@ def products(B, T, H, V, rng, gates=1, copies=None):
     its AVX-512 kernels, which multiply 32 rows by the view ``W.T`` 1.2 to 1.5 times slower (the
     copy itself, 0.06 to 0.15 ms a minibatch, is not a product: npyrnn pays it, the floor does
     not), else the view; the copy's rows and the outputs' are padded where npyrnn pads them.
+    ``matmul(a, b, out=)``: what runs each product, ``numpy.matmul`` (OpenBLAS's threads) or
+    ``npyrnn.backend.matmul`` while the split products are on (their blocks and tiles, as npyrnn's
+    loops run them).
     """
     from npyrnn import backend
     from npyrnn.nn.recurrent import row_pad
@@ -101,24 +107,24 @@ def products(B, T, H, V, rng, gates=1, copies=None):
 
     def forward():
         for t in range(T):  # all G gates in one product, chained like the recurrence (a strided view: no copy)
-            np.matmul(Gf[t, :, :H], W_hhT, out=Gf[t + 1])
+            matmul(Gf[t, :, :H], W_hhT, out=Gf[t + 1])
 
     def backward():
         for t in range(T - 1, -1, -1):
-            np.matmul(dA[t], W_hh, out=carry)
+            matmul(dA[t], W_hh, out=carry)
 
     GH = G * H
     return [
         Product("forward h_{t-1} W_hh^T", f"({B},{H})@({H},{GH}) x{T}", T, 2 * B * H * GH, forward),
         Product("output logits = out W^T", f"({N},{H})@({H},{V})", 1, 2 * N * H * V,
-                lambda: np.matmul(out2, W_out.T, out=logits)),
+                lambda: matmul(out2, W_out.T, out=logits)),
         Product("output dout = dlogits W", f"({N},{V})@({V},{H})", 1, 2 * N * V * H,
-                lambda: np.matmul(dlogits, W_out, out=dout)),
+                lambda: matmul(dlogits, W_out, out=dout)),
         Product("backward da_t W_hh", f"({B},{GH})@({GH},{H}) x{T}", T, 2 * B * GH * H, backward),
         Product("grad dW_hh = dA^T H_prev", f"({GH},{N})@({N},{H})", 1, 2 * GH * N * H,
-                lambda: np.matmul(dA2.T, prev, out=dW_hh)),
+                lambda: matmul(dA2.T, prev, out=dW_hh)),
         Product("grad dW_out = dlogits^T out", f"({V},{N})@({N},{H})", 1, 2 * V * N * H,
-                lambda: np.matmul(dlogits.T, out2, out=dW_out)),
+                lambda: matmul(dlogits.T, out2, out=dW_out)),
     ]
 
 
@@ -269,15 +275,20 @@ def run(cfg, corpus, vocab, log):
 def run_cell(cfg, corpus, vocab, log, cell):
     B, T, V = cfg.batch_size, cfg.num_steps, len(vocab)
     H = cfg.hidden_scratch if cell == "rnn" else cfg.hidden_concise
+    from npyrnn import backend
+
     prods = products(B, T, H, V, np.random.default_rng(cfg.seed), gates=GATES[cell])
+    # the same products as npyrnn runs them (the split products' blocks and tiles, where the fast extra has them)
+    ours_prods = products(B, T, H, V, np.random.default_rng(cfg.seed), gates=GATES[cell], matmul=backend.matmul)
     # the RNN as d2l's scratch model (normal init); the GRU and LSTM as torch's (uniform init, reset after)
     ours = NpyrnnLM(cfg, vocab, corpus, H, init="normal" if cell == "rnn" else "uniform", cell=cell)
     ours.train()  # warm-up
     time_products(prods, 1)
+    with ours.cores():
+        time_products(ours_prods, 1)
     flops = sum(p.flops for p in prods)
     floor_s, step_s, epoch_step_s, per_product, phases = [], [], [], [], []
-
-    from npyrnn import backend
+    ours_floor_s, ours_per_product = [], []
 
     parts, split = [], []
 
@@ -286,6 +297,11 @@ def run_cell(cfg, corpus, vocab, log, cell):
         ts = time_products(prods, cfg.floor_reps)  # numpy.matmul, OpenBLAS's threads (ours.cores gives them back)
         per_product.append(ts)
         floor_s.append(sum(ts))
+        pause(cfg)
+        with ours.cores():  # the same products through npyrnn's (backend.matmul, as the cores are set)
+            ts = time_products(ours_prods, cfg.floor_reps)
+        ours_per_product.append(ts)
+        ours_floor_s.append(sum(ts))
 
     def measure_npyrnn():
         pause(cfg)
@@ -302,8 +318,8 @@ def run_cell(cfg, corpus, vocab, log, cell):
         with ours.cores():
             phases.append(npyrnn_phases(ours))
             parts.append(npyrnn_parts(ours))
-        log(f"  floor {cell} pair {i + 1}/{cfg.pairs}: floor {floor_s[-1] * 1e3:.2f} ms, "
-            f"npyrnn {step_s[-1] * 1e3:.2f} ms per minibatch")
+        log(f"  floor {cell} pair {i + 1}/{cfg.pairs}: floor {floor_s[-1] * 1e3:.2f} ms (npyrnn's products "
+            f"{ours_floor_s[-1] * 1e3:.2f} ms), npyrnn {step_s[-1] * 1e3:.2f} ms per minibatch")
     return {
         "cell": cell,
         "shapes": {"batch_size": B, "num_steps": T, "hidden": H, "vocab_size": V, "gates": GATES[cell]},
@@ -313,8 +329,15 @@ def run_cell(cfg, corpus, vocab, log, cell):
              "gflops_per_s": p.flops / statistics.median([pp[j] for pp in per_product]) / 1e9}
             for j, p in enumerate(prods)
         ],
+        "npyrnn_products": [
+            {"name": p.name, "seconds": summary([pp[j] for pp in ours_per_product]),
+             "gflops_per_s": p.flops / statistics.median([pp[j] for pp in ours_per_product]) / 1e9}
+            for j, p in enumerate(ours_prods)
+        ],
         "flops_per_minibatch": flops,
         "floor_seconds": summary(floor_s),
+        "npyrnn_products_floor_seconds": summary(ours_floor_s),
+        "ratio_npyrnn_over_its_products_floor": ratio_summary(step_s, ours_floor_s),
         "npyrnn_seconds_per_minibatch": summary(step_s),
         "npyrnn_epoch_seconds_per_minibatch": summary(epoch_step_s),
         "ratio_npyrnn_over_floor": ratio_summary(step_s, floor_s),

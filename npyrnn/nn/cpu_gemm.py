@@ -6,7 +6,9 @@ core holds up every product, and a training run can keep a quarter of its speed 
 (docs/performance.md, "A busy machine"). One thread is steady but leaves a core idle.
 
 What. `matmul(a, b, out)` computes `out = a @ b` as at most two blocks, each one call of NumPy's
-own OpenBLAS at one thread:
+own OpenBLAS at one thread, or, for a block of at most `TILE_M_MAX` rows with neither operand
+transposed (a recurrent step's product), npyrnn's own tiles (`_tiles`, below: 1.5 to 1.8 times
+OpenBLAS's speed at B = 32 here, which repacks both operands for every call):
 
 - `blocks(m, n, k)` cuts the longest of the product's rows, columns or inner dimension (a
   32-row recurrent step by columns or by k, a weight gradient over all T*B rows by k, whose
@@ -93,7 +95,11 @@ FREE, HELPER, DONE, CALLER = 0, 1, 2, 3
 # is posted to the helper (`_helpers_now`), and the times that was decided
 (LOOP_SEQ, LOOP_DONE, LOOP_EXIT, HALF, HALVES, LOOP_FAILED, HALF_STALL, HALVES_LATE,
  HALF_PAUSE_UNTIL, HELPER_PAUSE_UNTIL, HELPER_PAUSES) = range(STATE + MAX_BLOCKS, STATE + MAX_BLOCKS + 11)
-CTL_SIZE = HELPER_PAUSES + 1
+# the tiles (below): NO_TILES 1 turns them off for the products posted after (benchmarks flip it
+# product by product; 0, the zeros a control block starts with, leaves them on where `TILES`);
+# TL: whether the product now posted uses them, for the helper's blocks of it
+NO_TILES, TL = HELPER_PAUSES + 1, HELPER_PAUSES + 2
+CTL_SIZE = TL + 1
 HALF_LATE = 200_000  # ns: a half takes 5-30 us; a wait this long means the helper lost its core inside it
 HALF_PAUSE = 500_000_000  # ns without halves after such a wait: the helper keeps to the products, which it cannot hold up
 # A busy machine: a helper that got under HELPER_SHARE_MIN of the blocks posted to it over the
@@ -155,6 +161,124 @@ def _pause(typingctx):
         return context.get_dummy_value()
 
     return types.void(), codegen
+
+
+# ------------------------------------------------------------------------------ tiles
+# A recurrent step's product has few rows (the batch, 32 in d2l's job) and a weight of up to a
+# few MB. OpenBLAS packs both operands into its own layout for every call, which pays when a
+# product is large and costs most of the time when it is not: at B = 32, H = 256 its (32, 256)
+# by (256, 1024) product ran at 94-132 GFLOP/s on one core here, against 231 for a large one.
+# A tile computes `TILE_ROWS` rows by `TILE_VECTORS` vectors of columns of the product straight
+# from the operands' rows: each of its accumulators is a register, each step over k loads the
+# vectors of b's row once and multiplies them by one element of each of a's rows (a fused
+# multiply-add: each element of the product is a's row times b's column, added in the order
+# of k, rounded once a term). Measured: 69-73 us for that product, 230-241 GFLOP/s
+# (docs/performance.md). Written in LLVM's vector types, so the compiler allocates the registers;
+# on for x86-64 with AVX-512 (32 vector registers: 16 accumulators, the vectors of b, the
+# broadcasts), where it was measured; elsewhere every block is OpenBLAS's.
+TILE_ROWS = 8
+TILE_VECTORS = 2
+TILE_M_MAX = 128  # more rows than this: OpenBLAS's packing pays (and a weight gradient's product has ta TRANS)
+
+
+def _host_has_avx512():
+    try:
+        import llvmlite.binding as llvm
+
+        return platform.machine().lower() in ("x86_64", "amd64") and "+avx512f" in llvm.get_host_cpu_features().flatten()
+    except Exception:  # noqa: BLE001 - no way to tell: OpenBLAS, as before
+        return False
+
+
+TILES = _host_has_avx512()
+_LANES = {0: 16, 1: 8}  # dt -> elements of a 64-byte vector: float32, float64
+TILE_COLS_F32, TILE_COLS_F64 = 16 * TILE_VECTORS, 8 * TILE_VECTORS
+
+
+def _tile_intrinsic(dt, rows):
+    """An intrinsic `tile(a, lda, b, ldb, c, ldc, k)`: c[:rows, :cols] = a[:rows, :k] b[:k, :cols] (addresses, leading dimensions in elements)."""
+    lanes = _LANES[dt]
+
+    def codegen(context, builder, sig, args):
+        a, lda, b, ldb, c, ldc, k = args
+        fty = ir.FloatType() if dt == 0 else ir.DoubleType()
+        vty = ir.VectorType(fty, lanes)
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]),
+                                             f"llvm.fma.v{lanes}f{32 if dt == 0 else 64}")
+        zero = ir.Constant(vty, [0.0] * lanes)
+        acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(TILE_VECTORS)] for _ in range(rows)]
+        pa, pb, pc = (builder.inttoptr(x, fty.as_pointer()) for x in (a, b, c))
+        undef, splat = ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+        item = 4 if dt == 0 else 8
+
+        def vector(row, q):
+            return builder.bitcast(builder.gep(row, [ir.Constant(i64, q * lanes)]), vty.as_pointer())
+
+        with cgutils.for_range(builder, k) as loop:  # the sum over k, in its order
+            kk = loop.index
+            b_row = builder.gep(pb, [builder.mul(kk, ldb)])
+            bv = [builder.load(vector(b_row, q), align=item) for q in range(TILE_VECTORS)]
+            for r in range(rows):
+                x = builder.load(builder.gep(pa, [builder.add(builder.mul(lda, ir.Constant(i64, r)), kk)]))
+                xv = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(i32, 0)), undef, splat)
+                for q in range(TILE_VECTORS):
+                    builder.store(builder.call(fma, [xv, bv[q], builder.load(acc[r][q])]), acc[r][q])
+        for r in range(rows):
+            c_row = builder.gep(pc, [builder.mul(ldc, ir.Constant(i64, r))])
+            for q in range(TILE_VECTORS):
+                builder.store(builder.load(acc[r][q]), vector(c_row, q), align=item)
+        return context.get_dummy_value()
+
+    def tile(typingctx, a, lda, b, ldb, c, ldc, k):
+        return types.void(*([types.int64] * 7)), codegen
+
+    tile.__name__ = f"_tile_{'f32' if dt == 0 else 'f64'}_{rows}"
+    return intrinsic(tile)
+
+
+(_t0_1, _t0_2, _t0_3, _t0_4, _t0_5, _t0_6, _t0_7, _t0_8,
+ _t1_1, _t1_2, _t1_3, _t1_4, _t1_5, _t1_6, _t1_7, _t1_8) = (
+    _tile_intrinsic(dt, rows) for dt in (0, 1) for rows in range(1, TILE_ROWS + 1))
+
+
+@njit(**_JIT)
+def _tile(dt, rows, a, lda, b, ldb, c, ldc, k):
+    """One tile of `rows` (1 to TILE_ROWS) rows, dt 0 float32 or 1 float64."""
+    if dt == 0:
+        if rows == 8:
+            _t0_8(a, lda, b, ldb, c, ldc, k)
+        elif rows == 1:
+            _t0_1(a, lda, b, ldb, c, ldc, k)
+        elif rows == 2:
+            _t0_2(a, lda, b, ldb, c, ldc, k)
+        elif rows == 3:
+            _t0_3(a, lda, b, ldb, c, ldc, k)
+        elif rows == 4:
+            _t0_4(a, lda, b, ldb, c, ldc, k)
+        elif rows == 5:
+            _t0_5(a, lda, b, ldb, c, ldc, k)
+        elif rows == 6:
+            _t0_6(a, lda, b, ldb, c, ldc, k)
+        else:
+            _t0_7(a, lda, b, ldb, c, ldc, k)
+    else:
+        if rows == 8:
+            _t1_8(a, lda, b, ldb, c, ldc, k)
+        elif rows == 1:
+            _t1_1(a, lda, b, ldb, c, ldc, k)
+        elif rows == 2:
+            _t1_2(a, lda, b, ldb, c, ldc, k)
+        elif rows == 3:
+            _t1_3(a, lda, b, ldb, c, ldc, k)
+        elif rows == 4:
+            _t1_4(a, lda, b, ldb, c, ldc, k)
+        elif rows == 5:
+            _t1_5(a, lda, b, ldb, c, ldc, k)
+        elif rows == 6:
+            _t1_6(a, lda, b, ldb, c, ldc, k)
+        else:
+            _t1_7(a, lda, b, ldb, c, ldc, k)
 
 
 # ------------------------------------------------------------------------------ C functions
@@ -233,12 +357,38 @@ def _now(ts):
     return ts[0] * 1_000_000_000 + ts[1]
 
 @njit(**_JIT)
-def _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis):
+def _tiles(dt, m, n, k, a, lda, b, ldb, d, ldd):
+    """d = a b for row-major a (m, k), b (k, n), d (m, n) (addresses, leading dimensions in elements):
+    tiles of TILE_ROWS rows (the last one fewer) by TILE_COLS columns, a column of tiles at a time
+    (its part of b stays in cache for all rows); the last n % TILE_COLS columns one gemm."""
+    item = 4 if dt == 0 else 8
+    cols = TILE_COLS_F32 if dt == 0 else TILE_COLS_F64
+    n_tiles = n - n % cols
+    for j in range(0, n_tiles, cols):
+        for i in range(0, m, TILE_ROWS):
+            _tile(dt, min(TILE_ROWS, m - i), a + item * i * lda, lda, b + item * j, ldb, d + item * (i * ldd + j), ldd, k)
+    if n_tiles < n and k == 0:  # an empty sum (which OpenBLAS leaves unwritten): zeros
+        zeros = np.zeros(item * (n - n_tiles), dtype=np.uint8)
+        for i in range(m):
+            _memcpy(d + item * (i * ldd + n_tiles), np.int64(zeros.ctypes.data), np.int64(zeros.size))
+    elif n_tiles < n:
+        a0, b0, d0 = a, b + item * n_tiles, d + item * n_tiles
+        if dt == 0:
+            _sgemm(np.int32(ROW_MAJOR), np.int32(NO_TRANS), np.int32(NO_TRANS), m, n - n_tiles, k, np.float32(1.0),
+                   a0, lda, b0, ldb, np.float32(0.0), d0, ldd)
+        else:
+            _dgemm(np.int32(ROW_MAJOR), np.int32(NO_TRANS), np.int32(NO_TRANS), m, n - n_tiles, k, 1.0,
+                   a0, lda, b0, ldb, 0.0, d0, ldd)
+
+
+@njit(**_JIT)
+def _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis, tiles):
     """Block i of op(a) op(b), one single-threaded gemm into dst (leading dimension ldd).
 
     axis 0: rows [i cs, (i + 1) cs) of the product, at their place in dst; axis 1: its
     columns; axis 2: the whole (m, n) product over k in [i cs, (i + 1) cs) only, at dst's
-    start (a partial sum). The last block is cut at m, n or k.
+    start (a partial sum). The last block is cut at m, n or k. tiles: a block of at most
+    TILE_M_MAX rows with neither operand transposed is `_tiles`' rather than OpenBLAS's.
     """
     item = 4 if dt == 0 else 8
     a0, b0, d0 = a, b, dst
@@ -273,7 +423,9 @@ def _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis):
         a0 = a + item * (k0 if ta == NO_TRANS else k0 * lda)  # column k0 of op(a)
         b0 = b + item * (k0 * ldb if tb == NO_TRANS else k0)  # row k0 of op(b)
         k = min(k - k0, cs)
-    if dt == 0:
+    if tiles and ta == NO_TRANS and tb == NO_TRANS and m <= TILE_M_MAX:
+        _tiles(dt, m, n, k, a0, lda, b0, ldb, d0, ldd)
+    elif dt == 0:
         _sgemm(np.int32(ROW_MAJOR), np.int32(ta), np.int32(tb), m, n, k, np.float32(1.0), a0, lda, b0, ldb, np.float32(0.0), d0, ldd)
     else:
         _dgemm(np.int32(ROW_MAJOR), np.int32(ta), np.int32(tb), m, n, k, 1.0, a0, lda, b0, ldb, 0.0, d0, ldd)
@@ -331,10 +483,11 @@ def _blocks_of(ctl, ts, a_arr, b_arr, c_arr, hs_arr, ps_arr, ta, lda, tb, ldb, l
     hs, ps = np.int64(hs_arr.ctypes.data), np.int64(ps_arr.ctypes.data)
     item = a_arr.itemsize
     dt = 0 if item == 4 else 1
+    tiles = TILES and ctl[NO_TILES] == 0
     if helpers == 0 or nch == 1:
         for i in range(nch):
             dst, ldd = _target(axis, i, c, ldc, hs, ps, m, n, item, False)
-            _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis)
+            _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis, tiles)
         return 1
     seq = ctl[SEQ] + 1
     ctl[NCH] = nch
@@ -351,6 +504,7 @@ def _blocks_of(ctl, ts, a_arr, b_arr, c_arr, hs_arr, ps_arr, ta, lda, tb, ldb, l
     ctl[TB] = tb
     ctl[S] = hs
     ctl[DT] = dt
+    ctl[TL] = tiles
     for i in range(nch):
         _store(ctl, STATE + i, seq * 4 + FREE)
     _store(ctl, SEQ, seq)  # the helper may start: every field above is written
@@ -360,7 +514,7 @@ def _blocks_of(ctl, ts, a_arr, b_arr, c_arr, hs_arr, ps_arr, ta, lda, tb, ldb, l
     for i in range(nch):  # the caller's blocks, from the front
         if _cas(ctl, STATE + i, seq * 4 + FREE, seq * 4 + CALLER):
             dst, ldd = _target(axis, i, c, ldc, hs, ps, m, n, item, False)
-            _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis)
+            _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis, tiles)
             mine += 1
     grace = max((_now(ts) - start) // max(mine, 1), ctl[MIN_GRACE])  # as long as one block took here, at least 20 us
     result = 1
@@ -376,7 +530,7 @@ def _blocks_of(ctl, ts, a_arr, b_arr, c_arr, hs_arr, ps_arr, ta, lda, tb, ldb, l
                 break
         if _cas(ctl, STATE + i, seq * 4 + HELPER, seq * 4 + CALLER):  # taken back
             dst, ldd = _target(axis, i, c, ldc, hs, ps, m, n, item, False)
-            _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis)
+            _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis, tiles)
             ctl[TAKEOVERS] += 1
             result = 2
         else:  # DONE, in the helper's scratch
@@ -393,11 +547,11 @@ def _serve(ctl, seq):
     # the fields belong to seq if a claim below succeeds: seq's blocks are open until then
     nch, cs, axis, m, n, k = ctl[NCH], ctl[CS], ctl[AXIS], ctl[M], ctl[N], ctl[K]
     a, lda, ta, b, ldb, tb = ctl[A], ctl[LDA], ctl[TA], ctl[B], ctl[LDB], ctl[TB]
-    s, dt = ctl[S], ctl[DT]
+    s, dt, tiles = ctl[S], ctl[DT], ctl[TL] != 0
     for i in range(nch - 1, -1, -1):
         if _cas(ctl, STATE + i, seq * 4 + FREE, seq * 4 + HELPER):
             dst, ldd = _target(axis, i, 0, 0, s, 0, m, n, 4 if dt == 0 else 8, True)
-            _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis)
+            _block(dt, ta, tb, m, n, k, a, lda, b, ldb, dst, ldd, i, cs, axis, tiles)
             _cas(ctl, STATE + i, seq * 4 + HELPER, seq * 4 + DONE)  # fails if the caller took it back
     _store(ctl, HDONE, seq)  # done with seq's memory: what the caller kept alive for it may go
 
