@@ -262,6 +262,13 @@ def split_products():
     return None if helpers is None else helpers + 1
 
 
+def split_products_tiled():
+    """Whether the split products are on and compute a step's product (a few rows, neither operand
+    transposed) in their own tiles (``cpu_gemm.TILES``: x86-64 with AVX-512), which take the
+    C-ordered W^T a layer copies for them, not the view."""
+    return _split is not None and bool(_split.TILES)
+
+
 def env_switch(variable, off, on):
     """An on/off environment variable, on by default: unset, 1, true, on or yes; 0, false, off or no.
 

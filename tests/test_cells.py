@@ -432,3 +432,23 @@ def test_transposed_copies_where_openblas_runs_its_avx512_kernels(blas, pay, mon
     assert backend.transposed_copies_pay() is pay
     monkeypatch.setattr(backend, "numpy_blas", lambda: pytest.fail("asked twice"))
     assert backend.transposed_copies_pay() is pay
+
+
+@pytest.mark.parametrize("tiles", [True, False])
+def test_the_split_products_tiles_read_a_copy_of_w_transposed(tiles, monkeypatch):
+    """Where OpenBLAS's kernels would not pay for the copy (Haswell), the split products' tiles still
+    take it: the forward pass copies W^T while they are on (and tiled), the view otherwise."""
+    cpu_gemm = pytest.importorskip("npyrnn.nn.cpu_gemm")
+    if cpu_gemm.why_unavailable() is not None:
+        pytest.skip(f"split products {cpu_gemm.why_unavailable()}")
+    backend.set_backend("numpy")
+    monkeypatch.setattr(backend, "_copies_pay", False)  # as with OpenBLAS's Haswell kernels
+    monkeypatch.setattr(cpu_gemm, "TILES", tiles)
+    x = np.random.default_rng(0).standard_normal((5, 32, 8)).astype(np.float32)
+    for split in (False, True):  # (the conftest fixture stops the split products after)
+        if split:
+            backend.set_cpu_threads(1, split=True)
+        layer = GRU(8, 64, init="uniform", seed=0)
+        layer.forward(x)
+        assert any(k.startswith("weight_hhT") for k in layer._workspace) == (split and tiles)
+        assert backend.split_products_tiled() == (split and tiles)

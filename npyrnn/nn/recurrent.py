@@ -478,8 +478,9 @@ class Recurrent(Module):
         """W^T, the (C, R) operand of a step product `h W^T` of one (layer, direction); W (R, C).
 
         On NumPy, for B > 1, where NumPy's OpenBLAS runs its AVX-512 kernels
-        (`backend.transposed_copies_pay`), a C-ordered copy of W^T, made once a forward pass into
-        the layer's workspace; elsewhere the view `W.T`. Those kernels multiply a few rows by a
+        (`backend.transposed_copies_pay`) or the split products compute a step's product in their
+        own tiles, which read b's rows (`backend.split_products_tiled`), a C-ordered copy of W^T,
+        made once a forward pass into the layer's workspace; elsewhere the view `W.T`. Those kernels multiply a few rows by a
         transposed operand 1.2 to 1.5 times slower than by a C-ordered one (B = 32, 1 thread: the
         GRU's h W_hh^T at H = 256 in 218 against 152 us); the copy costs 0.06-0.15 ms of the 1.7
         to 3.4 ms it saves a forward pass (docs/performance.md). The bits are the same either way
@@ -494,7 +495,9 @@ class Recurrent(Module):
         against 211 us (the same bits: only the leading dimension changes).
         """
         W = self._p(name, rec.k, rec.suffix)
-        copies = backend.transposed_copies_pay() if transposed_copies is None else transposed_copies
+        copies = transposed_copies
+        if copies is None:
+            copies = backend.transposed_copies_pay() or backend.split_products_tiled()
         if not copies or rec.B < 2 or xp.__name__ != "numpy":
             return W.T
         from npyrnn.nn import kernels
