@@ -416,11 +416,14 @@ def test_bench_split_runs_quiet():
 
 def test_bench_products_runs_quiet():
     pytest.importorskip("numba", reason="bench_products.py times the split products of the fast extra")
-    out = run_script("bench_products.py", "--reps", "1", "--calls", "1", "--gap", "0")
-    assert out.startswith("busy=0, median us a call over 1 reps of 1 calls")
+    from npyrnn.nn import cpu_gemm
+
+    out = run_script("bench_products.py", "--reps", "1", "--calls", "1", "--gap", "0", "--copy")
+    assert out.startswith("busy=0, copy=True, median us a call over 1 reps of 1 calls")
+    tiles = r", tiles-1 [\d,.]+, tiles-2 [\d,.]+" if cpu_gemm.TILES else ""
     for name in ("rnn512 step forward", "gru256 dW_hh", "output logits (256)"):
         assert re.search(rf"^{re.escape(name)} \(\d+x\d+ by \d+x\d+, \d blocks? by (rows|columns|k)\): "
-                         rf"openblas-1 [\d,.]+, openblas-2 [\d,.]+, split-1 [\d,.]+, split-2 [\d,.]+$", out, re.M), out
+                         rf"openblas-1 [\d,.]+, openblas-2 [\d,.]+, split-1 [\d,.]+, split-2 [\d,.]+{tiles}$", out, re.M), out
 
 
 def test_bench_thread_policies_runs_quiet():

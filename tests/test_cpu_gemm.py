@@ -10,6 +10,7 @@ Runs wherever Numba is installed and NumPy's BLAS is OpenBLAS with its 64-bit in
 
 import gc
 import multiprocessing
+import os
 import threading
 import weakref
 
@@ -181,6 +182,30 @@ def test_tiles_switch_off_and_on_and_stay_correct():
             assert np.array_equal(results[0], tiled(a, b, ldd_extra=0)[0])
     finally:
         cpu_gemm._ctl[cpu_gemm.NO_TILES] = 0
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="the helper's cores are set on Linux only")
+def test_the_helper_is_kept_off_the_calling_threads_core():
+    """Started again and again (each benchmark measurement does), the helper may run on every
+    allowed core but the one the calling thread was on: Linux often put a restarted helper on the
+    caller's core, where it claimed no blocks. With one allowed core it is left as it was."""
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("one allowed core: nothing to keep apart")
+    for _ in range(3):
+        cpu_gemm.start(1)
+        helper = cpu_gemm._threads[0]
+        assert cpu_gemm._helper_cpus is not None and len(cpu_gemm._helper_cpus) == len(allowed) - 1
+        assert cpu_gemm._helper_cpus < allowed and os.sched_getaffinity(helper.native_id) == cpu_gemm._helper_cpus
+        cpu_gemm.stop()
+    try:
+        os.sched_setaffinity(0, {min(allowed)})  # this process on one core (as `taskset -c 0`)
+        cpu_gemm.start(1)
+        assert cpu_gemm._helper_cpus is None
+        assert os.sched_getaffinity(cpu_gemm._threads[0].native_id) == {min(allowed)}
+    finally:
+        cpu_gemm.stop()
+        os.sched_setaffinity(0, allowed)
 
 
 def test_blocks_depend_on_the_shape_alone_and_cover_it():

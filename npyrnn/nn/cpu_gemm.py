@@ -178,7 +178,10 @@ def _pause(typingctx):
 # broadcasts), where it was measured; elsewhere every block is OpenBLAS's.
 TILE_ROWS = 8
 TILE_VECTORS = 2
-TILE_M_MAX = 128  # more rows than this: OpenBLAS's packing pays (and a weight gradient's product has ta TRANS)
+# more rows than this: OpenBLAS's packing pays back (a (128, 256) by (256, 1024) product took 214 us
+# tiled and 217 us by OpenBLAS at 2 threads, a (96, ...) one 151 and 169); a weight gradient's
+# product over all T*B rows has ta TRANS anyway
+TILE_M_MAX = 128
 
 
 def _host_has_avx512():
@@ -186,7 +189,7 @@ def _host_has_avx512():
         import llvmlite.binding as llvm
 
         return platform.machine().lower() in ("x86_64", "amd64") and "+avx512f" in llvm.get_host_cpu_features().flatten()
-    except Exception:  # noqa: BLE001 - no way to tell: OpenBLAS, as before
+    except (ImportError, RuntimeError):  # no way to tell: OpenBLAS, as before
         return False
 
 
@@ -737,6 +740,12 @@ _kept = []  # (seq, arrays): memory a helper that lost its core may still touch,
 _blas_threads = None  # NumPy's OpenBLAS thread count before start(), restored by stop()
 _window = [0, 0]  # posts and helper blocks when `_helpers_now` last looked at the helper's share
 _started = False
+_helper_cpus = None  # the cores the helper may run on (`_keep_apart`), or None where it was left as it was
+try:
+    _sched_getcpu = ctypes.CDLL(None).sched_getcpu  # glibc and musl; -1 on failure
+    _sched_getcpu.restype = ctypes.c_int
+except (OSError, AttributeError):
+    _sched_getcpu = None
 
 
 def why_unavailable():
@@ -812,7 +821,32 @@ def start(num_helpers):
         deadline = time.monotonic() + 10.0
         while _ctl[READY] == 0 and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.0005)  # lets the helper take the GIL once, to enter its compiled loop
+        _keep_apart(thread)
     _started = True
+
+
+def _keep_apart(thread):
+    """Keep the helper off the core the calling thread is on now: its allowed cores less that one.
+
+    Linux places a new thread by the cores' recent load. A helper started again soon after the
+    last one stopped (`set_cpu_threads` called again: each measurement of the benchmark, a
+    notebook's second run) was often put on the calling thread's core, the other core's load
+    still counting the old helper; both threads then shared one core, each handing it to the
+    other in its waits, and the balancer left them there: the helper claimed none of its blocks,
+    and after 64 products was paused for being on a busy machine. Measured: 70 products of (32,
+    256) by (256, 1024) took 7.1-8.5 ms with the helper started a second time, 4.1-4.6 with
+    this (docs/performance.md). The calling thread is left free to move, and a machine with
+    one allowed core (or without `sched_setaffinity`) is left as it is."""
+    global _helper_cpus
+    _helper_cpus = None
+    cpu = _sched_getcpu() if _sched_getcpu is not None else -1
+    try:
+        others = os.sched_getaffinity(0) - {cpu}
+        if cpu >= 0 and others and thread.native_id is not None:
+            os.sched_setaffinity(thread.native_id, others)
+            _helper_cpus = frozenset(others)
+    except (AttributeError, OSError):  # no sched_*affinity here, or the thread just ended
+        pass
 
 
 def stop():
