@@ -12,7 +12,7 @@ as many untimed ones (the operands in cache, as in a time loop):
   (``npyrnn.nn.cpu_gemm``: at most two blocks fixed by the shape; ``blocks`` says which), every
   block OpenBLAS's (``cpu_gemm.NO_TILES``);
 - ``tiles-1`` and ``tiles-2``: the same with npyrnn's tiles on (where ``cpu_gemm.TILES``): a
-  block of at most 128 rows with neither operand transposed is computed by them.
+  block of at most 96 rows with neither operand transposed is computed by them.
 
 Printed: median microseconds a call, and the split products' blocks (axis: rows, columns or k).
 With ``--busy N``, N processes spin on the CPU meanwhile; with ``--copy`` a step's forward

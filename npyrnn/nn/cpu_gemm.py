@@ -7,8 +7,8 @@ core holds up every product, and a training run can keep a quarter of its speed 
 
 What. `matmul(a, b, out)` computes `out = a @ b` as at most two blocks, each one call of NumPy's
 own OpenBLAS at one thread, or, for a block of at most `TILE_M_MAX` rows with neither operand
-transposed (a recurrent step's product), npyrnn's own tiles (`_tiles`, below: 1.5 to 1.8 times
-OpenBLAS's speed at B = 32 here, which repacks both operands for every call):
+transposed (a recurrent step's product), npyrnn's own tiles (`_tiles`, below: 1.4 to 1.7 times
+OpenBLAS's speed at B = 32 here, which packs both operands again for every call):
 
 - `blocks(m, n, k)` cuts the longest of the product's rows, columns or inner dimension (a
   32-row recurrent step by columns or by k, a weight gradient over all T*B rows by k, whose
@@ -178,10 +178,10 @@ def _pause(typingctx):
 # broadcasts), where it was measured; elsewhere every block is OpenBLAS's.
 TILE_ROWS = 8
 TILE_VECTORS = 2
-# more rows than this: OpenBLAS's packing pays back (a (128, 256) by (256, 1024) product took 214 us
-# tiled and 217 us by OpenBLAS at 2 threads, a (96, ...) one 151 and 169); a weight gradient's
-# product over all T*B rows has ta TRANS anyway
-TILE_M_MAX = 128
+# more rows than this: OpenBLAS's packing pays back (at 2 threads, a (128, 256) by (256, 1024)
+# product took 214-216 us tiled and 204-217 us by OpenBLAS, a (96, ...) one 151 and 169, a (64, ...)
+# one 98 and 110); a weight gradient's product over all T*B rows has ta TRANS anyway
+TILE_M_MAX = 96
 
 
 def _host_has_avx512():
@@ -198,22 +198,31 @@ _LANES = {0: 16, 1: 8}  # dt -> elements of a 64-byte vector: float32, float64
 TILE_COLS_F32, TILE_COLS_F64 = 16 * TILE_VECTORS, 8 * TILE_VECTORS
 
 
-def _tile_intrinsic(dt, rows):
-    """An intrinsic `tile(a, lda, b, ldb, c, ldc, k)`: c[:rows, :cols] = a[:rows, :k] b[:k, :cols] (addresses, leading dimensions in elements)."""
+def _tile_intrinsic(dt):
+    """An intrinsic `tile(a, lda, b, ldb, c, ldc, k, rows)`: c[:rows, :cols] = a[:rows, :k] b[:k, :cols]
+    for 1 <= rows <= TILE_ROWS (addresses; leading dimensions in elements). A tile of fewer rows
+    computes TILE_ROWS all the same, its missing rows reading a's last row again, and stores its
+    own: one body for every row count, whose rows need no branch in the loop over k."""
     lanes = _LANES[dt]
 
     def codegen(context, builder, sig, args):
-        a, lda, b, ldb, c, ldc, k = args
+        a, lda, b, ldb, c, ldc, k, rows = args
         fty = ir.FloatType() if dt == 0 else ir.DoubleType()
         vty = ir.VectorType(fty, lanes)
         i64, i32 = ir.IntType(64), ir.IntType(32)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]),
                                              f"llvm.fma.v{lanes}f{32 if dt == 0 else 64}")
         zero = ir.Constant(vty, [0.0] * lanes)
-        acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(TILE_VECTORS)] for _ in range(rows)]
+        acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(TILE_VECTORS)] for _ in range(TILE_ROWS)]
         pa, pb, pc = (builder.inttoptr(x, fty.as_pointer()) for x in (a, b, c))
         undef, splat = ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
         item = 4 if dt == 0 else 8
+        last = builder.sub(rows, ir.Constant(i64, 1))
+        a_rows = []  # row r of a, or its last row for r >= rows
+        for r in range(TILE_ROWS):
+            ri = ir.Constant(i64, r)
+            ri = builder.select(builder.icmp_signed("<", ri, rows), ri, last)
+            a_rows.append(builder.gep(pa, [builder.mul(lda, ri)]))
 
         def vector(row, q):
             return builder.bitcast(builder.gep(row, [ir.Constant(i64, q * lanes)]), vty.as_pointer())
@@ -222,66 +231,26 @@ def _tile_intrinsic(dt, rows):
             kk = loop.index
             b_row = builder.gep(pb, [builder.mul(kk, ldb)])
             bv = [builder.load(vector(b_row, q), align=item) for q in range(TILE_VECTORS)]
-            for r in range(rows):
-                x = builder.load(builder.gep(pa, [builder.add(builder.mul(lda, ir.Constant(i64, r)), kk)]))
+            for r in range(TILE_ROWS):
+                x = builder.load(builder.gep(a_rows[r], [kk]))
                 xv = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(i32, 0)), undef, splat)
                 for q in range(TILE_VECTORS):
                     builder.store(builder.call(fma, [xv, bv[q], builder.load(acc[r][q])]), acc[r][q])
-        for r in range(rows):
-            c_row = builder.gep(pc, [builder.mul(ldc, ir.Constant(i64, r))])
-            for q in range(TILE_VECTORS):
-                builder.store(builder.load(acc[r][q]), vector(c_row, q), align=item)
+        for r in range(TILE_ROWS):
+            with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, r), rows)):
+                c_row = builder.gep(pc, [builder.mul(ldc, ir.Constant(i64, r))])
+                for q in range(TILE_VECTORS):
+                    builder.store(builder.load(acc[r][q]), vector(c_row, q), align=item)
         return context.get_dummy_value()
 
-    def tile(typingctx, a, lda, b, ldb, c, ldc, k):
-        return types.void(*([types.int64] * 7)), codegen
+    def tile(typingctx, a, lda, b, ldb, c, ldc, k, rows):
+        return types.void(*([types.int64] * 8)), codegen
 
-    tile.__name__ = f"_tile_{'f32' if dt == 0 else 'f64'}_{rows}"
+    tile.__name__ = f"_tile_{'f32' if dt == 0 else 'f64'}"
     return intrinsic(tile)
 
 
-(_t0_1, _t0_2, _t0_3, _t0_4, _t0_5, _t0_6, _t0_7, _t0_8,
- _t1_1, _t1_2, _t1_3, _t1_4, _t1_5, _t1_6, _t1_7, _t1_8) = (
-    _tile_intrinsic(dt, rows) for dt in (0, 1) for rows in range(1, TILE_ROWS + 1))
-
-
-@njit(**_JIT)
-def _tile(dt, rows, a, lda, b, ldb, c, ldc, k):
-    """One tile of `rows` (1 to TILE_ROWS) rows, dt 0 float32 or 1 float64."""
-    if dt == 0:
-        if rows == 8:
-            _t0_8(a, lda, b, ldb, c, ldc, k)
-        elif rows == 1:
-            _t0_1(a, lda, b, ldb, c, ldc, k)
-        elif rows == 2:
-            _t0_2(a, lda, b, ldb, c, ldc, k)
-        elif rows == 3:
-            _t0_3(a, lda, b, ldb, c, ldc, k)
-        elif rows == 4:
-            _t0_4(a, lda, b, ldb, c, ldc, k)
-        elif rows == 5:
-            _t0_5(a, lda, b, ldb, c, ldc, k)
-        elif rows == 6:
-            _t0_6(a, lda, b, ldb, c, ldc, k)
-        else:
-            _t0_7(a, lda, b, ldb, c, ldc, k)
-    else:
-        if rows == 8:
-            _t1_8(a, lda, b, ldb, c, ldc, k)
-        elif rows == 1:
-            _t1_1(a, lda, b, ldb, c, ldc, k)
-        elif rows == 2:
-            _t1_2(a, lda, b, ldb, c, ldc, k)
-        elif rows == 3:
-            _t1_3(a, lda, b, ldb, c, ldc, k)
-        elif rows == 4:
-            _t1_4(a, lda, b, ldb, c, ldc, k)
-        elif rows == 5:
-            _t1_5(a, lda, b, ldb, c, ldc, k)
-        elif rows == 6:
-            _t1_6(a, lda, b, ldb, c, ldc, k)
-        else:
-            _t1_7(a, lda, b, ldb, c, ldc, k)
+_tile_f32, _tile_f64 = _tile_intrinsic(0), _tile_intrinsic(1)
 
 
 # ------------------------------------------------------------------------------ C functions
@@ -369,7 +338,11 @@ def _tiles(dt, m, n, k, a, lda, b, ldb, d, ldd):
     n_tiles = n - n % cols
     for j in range(0, n_tiles, cols):
         for i in range(0, m, TILE_ROWS):
-            _tile(dt, min(TILE_ROWS, m - i), a + item * i * lda, lda, b + item * j, ldb, d + item * (i * ldd + j), ldd, k)
+            a0, b0, d0, rows = a + item * i * lda, b + item * j, d + item * (i * ldd + j), np.int64(min(TILE_ROWS, m - i))
+            if dt == 0:
+                _tile_f32(a0, lda, b0, ldb, d0, ldd, k, rows)
+            else:
+                _tile_f64(a0, lda, b0, ldb, d0, ldd, k, rows)
     if n_tiles < n and k == 0:  # an empty sum (which OpenBLAS leaves unwritten): zeros
         zeros = np.zeros(item * (n - n_tiles), dtype=np.uint8)
         for i in range(m):
