@@ -7,7 +7,7 @@ core holds up every product, and a training run can keep a quarter of its speed 
 
 What. `matmul(a, b, out)` computes `out = a @ b` as at most two blocks, each one call of NumPy's
 own OpenBLAS at one thread, or, for a block of at most `TILE_M_MAX` rows with neither operand
-transposed (a recurrent step's product), npyrnn's own tiles (`_tiles`, below: 1.4 to 1.7 times
+transposed (a recurrent step's product), npyrnn's own tiles (`_tiles`, below: 1.3 to 1.7 times
 OpenBLAS's speed at B = 32 here, which packs both operands again for every call):
 
 - `blocks(m, n, k)` cuts the longest of the product's rows, columns or inner dimension (a
