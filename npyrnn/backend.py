@@ -264,9 +264,9 @@ def split_products():
 
 def split_products_tiled():
     """Whether the split products are on and compute a step's product (a few rows, neither operand
-    transposed) in their own tiles (``cpu_gemm.TILES``: x86-64 with AVX-512), which take the
-    C-ordered W^T a layer copies for them, not the view."""
-    return _split is not None and bool(_split.TILES)
+    transposed) in their own tiles (``cpu_gemm.tiles_on()``: x86-64 with AVX-512, not turned off),
+    which take the C-ordered W^T a layer copies for them, not the view."""
+    return _split is not None and _split.tiles_on()
 
 
 def env_switch(variable, off, on):

@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from threadpoolctl import threadpool_limits
 
 pytest.importorskip("numba", reason="the split products need Numba (pip install 'npyrnn[fast]')")
 
@@ -178,10 +179,37 @@ def test_tiles_switch_off_and_on_and_stay_correct():
             alone, shared = product(0, a, b), product(1, a, b)
             assert close(alone, a, b) and np.array_equal(alone, shared)
             results[off] = alone
-        if cpu_gemm.TILES:  # blocks of columns: each element the tiles' sum over all of k, as a tile alone makes it
+        # two blocks of 512 columns: off, each OpenBLAS's at one thread; on, each element the tiles'
+        # sum over all of k. (Here the two differ in their last bits: OpenBLAS sums k = 512 in two
+        # blocks of its own. So each state is told apart from the other.)
+        assert cpu_gemm.blocks(32, 1024, 512) == (1, 2, 512)
+        with threadpool_limits(1):
+            openblas = np.concatenate([a @ b[:, :512], a @ b[:, 512:]], axis=1)
+        assert np.array_equal(results[1], openblas)
+        if cpu_gemm.TILES:
             assert np.array_equal(results[0], tiled(a, b, ldd_extra=0)[0])
     finally:
         cpu_gemm._ctl[cpu_gemm.NO_TILES] = 0
+
+
+def test_tiles_follow_the_cpu_numba_compiles_for(monkeypatch):
+    """The tiles are on where the code Numba builds has AVX-512: the host's features, or those
+    named with NUMBA_CPU_NAME (a cache for `generic` CPUs would turn each tile's fused
+    multiply-adds into calls, 100 times slower than OpenBLAS)."""
+    import llvmlite.binding as llvm
+    import platform
+    from numba.core import config
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    host = "+avx512f" in llvm.get_host_cpu_features().flatten().split(",")
+    monkeypatch.setattr(config, "CPU_NAME", None)
+    assert cpu_gemm._target_has_avx512() == (x86 and host)
+    monkeypatch.setattr(config, "CPU_NAME", "generic")
+    monkeypatch.setattr(config, "CPU_FEATURES", "")
+    assert not cpu_gemm._target_has_avx512()
+    monkeypatch.setattr(config, "CPU_NAME", "skylake-avx512")
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+fma,+avx512f")
+    assert cpu_gemm._target_has_avx512() == x86
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="the helper's cores are set on Linux only")
@@ -199,7 +227,7 @@ def test_the_helper_is_kept_off_the_calling_threads_core():
         assert cpu_gemm._helper_cpus < allowed and os.sched_getaffinity(helper.native_id) == cpu_gemm._helper_cpus
         cpu_gemm.stop()
     try:
-        os.sched_setaffinity(0, {min(allowed)})  # this process on one core (as `taskset -c 0`)
+        os.sched_setaffinity(0, {min(allowed)})  # this thread on one CPU (as `taskset -c 0` would put it)
         cpu_gemm.start(1)
         assert cpu_gemm._helper_cpus is None
         assert os.sched_getaffinity(cpu_gemm._threads[0].native_id) == {min(allowed)}

@@ -184,16 +184,24 @@ TILE_VECTORS = 2
 TILE_M_MAX = 96
 
 
-def _host_has_avx512():
+def _target_has_avx512():
+    """Whether the code Numba compiles here has AVX-512: the host's features, or those named by
+    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES where they are set (a cache built for `generic` CPUs, say,
+    whose tile would call `fmaf` for each element: 100 times slower than OpenBLAS)."""
     try:
         import llvmlite.binding as llvm
+        from numba.core import config
 
-        return platform.machine().lower() in ("x86_64", "amd64") and "+avx512f" in llvm.get_host_cpu_features().flatten()
-    except (ImportError, RuntimeError):  # no way to tell: OpenBLAS, as before
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            return False
+        if config.CPU_NAME is not None:  # a CPU named for Numba: only features named with it count
+            return "+avx512f" in (config.CPU_FEATURES or "").split(",")
+        return "+avx512f" in llvm.get_host_cpu_features().flatten().split(",")
+    except (ImportError, RuntimeError, AttributeError):  # no way to tell: OpenBLAS, as before
         return False
 
 
-TILES = _host_has_avx512()
+TILES = _target_has_avx512()
 _LANES = {0: 16, 1: 8}  # dt -> elements of a 64-byte vector: float32, float64
 TILE_COLS_F32, TILE_COLS_F64 = 16 * TILE_VECTORS, 8 * TILE_VECTORS
 
@@ -299,7 +307,7 @@ def _register():
 try:
     _lib, _prefix = _register()
     _why = None
-except (OSError, AttributeError, ImportError) as exc:
+except (OSError, AttributeError, ImportError, TypeError) as exc:  # (TypeError: CDLL(None) on Windows)
     _why = f"unavailable ({exc})"
 _sgemm, _dgemm, _sgemv, _dgemv, _get_threads, _yield, _usleep, _clock_gettime, _memcpy = (
     types.ExternalFunction(f"npyrnn_gemm_{name}", sig) for name, sig in _SIGNATURES.items()
@@ -331,8 +339,9 @@ def _now(ts):
 @njit(**_JIT)
 def _tiles(dt, m, n, k, a, lda, b, ldb, d, ldd):
     """d = a b for row-major a (m, k), b (k, n), d (m, n) (addresses, leading dimensions in elements):
-    tiles of TILE_ROWS rows (the last one fewer) by TILE_COLS columns, a column of tiles at a time
-    (its part of b stays in cache for all rows); the last n % TILE_COLS columns one gemm."""
+    tiles of TILE_ROWS rows (the last one fewer) by TILE_COLS_F32 (float32) or TILE_COLS_F64 columns, a
+    column of tiles at a time (its part of b stays in cache for all rows); the columns past the last
+    whole tile one gemm."""
     item = 4 if dt == 0 else 8
     cols = TILE_COLS_F32 if dt == 0 else TILE_COLS_F64
     n_tiles = n - n % cols
@@ -343,7 +352,7 @@ def _tiles(dt, m, n, k, a, lda, b, ldb, d, ldd):
                 _tile_f32(a0, lda, b0, ldb, d0, ldd, k, rows)
             else:
                 _tile_f64(a0, lda, b0, ldb, d0, ldd, k, rows)
-    if n_tiles < n and k == 0:  # an empty sum (which OpenBLAS leaves unwritten): zeros
+    if n_tiles < n and k == 0:  # an empty sum: zeros (OpenBLAS left a (1, 0) by (0, 1) product unwritten here)
         zeros = np.zeros(item * (n - n_tiles), dtype=np.uint8)
         for i in range(m):
             _memcpy(d + item * (i * ldd + n_tiles), np.int64(zeros.ctypes.data), np.int64(zeros.size))
@@ -717,8 +726,14 @@ _helper_cpus = None  # the cores the helper may run on (`_keep_apart`), or None 
 try:
     _sched_getcpu = ctypes.CDLL(None).sched_getcpu  # glibc and musl; -1 on failure
     _sched_getcpu.restype = ctypes.c_int
-except (OSError, AttributeError):
+except (OSError, AttributeError, TypeError):
     _sched_getcpu = None
+
+
+def tiles_on():
+    """Whether the products posted from now on compute their blocks of few rows in the tiles:
+    `TILES` (this machine), and not turned off (`_ctl[NO_TILES]`)."""
+    return bool(TILES) and int(_ctl[NO_TILES]) == 0
 
 
 def why_unavailable():
@@ -759,6 +774,9 @@ def _helpers_now():
         if share < HELPER_SHARE_MIN:
             _ctl[HELPER_PAUSE_UNTIL] = now + HELPER_PAUSE
             _ctl[HELPER_PAUSES] += 1
+            for thread in _threads:  # (the calling thread may have come to the helper's CPU since)
+                if thread.is_alive():
+                    _keep_apart(thread)
             return 0
     return live
 
@@ -799,7 +817,8 @@ def start(num_helpers):
 
 
 def _keep_apart(thread):
-    """Keep the helper off the core the calling thread is on now: its allowed cores less that one.
+    """Keep the helper off the CPU the calling thread is on now: its allowed CPUs less that one
+    (a logical CPU: with two threads a core, the helper may still share the caller's core).
 
     Linux places a new thread by the cores' recent load. A helper started again soon after the
     last one stopped (`set_cpu_threads` called again: each measurement of the benchmark, a
@@ -808,8 +827,9 @@ def _keep_apart(thread):
     other in its waits, and the balancer left them there: the helper claimed none of its blocks,
     and after 64 products was paused for being on a busy machine. Measured: 70 products of (32,
     256) by (256, 1024) took 7.1-8.5 ms with the helper started a second time, 4.1-4.6 with
-    this (docs/performance.md). The calling thread is left free to move, and a machine with
-    one allowed core (or without `sched_setaffinity`) is left as it is."""
+    this (docs/performance.md). The calling thread is left free to move; should it come to the
+    helper's CPU later, the helper's share of the blocks falls, and `_helpers_now` keeps it
+    apart again (as it pauses it). One allowed CPU, or no `sched_setaffinity`: left as it is."""
     global _helper_cpus
     _helper_cpus = None
     cpu = _sched_getcpu() if _sched_getcpu is not None else -1
@@ -824,7 +844,7 @@ def _keep_apart(thread):
 
 def stop():
     """End the helper and give NumPy's OpenBLAS its thread count back; products go to numpy.matmul again."""
-    global _started, _blas_threads
+    global _started, _blas_threads, _helper_cpus
     if not _started:
         return
     with _lock:  # after the product or compiled loop in progress, if any
@@ -835,6 +855,7 @@ def stop():
         _kept.clear()
         _ctl[STOP] = 0
         _ctl[READY] = 0
+        _helper_cpus = None
         _ctl[LOOP_EXIT] = _ctl[LOOP_SEQ]  # a loop the helper never joined: not for the next helper
         _drop_loop_job()
         _started = False
@@ -850,7 +871,8 @@ def _drop_loop_job():
 
 def _forget_after_fork():
     """In a forked child: no helper thread exists there, so the products are off; OpenBLAS gets its count back."""
-    global _started, _blas_threads, _lock
+    global _started, _blas_threads, _lock, _helper_cpus
+    _helper_cpus = None
     _threads.clear()
     _kept.clear()
     _drop_loop_job()
