@@ -293,6 +293,7 @@ def test_a_helper_that_gets_few_blocks_is_paused_then_tried_again(monkeypatch):
     import time
 
     monkeypatch.setattr(cpu_gemm, "HELPER_SHARE_MIN", 0.5)  # the default, which the fixture turned off
+    monkeypatch.setattr(cpu_gemm, "HELPER_WAKE_GAP", 60 * 10**9)  # a slow test is no sleeping helper
     rng = np.random.default_rng(4)
     a, b = rng.standard_normal((32, 512)).astype(np.float32), rng.standard_normal((512, 768)).astype(np.float32)
     with_helper = product(1, a, b)
@@ -316,6 +317,36 @@ def test_a_helper_that_gets_few_blocks_is_paused_then_tried_again(monkeypatch):
         assert cpu_gemm.stats()["helper_pauses"] == stats["helper_pauses"] + 1
         posted = cpu_gemm.stats()["posted"]
         assert cpu_gemm.matmul(a, b, out) and cpu_gemm.stats()["posted"] == posted + 1
+    finally:
+        cpu_gemm.stop()
+
+
+def test_a_helper_waking_from_its_sleep_is_judged_from_its_first_block(monkeypatch):
+    """After a gap of HELPER_WAKE_GAP the helper sleeps, and the products posted while it wakes are
+    the caller's: they do not pause it. Its share counts again from its first block; a window of
+    products without one pauses it (a busy machine, not sleep)."""
+    import time
+
+    monkeypatch.setattr(cpu_gemm, "HELPER_SHARE_MIN", 0.5)
+    monkeypatch.setattr(cpu_gemm, "HELPER_WAKE_GAP", 60 * 10**9)  # only the gaps made below count
+    cpu_gemm.start(1)
+    ctl, window = cpu_gemm._ctl, cpu_gemm.HELPER_WINDOW
+    try:
+        pauses = cpu_gemm.stats()["helper_pauses"]
+        cpu_gemm._last_look[0] = time.monotonic_ns() - 120 * 10**9  # two minutes without products
+        assert cpu_gemm._helpers_now() == 1
+        ctl[cpu_gemm.POSTS] += window - 1  # posted while it woke: the caller did them all
+        assert cpu_gemm._helpers_now() == 1
+        ctl[cpu_gemm.POSTS] += 1
+        ctl[cpu_gemm.HELPER_BLOCKS] += 1  # awake: its first block
+        assert cpu_gemm._helpers_now() == 1
+        ctl[cpu_gemm.POSTS] += window
+        ctl[cpu_gemm.HELPER_BLOCKS] += window  # its share of the window after
+        assert cpu_gemm._helpers_now() == 1 and cpu_gemm.stats()["helper_pauses"] == pauses
+        cpu_gemm._last_look[0] = time.monotonic_ns() - 120 * 10**9  # asleep again, and then no block at all
+        assert cpu_gemm._helpers_now() == 1
+        ctl[cpu_gemm.POSTS] += window
+        assert cpu_gemm._helpers_now() == 0 and cpu_gemm.stats()["helper_pauses"] == pauses + 1
     finally:
         cpu_gemm.stop()
 

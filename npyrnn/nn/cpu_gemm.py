@@ -109,6 +109,12 @@ HALF_PAUSE = 500_000_000  # ns without halves after such a wait: the helper keep
 HELPER_WINDOW = 64  # products posted: about one minibatch of d2l's job (35 step products each way, then 3 or 4)
 HELPER_SHARE_MIN = 0.5
 HELPER_PAUSE = 1_000_000_000  # ns
+# A helper idle for 2 ms sleeps (in 50 us steps, after 200 ms in 1 ms steps: `_helper`), and the
+# products posted while it wakes are the caller's: after 0.5 s idle, 24-45 of 64 products of 25
+# us were, on a quiet machine, and it was paused. After a gap of HELPER_WAKE_GAP between two
+# calls of `_helpers_now`, its share is looked at again only from its first block on (or once
+# HELPER_WINDOW products went by without one, which pauses it)
+HELPER_WAKE_GAP = 2_000_000  # ns
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 
 
@@ -721,6 +727,8 @@ _partials = {}  # dtype char -> 1-D array of the caller's partial sums over k (n
 _kept = []  # (seq, arrays): memory a helper that lost its core may still touch, kept until it is done with seq
 _blas_threads = None  # NumPy's OpenBLAS thread count before start(), restored by stop()
 _window = [0, 0]  # posts and helper blocks when `_helpers_now` last looked at the helper's share
+_waking = [-1, 0]  # posts and helper blocks when the helper was last found asleep (-1: awake)
+_last_look = [0]  # when `_helpers_now` last let products go to the helper (ns)
 _started = False
 _helper_cpus = None  # the cores the helper may run on (`_keep_apart`), or None where it was left as it was
 try:
@@ -768,6 +776,18 @@ def _helpers_now():
     if now < _ctl[HELPER_PAUSE_UNTIL]:
         return 0
     posts, done = int(_ctl[POSTS]), int(_ctl[HELPER_BLOCKS])
+    if now - _last_look[0] > HELPER_WAKE_GAP:  # the helper is asleep: what it misses while it wakes is no busy machine
+        _waking[:] = [posts, done]
+    _last_look[0] = now
+    if _waking[0] >= 0:
+        if done > _waking[1]:  # awake again: its share counts from here
+            _waking[0] = -1
+            _window[:] = [posts, done]
+        elif posts - _waking[0] >= HELPER_WINDOW:  # a window's products and not one block: not asleep, without a core
+            _waking[0] = -1
+            _window[:] = [posts - HELPER_WINDOW, done]
+        else:
+            return live
     if posts - _window[0] >= HELPER_WINDOW:
         share = (done - _window[1]) / (posts - _window[0])
         _window[:] = [posts, done]
@@ -804,6 +824,8 @@ def start(num_helpers):
     _ctl[STOP] = 0
     _ctl[HELPER_PAUSE_UNTIL] = 0  # a new helper starts with a clean slate (`_helpers_now`)
     _window[:] = [int(_ctl[POSTS]), int(_ctl[HELPER_BLOCKS])]
+    _waking[0] = -1
+    _last_look[0] = time.monotonic_ns()  # (and awake: it spins first)
     if int(num_helpers) > 0:
         thread = threading.Thread(target=_helper_main, args=(_ctl, _helper_clock), name="npyrnn-gemm-helper",
                                   daemon=True)

@@ -44,7 +44,9 @@ from npyrnn.nn.module import (
 
 ONE_HOT_MAX = 128  # up to this vocabulary size the one-hot product beats the sorted scatter
 PAD_BYTES = 64  # the rows of a weight's transposed copy longer by this much where they would be a multiple of 1 KiB
-transposed_copies = None  # None: where they pay or the tiles take them (`Recurrent._step_weight`); True, False: always, never (bench_ab.py --switch wt)
+# None: where they pay or the tiles take them (`Recurrent._step_weight`); True, False: always,
+# never (bench_ab.py --switch wt)
+transposed_copies = None
 
 
 class Recurrent(Module):
@@ -480,14 +482,15 @@ class Recurrent(Module):
         On NumPy, for B > 1, where NumPy's OpenBLAS runs its AVX-512 kernels
         (`backend.transposed_copies_pay`) or the split products compute a step's product in their
         own tiles, which read b's rows (`backend.split_products_tiled`), a C-ordered copy of W^T,
-        made once a forward pass into the layer's workspace; elsewhere the view `W.T`. Those kernels multiply a few rows by a
-        transposed operand 1.2 to 1.5 times slower than by a C-ordered one (B = 32, 1 thread: the
-        GRU's h W_hh^T at H = 256 in 218 against 152 us); the copy costs 0.06-0.15 ms of the 1.7
-        to 3.4 ms it saves a forward pass (docs/performance.md). With OpenBLAS on both sides the
-        bits are the same either way at the cells' sizes timed (B = 32, H = 256 and 512), not
-        always for small products (B = 2, or H = 32), which another kernel sums in another order;
-        with the tiles on, the copy goes to them and the view to OpenBLAS, and the last bits
-        differ: like every product's, a layer's bits depend on the machine. With B = 1 NumPy computes the product as a
+        made once a forward pass into the layer's workspace; elsewhere the view `W.T`. Those
+        kernels multiply a few rows by a transposed operand 1.2 to 1.5 times slower than by a
+        C-ordered one (B = 32, 1 thread: the GRU's h W_hh^T at H = 256 in 218 against 152 us);
+        the copy costs 0.06-0.15 ms of the 1.7 to 3.4 ms it saves a forward pass
+        (docs/performance.md). With OpenBLAS on both sides the bits are the same either way at
+        the cells' sizes timed (B = 32, H = 256 and 512), not always for small products (B = 2,
+        or H = 32), which another kernel sums in another order; with the tiles on, the copy goes
+        to them and the view to OpenBLAS, and the last bits differ: like every product's, a
+        layer's bits depend on the machine. With B = 1 NumPy computes the product as a
         matrix-vector product: the view. `transposed_copies` (True, False) overrides the choice.
 
         Where a row of W^T is a multiple of 1 KiB (the LSTM's 4H = 1024 floats, the RNN's 512),
