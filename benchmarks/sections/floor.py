@@ -278,13 +278,15 @@ def run_cell(cfg, corpus, vocab, log, cell):
     from npyrnn import backend
 
     prods = products(B, T, H, V, np.random.default_rng(cfg.seed), gates=GATES[cell])
-    # the same products as npyrnn runs them (the split products' blocks and tiles, where the fast extra has them)
-    ours_prods = products(B, T, H, V, np.random.default_rng(cfg.seed), gates=GATES[cell], matmul=backend.matmul)
     # the RNN as d2l's scratch model (normal init); the GRU and LSTM as torch's (uniform init, reset after)
     ours = NpyrnnLM(cfg, vocab, corpus, H, init="normal" if cell == "rnn" else "uniform", cell=cell)
     ours.train()  # warm-up
     time_products(prods, 1)
-    with ours.cores():
+    with ours.cores():  # the same products as npyrnn runs them: the split products' blocks, W^T copied where
+        # OpenBLAS's kernels pay for it or the tiles take it (`Recurrent._step_weight`)
+        copies = backend.transposed_copies_pay() or backend.split_products_tiled()
+        ours_prods = products(B, T, H, V, np.random.default_rng(cfg.seed), gates=GATES[cell], copies=copies,
+                              matmul=backend.matmul)
         time_products(ours_prods, 1)
     flops = sum(p.flops for p in prods)
     floor_s, step_s, epoch_step_s, per_product, phases = [], [], [], [], []
