@@ -256,16 +256,19 @@ def test_token_id_layers_take_the_compiled_gather_gradient_unless_the_kernels_ar
 
 # ------------------------------------------------------------------------------ W^T for the step products
 @settings(max_examples=60, deadline=None, derandomize=True)
-@given(R=st.integers(1, 40), C=st.integers(1, 40), dtype=st.sampled_from(["float64", "float32"]),
-       row_gap=st.integers(0, 3), seed=st.integers(0, 2**32 - 1))
-def test_compiled_transpose_copies_every_value(R, C, dtype, row_gap, seed):
-    """`cpu_kernels.transpose_into` for any shape (the eight-row passes and the rows left over),
-    from a source whose rows are a slice of wider ones; the bits of numpy's transpose."""
+@given(R=st.integers(1, 70), C=st.integers(1, 70), dtype=st.sampled_from(["float64", "float32"]),
+       row_gap=st.integers(0, 3), dst_gap=st.sampled_from([0, 1, 16]), seed=st.integers(0, 2**32 - 1))
+def test_compiled_transpose_copies_every_value(R, C, dtype, row_gap, dst_gap, seed):
+    """`cpu_kernels.transpose_into` for any shape (the squares in registers, the rows and columns left over),
+    from a source whose rows are a slice of wider ones, into rows padded as the layers pad them; the bits
+    of numpy's transpose, and nothing written past a row."""
     rng = np.random.default_rng(seed)
     src = rng.standard_normal((R, C + row_gap)).astype(dtype)[:, :C]
-    dst = np.full((C, R), np.nan, dtype)
+    padded = np.full((C, R + dst_gap), np.nan, dtype)
+    dst = padded[:, :R]
     cpu_kernels.transpose_into(src, dst)
     assert dst.tobytes() == np.ascontiguousarray(src.T).tobytes()
+    assert np.isnan(padded[:, R:]).all()
     with pytest.raises(ValueError, match="shape of src transposed"):
         cpu_kernels.transpose_into(src, np.empty((C, R + 1), dtype))
 
