@@ -4,7 +4,8 @@
 The kernels are the Numba-compiled ones of ``npyrnn/nn/cpu_kernels.py`` (the ``fast`` extra);
 the twins are the array operations they replace (``kernels.SPECS[name].reference``). Inputs are
 gate-like views (rows contiguous, as the cells pass them), values N(0, 0.3^2), B = 32 and H from
-``--hidden``; each figure is the best of 5 repeats of ``--calls`` calls.
+``--hidden``; each figure is the best of 5 repeats of ``--calls`` calls. Last, the compiled copy of
+W_hh^T the step products read (``transpose_into``) against ``numpy.copyto(WT, W.T)``.
 
     python benchmarks/bench_kernels.py --hidden 256 --dtype float32
 """
@@ -54,6 +55,13 @@ def main(argv=None):
             t_fused = best_time(lambda: fused(*inputs), args.calls)
             t_ops = best_time(lambda: spec.reference(np, *inputs), args.calls)
         print(f"{name:22s} {t_fused:9.1f} {t_ops:13.1f} {t_ops / t_fused:6.2f}")
+    transpose = kernels.transpose_into(np)  # W^T's copy for the step products, against numpy.copyto
+    for gates in (1, 3, 4):  # W_hh of the RNN, the GRU, the LSTM: (G*H, H)
+        W = rng.standard_normal((gates * H, H)).astype(args.dtype)
+        WT = np.empty((H, gates * H + 16), args.dtype)[:, : gates * H]  # rows padded, as the layers pad them
+        t_fused = best_time(lambda: transpose(W, WT), args.calls)
+        t_ops = best_time(lambda: np.copyto(WT, W.T), args.calls)
+        print(f"{f'transpose_into ({gates * H}, {H})':22s} {t_fused:9.1f} {t_ops:13.1f} {t_ops / t_fused:6.2f}")
 
 
 if __name__ == "__main__":

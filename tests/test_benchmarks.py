@@ -406,6 +406,8 @@ def test_bench_kernels_prints_every_kernel():
     out = run_script("bench_kernels.py", "--hidden", "8", "--calls", "2")
     for name in kernels.SPECS:
         assert re.search(rf"^{name}\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M), (name, out)
+    for shape in ("(8, 8)", "(24, 8)", "(32, 8)"):  # W_hh^T's copies, --hidden 8
+        assert re.search(rf"^transpose_into {re.escape(shape)}\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M), (shape, out)
 
 
 def test_bench_split_runs_quiet():
