@@ -238,6 +238,51 @@ def test_floor_products_are_one_minibatchs_products(gates):
         p.run()
 
 
+@pytest.mark.parametrize("gates", [1, 4], ids=["rnn", "lstm"])
+def test_floor_times_npyrnns_step_products_in_a_compiled_loop(gates, monkeypatch):
+    """With `loops`, the x T step products of npyrnn's floor run in one compiled loop of
+    `cpu_gemm.loop_product` calls (as npyrnn's compiled time loops run them), not T Python calls of
+    `backend.matmul`, whose Python is most of a step product's time; the same products, so the
+    same bits as those calls."""
+    import numpy as np
+
+    pytest.importorskip("numba", reason="the compiled loops need the fast extra")
+    from benchmarks.sections import floor
+    from npyrnn import backend
+    from npyrnn.nn import cpu_gemm
+
+    if cpu_gemm.why_unavailable() is not None:
+        pytest.skip(f"split products {cpu_gemm.why_unavailable()}")
+    B, T, H, V = 32, 5, 64, 7
+    ran, run_loop = [], cpu_gemm.run_loop
+    monkeypatch.setattr(cpu_gemm, "run_loop", lambda *a, **k: ran.append(run_loop(*a, **k)) or ran[-1])
+    floor._step_loops.cache_clear()  # (it holds run_loop)
+    backend.set_cpu_threads(2, split=True)
+    try:
+        results = []
+        for loops in (False, True):
+            calls = []
+
+            def matmul(a, b, out, _calls=calls):
+                _calls.append(a.shape)
+                return backend.matmul(a, b, out=out)
+
+            prods = floor.products(B, T, H, V, np.random.default_rng(0), gates=gates, copies=True, matmul=matmul,
+                                   loops=loops)
+            forward, backward = prods[0], prods[3]
+            forward.run()
+            backward.run()
+            cells = {id(c.cell_contents): c.cell_contents for p in (forward, backward) for c in p.run.__closure__
+                     if isinstance(c.cell_contents, np.ndarray)}
+            results.append((len(calls), sorted(a.tobytes() for a in cells.values())))
+    finally:
+        backend.set_cpu_threads(None, split=False)
+        floor._step_loops.cache_clear()
+    assert results[0][0] == 2 * T and results[1][0] == 0  # T Python calls each way, then none
+    assert ran == [True, True]
+    assert results[0][1] == results[1][1]  # every array the products read or wrote: the same bits
+
+
 @needs_jax
 def test_jax_peer_in_the_train_section(quick):
     results, stdout = quick

@@ -38,7 +38,9 @@ NOTES = (
     "npyrnn_parts: median seconds per minibatch of each call a minibatch is made of (outermost calls only; "
     "'other' is the rest of train_step: Python, zero_grad, the output layer's bias and state copies). "
     "npyrnn_products_floor_seconds: the same products through npyrnn.backend.matmul on the cores as "
-    "`npyrnn train --threads` sets them (the split products' blocks, a step's product in npyrnn's tiles), "
+    "`npyrnn train --threads` sets them (the split products' blocks, a step's product in npyrnn's tiles; the x T "
+    "step products in one compiled loop of cpu_gemm.loop_product calls, as npyrnn's compiled time loops run them, "
+    "since 2026-12-08 later: before, T calls of backend.matmul from Python, 10-15 us of Python each), "
     "and ratio_npyrnn_over_its_products_floor against it."
 )
 
@@ -58,7 +60,40 @@ class Product:
         return self.calls * self.flops_per_call
 
 
-def products(B, T, H, V, rng, gates=1, copies=None, matmul=np.matmul):
+@functools.lru_cache(maxsize=None)
+def _step_loops():
+    """(forward, backward, step_operand, run_loop): compiled loops of a minibatch's x T step products, each product
+    `cpu_gemm.loop_product` as npyrnn's compiled time loops call it (`cpu_gemm.run_loop`), with nothing
+    between the products; None without the fast extra."""
+    try:
+        from numba import njit
+
+        from npyrnn.nn import cpu_gemm
+        from npyrnn.nn.cpu_loops import _step_operand
+    except ImportError:
+        return None
+    if cpu_gemm.why_unavailable() is not None:
+        return None
+    loop_product, NO_TRANS = cpu_gemm.loop_product, cpu_gemm.NO_TRANS
+
+    @njit(nogil=True)
+    def forward(ctl, ts, hs, ps, helpers, plans, part, lseq, Gf, W, tb, H):
+        took = 1
+        for t in range(Gf.shape[0] - 1):  # chained, as `products` chains them
+            took = max(took, loop_product(ctl, ts, Gf[t, :, :H], W, Gf[t + 1], hs, ps, tb, plans[0], helpers))
+        return took
+
+    @njit(nogil=True)
+    def backward(ctl, ts, hs, ps, helpers, plans, part, lseq, dA, W, carry):
+        took = 1
+        for t in range(dA.shape[0] - 1, -1, -1):
+            took = max(took, loop_product(ctl, ts, dA[t], W, carry, hs, ps, NO_TRANS, plans[0], helpers))
+        return took
+
+    return forward, backward, _step_operand, cpu_gemm.run_loop
+
+
+def products(B, T, H, V, rng, gates=1, copies=None, matmul=np.matmul, loops=False):
     """The matrix products of one npyrnn training minibatch (one layer, token-id input), torch layout.
 
     ``gates`` is G: 1 (RNN), 3 (GRU), 4 (LSTM); ``W_hh`` is (G*H, H) with the gates stacked, so each
@@ -74,7 +109,10 @@ def products(B, T, H, V, rng, gates=1, copies=None, matmul=np.matmul):
     not), else the view; the copy's rows and the outputs' are padded where npyrnn pads them.
     ``matmul(a, b, out=)``: what runs each product, ``numpy.matmul`` (OpenBLAS's threads) or
     ``npyrnn.backend.matmul`` while the split products are on (their blocks and tiles, as npyrnn's
-    loops run them).
+    loops run them). ``loops``: the x T step products in a compiled loop (`_step_loops`), as npyrnn's
+    compiled time loops run them, rather than T calls from Python (``backend.matmul`` costs 10 to 15 us
+    of Python a call, most of a step product's 35 to 60 here); where the split products decline the
+    loop, T calls of ``matmul`` as without it.
     """
     from npyrnn import backend
     from npyrnn.nn.recurrent import row_pad
@@ -105,11 +143,20 @@ def products(B, T, H, V, rng, gates=1, copies=None, matmul=np.matmul):
     logits, dout = np.empty((N, V), f32), np.empty((N, H), f32)
     dW_hh, dW_out = np.empty((G * H, H), f32), np.empty((V, H), f32)
 
+    compiled = _step_loops() if loops else None
+
     def forward():
+        if compiled is not None:
+            W, tb, W_buffer = compiled[2](W_hhT)
+            if compiled[3](compiled[0], [(B, G * H, H)], np.dtype(f32), (Gf.base, W_buffer), Gf, W, tb, H):
+                return
         for t in range(T):  # all G gates in one product, chained like the recurrence (a strided view: no copy)
             matmul(Gf[t, :, :H], W_hhT, out=Gf[t + 1])
 
     def backward():
+        if compiled is not None and compiled[3](compiled[1], [(B, H, G * H)], np.dtype(f32), (dA, W_hh, carry),
+                                                dA, W_hh, carry):
+            return
         for t in range(T - 1, -1, -1):
             matmul(dA[t], W_hh, out=carry)
 
@@ -286,7 +333,7 @@ def run_cell(cfg, corpus, vocab, log, cell):
         # OpenBLAS's kernels pay for it or the tiles take it (`Recurrent._step_weight`)
         copies = backend.transposed_copies_pay() or backend.split_products_tiled()
         ours_prods = products(B, T, H, V, np.random.default_rng(cfg.seed), gates=GATES[cell], copies=copies,
-                              matmul=backend.matmul)
+                              matmul=backend.matmul, loops=True)
         time_products(ours_prods, 1)
     flops = sum(p.flops for p in prods)
     floor_s, step_s, epoch_step_s, per_product, phases = [], [], [], [], []
