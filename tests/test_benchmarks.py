@@ -257,7 +257,9 @@ def test_floor_times_npyrnns_step_products_in_a_compiled_loop(gates, monkeypatch
     ran, run_loop = [], cpu_gemm.run_loop
     monkeypatch.setattr(cpu_gemm, "run_loop", lambda *a, **k: ran.append(run_loop(*a, **k)) or ran[-1])
     floor._step_loops.cache_clear()  # (it holds run_loop)
+    backend.set_backend("numpy")  # the floor's products are NumPy's, whatever NPYRNN_BACKEND says (conftest restores it)
     backend.set_cpu_threads(2, split=True)
+    assert backend.split_products() == 2
     try:
         results = []
         for loops in (False, True):
