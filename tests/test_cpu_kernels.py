@@ -273,6 +273,20 @@ def test_compiled_transpose_copies_every_value(R, C, dtype, row_gap, dst_gap, se
         cpu_kernels.transpose_into(src, np.empty((C, R + 1), dtype))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_compiled_transpose_of_reversed_strided_and_transposed_views(dtype):
+    """Rows read or written backwards, every other row, a transposed (column-ordered) source or
+    destination: the squares in registers where the rows are contiguous, one value at a time
+    elsewhere; numpy's transpose either way."""
+    W = np.random.default_rng(0).standard_normal((40, 50)).astype(dtype)
+    for src in (W, W[::-1], W[:, ::-1], W[::2], W.T):
+        R, C = src.shape
+        for dst in (np.empty((C, R), dtype), np.empty((C, R + 5), dtype)[:, :R], np.empty((C, R), dtype)[::-1],
+                    np.empty((R, C), dtype).T):
+            cpu_kernels.transpose_into(src, dst)
+            assert dst.tobytes() == np.ascontiguousarray(src.T).tobytes(), (src.strides, dst.strides)
+
+
 def test_step_products_read_the_compiled_transpose_unless_the_kernels_are_off(monkeypatch):
     from npyrnn.nn import GRU, recurrent
 

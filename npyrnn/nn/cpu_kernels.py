@@ -600,8 +600,8 @@ def transpose_into(src, dst):
     item = src.itemsize
     L = 16 if item == 4 else 8
     R0, C0 = R - R % L, C - C % L
-    if (R > 1 and src.strides[1] != item) or (C > 1 and dst.strides[1] != item):
-        R0 = C0 = 0  # (rows not contiguous: every value one at a time)
+    if src.strides[1] != item or dst.strides[1] != item or src.strides[0] % item or dst.strides[0] % item:
+        R0 = C0 = 0  # (rows not contiguous, or not a whole number of items apart: every value one at a time)
     if R0 and C0:
         s, d = np.int64(src.ctypes.data), np.int64(dst.ctypes.data)
         lds, ldd = np.int64(src.strides[0] // item), np.int64(dst.strides[0] // item)
