@@ -257,7 +257,12 @@ def rnn_bwd_relu(y, carry, da):
 # ------------------------------------------------------------------------------ GRU
 @njit(**_JIT)
 def gru_after_fwd(ghr, ghz, h_prev, b_hn, r, z, n, ghn, h):
-    """One GRU step with the reset gate after the product (8.1), (8.2), (8.3a), (8.4); all (B, H), b_hn (H,)."""
+    """One GRU step with the reset gate after the product (8.1), (8.2), (8.3a), (8.4); all (B, H), b_hn (H,).
+
+    Two passes over each row, r and z, then n and h, as `lstm_fwd` (n_t's tanh waits for r_t's):
+    the same operations in the same order, the same bits; 32 rows at H = 256: 9.3 us in one pass,
+    7.4 in two (docs/performance.md).
+    """
     for a in literal_unroll((ghr, ghz, h_prev, b_hn, r, z, n, ghn, h)):
         _check(a, h.shape[0], h.shape[1])
     b_hn_ = np.ascontiguousarray(b_hn)
@@ -266,21 +271,22 @@ def gru_after_fwd(ghr, ghz, h_prev, b_hn, r, z, n, ghn, h):
         r_, z_, n_ = _row(r, b), _row(z, b), _row(n, b)
         ghn_, h_ = _row(ghn, b), _row(h, b)
         for j in range(h.shape[1]):
-            ar = sigmoid_(r_[j] + ghr_[j])  # r_t (8.1)
-            az = sigmoid_(z_[j] + ghz_[j])  # z_t (8.2)
+            r_[j] = sigmoid_(r_[j] + ghr_[j])  # r_t (8.1)
+            z_[j] = sigmoid_(z_[j] + ghz_[j])  # z_t (8.2)
+        for j in range(h.shape[1]):
             hn = ghn_[j] + b_hn_[j]  # h_{t-1} W_hn^T + b_hn, kept for backward
-            an = ar * hn
+            an = r_[j] * hn
             an = n_[j] + an
             nt = tanh_(an)  # n_t (8.3a)
             d = hp_[j] - nt
-            d = d * az
-            r_[j], z_[j], n_[j], ghn_[j] = ar, az, nt, hn
+            d = d * z_[j]
+            n_[j], ghn_[j] = nt, hn
             h_[j] = nt + d  # h_t = n_t + z_t (h_{t-1} - n_t) (8.4)
 
 
 @njit(**_JIT)
 def gru_after_fwd_nobias(ghr, ghz, h_prev, r, z, n, ghn, h):
-    """`gru_after_fwd` without b_hn."""
+    """`gru_after_fwd` without b_hn (its two passes)."""
     for a in literal_unroll((ghr, ghz, h_prev, r, z, n, ghn, h)):
         _check(a, h.shape[0], h.shape[1])
     for b in range(h.shape[0]):
@@ -288,14 +294,15 @@ def gru_after_fwd_nobias(ghr, ghz, h_prev, r, z, n, ghn, h):
         r_, z_, n_ = _row(r, b), _row(z, b), _row(n, b)
         ghn_, h_ = _row(ghn, b), _row(h, b)
         for j in range(h.shape[1]):
-            ar = sigmoid_(r_[j] + ghr_[j])  # r_t (8.1)
-            az = sigmoid_(z_[j] + ghz_[j])  # z_t (8.2)
-            an = ar * ghn_[j]  # r_t * h_{t-1} W_hn^T
+            r_[j] = sigmoid_(r_[j] + ghr_[j])  # r_t (8.1)
+            z_[j] = sigmoid_(z_[j] + ghz_[j])  # z_t (8.2)
+        for j in range(h.shape[1]):
+            an = r_[j] * ghn_[j]  # r_t * h_{t-1} W_hn^T
             an = n_[j] + an
             nt = tanh_(an)  # n_t (8.3a)
             d = hp_[j] - nt
-            d = d * az
-            r_[j], z_[j], n_[j] = ar, az, nt
+            d = d * z_[j]
+            n_[j] = nt
             h_[j] = nt + d  # h_t = n_t + z_t (h_{t-1} - n_t) (8.4)
 
 
