@@ -591,11 +591,12 @@ _square_f32, _square_f64 = _square_transpose(0), _square_transpose(1)
 
 @njit(**_JIT)
 def transpose_into(src, dst):
-    """dst = src^T: src (R, C) and dst (C, R), each with contiguous rows.
+    """dst = src^T: src (R, C) and dst (C, R).
 
     The C-ordered copy of a weight that the step products read (`Recurrent._step_weight`).
     Squares of 16 by 16 float32 values (8 by 8 float64) transposed in the vector registers
-    (`_square_transpose`); the rows and columns past the last whole square one value at a time.
+    (`_square_transpose`) where both arrays' rows are contiguous; the rows and columns past the
+    last whole square, and any other strides, one value at a time.
     (1024, 256) float32, the LSTM's W_hh at H = 256, in cache: 35-45 us, against 60 copied eight
     rows at a time as before (itself 3 to 7 times faster than `numpy.copyto(dst, src.T)`); in a
     training step, W just updated, the eight-row copy took 150 (docs/performance.md). A copy:
