@@ -60,9 +60,12 @@ class Product:
         return self.calls * self.flops_per_call
 
 
+StepLoops = collections.namedtuple("StepLoops", "forward backward step_operand run_loop")
+
+
 @functools.lru_cache(maxsize=None)
 def _step_loops():
-    """(forward, backward, step_operand, run_loop): compiled loops of a minibatch's x T step products, each product
+    """`StepLoops` (forward, backward, step_operand, run_loop): compiled loops of a minibatch's x T step products, each product
     `cpu_gemm.loop_product` as npyrnn's compiled time loops call it (`cpu_gemm.run_loop`), with nothing
     between the products; None without the fast extra."""
     try:
@@ -90,7 +93,7 @@ def _step_loops():
             took = max(took, loop_product(ctl, ts, dA[t], W, carry, hs, ps, NO_TRANS, plans[0], helpers))
         return took
 
-    return forward, backward, _step_operand, cpu_gemm.run_loop
+    return StepLoops(forward, backward, _step_operand, cpu_gemm.run_loop)
 
 
 def products(B, T, H, V, rng, gates=1, copies=None, matmul=np.matmul, loops=False):
@@ -105,7 +108,7 @@ def products(B, T, H, V, rng, gates=1, copies=None, matmul=np.matmul, loops=Fals
     denormals; no non-linearity). The forward products read W^T as npyrnn's do on this machine
     (``copies``, default ``backend.transposed_copies_pay()``): a C-ordered copy where OpenBLAS runs
     its AVX-512 kernels, which multiply 32 rows by the view ``W.T`` 1.2 to 1.5 times slower (the
-    copy itself, 0.06 to 0.15 ms a minibatch, is not a product: npyrnn pays it, the floor does
+    copy itself, 0.03 to 0.07 ms a minibatch, is not a product: npyrnn pays it, the floor does
     not), else the view; the copy's rows and the outputs' are padded where npyrnn pads them.
     ``matmul(a, b, out=)``: what runs each product, ``numpy.matmul`` (OpenBLAS's threads) or
     ``npyrnn.backend.matmul`` while the split products are on (their blocks and tiles, as npyrnn's
@@ -147,15 +150,15 @@ def products(B, T, H, V, rng, gates=1, copies=None, matmul=np.matmul, loops=Fals
 
     def forward():
         if compiled is not None:
-            W, tb, W_buffer = compiled[2](W_hhT)
-            if compiled[3](compiled[0], [(B, G * H, H)], np.dtype(f32), (Gf.base, W_buffer), Gf, W, tb, H):
+            W, tb, W_buffer = compiled.step_operand(W_hhT)
+            if compiled.run_loop(compiled.forward, [(B, G * H, H)], np.dtype(f32), (Gf.base, W_buffer), Gf, W, tb, H):
                 return
         for t in range(T):  # all G gates in one product, chained like the recurrence (a strided view: no copy)
             matmul(Gf[t, :, :H], W_hhT, out=Gf[t + 1])
 
     def backward():
-        if compiled is not None and compiled[3](compiled[1], [(B, H, G * H)], np.dtype(f32), (dA, W_hh, carry),
-                                                dA, W_hh, carry):
+        if compiled is not None and compiled.run_loop(compiled.backward, [(B, H, G * H)], np.dtype(f32),
+                                                      (dA, W_hh, carry), dA, W_hh, carry):
             return
         for t in range(T - 1, -1, -1):
             matmul(dA[t], W_hh, out=carry)

@@ -485,8 +485,8 @@ class Recurrent(Module):
         made once a forward pass into the layer's workspace; elsewhere the view `W.T`. Those
         kernels multiply a few rows by a transposed operand 1.2 to 1.5 times slower than by a
         C-ordered one (B = 32, 1 thread: the GRU's h W_hh^T at H = 256 in 218 against 152 us);
-        the copy costs 0.06-0.15 ms of the 1.7 to 3.4 ms it saves a forward pass
-        (docs/performance.md). With OpenBLAS on both sides the bits are the same either way at
+        the copy costs 0.03-0.07 ms (`cpu_kernels.transpose_into`; 0.06-0.15 before its squares in
+        registers) of the 1.7 to 3.4 ms it saves a forward pass (docs/performance.md). With OpenBLAS on both sides the bits are the same either way at
         the cells' sizes timed (B = 32, H = 256 and 512), not always for small products (B = 2,
         or H = 32), which another kernel sums in another order; with the tiles on, the copy goes
         to them and the view to OpenBLAS, and the last bits differ: like every product's, a
